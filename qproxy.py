@@ -1,0 +1,1461 @@
+#!/usr/bin/env python3
+"""qproxy: carry TCP across vsock between a confidential-computing enclave and its parent VM.
+
+An enclave (Huawei QingTian, AWS Nitro) has no network: its only link to the
+world is vsock to the parent VM.  qproxy has two halves in this one file,
+``qproxy.py host CID`` on the parent and ``qproxy.py enclave`` inside the
+enclave, and together they carry TCP streams both ways:
+
+    inbound   client --TCP--> host 0.0.0.0:host_port --[host]--> vsock CID:vsock_port
+              --[enclave]--> TCP 127.0.0.1:enclave_port --> the service in the enclave
+
+    outbound  app --TCP--> 127.0.0.1:tcp_port --[enclave]--> vsock parent:vsock_port
+              --[host]--> TCP hostname:tcp_port (resolved on the host, per connection)
+
+    control   [enclave] --vsock parent:control_port--> [host]
+
+The configuration file and the command line are those of the vendor's Rust
+tool, unchanged; what this file adds is optional and changes nothing when absent.
+
+Design, in the order the data meets it:
+
+* Configuration.  One table (``TABLES``) names every field of the TOML file
+  with its type, range, default and description.  The validator, the JSON
+  Schema in config_schema.py and the README's reference all come from it.
+  Every error names the file, the entry and the field; all errors are reported
+  at once.
+* Transport.  A vsock port is AF_VSOCK in the kernel, or, with
+  QPROXY_VSOCK_EMULATION=DIR set, a Unix stream socket named after the port
+  inside DIR.  Only the socket factory (``Vsock``) differs; everything above
+  it is the same code on both transports.
+* Data path.  Raw bytes, no framing, so either half also works against a
+  plain relay such as socat.  Each accepted connection gets one thread
+  (socketserver's ThreadingMixIn) that dials the far side and then moves
+  bytes both ways with non-blocking sockets and poll(2), one buffer per
+  direction: memory is bounded by construction and backpressure comes from
+  the sockets.  Half-close is honoured: EOF one way becomes shutdown(SHUT_WR)
+  on the other socket while the other way keeps flowing.  Vsock has no reset
+  a peer can see, so a far side that ends without sending a byte while the
+  client is still talking (the other half could not reach its target) is
+  passed on to a TCP client as a reset.
+* Limits.  ``-t N`` bounds the connections a process relays at once; the
+  accept loop waits for a free slot, so the excess queues in the kernel.
+* Control.  The enclave half dials the host half's control port and says
+  hello with a versioned, line-delimited JSON message; each half logs when
+  the other arrives and leaves.  Nothing else crosses it yet.
+* Lifecycle.  SIGTERM or SIGINT closes the listeners, lets open connections
+  finish for a grace period, then cuts what is left and exits 0.  Exit 1
+  means the process could not start, exit 2 a usage or configuration error;
+  either comes with one line on stderr that says what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import errno
+import fcntl
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11 reads TOML with tomli, the same parser
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
+
+__version__ = "0.1.0"
+
+EXIT_OK = 0
+EXIT_CANNOT_START = 1
+EXIT_USAGE = 2
+
+DEFAULT_PARENT_CID = 3
+DEFAULT_CONTROL_PORT = 6666
+DEFAULT_MAX_CONNECTIONS = 1024
+CONNECT_TIMEOUT = 10.0  # seconds to reach the far side of a new connection
+GRACE_PERIOD = 5.0  # seconds open connections may finish after SIGTERM
+BUFFER_SIZE = 256 * 1024  # per direction of a connection, allocated on first use
+LISTEN_BACKLOG = 1024
+
+log = logging.getLogger("qproxy")
+
+
+class UsageError(Exception):
+    """A bad command line or environment: exit 2."""
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used: exit 2, listing every problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class StartError(Exception):
+    """The process cannot start (port in use, no vsock, no permission): exit 1."""
+
+
+# ---------------------------------------------------------------------------
+# Configuration: the field table, the loader, the validator
+# ---------------------------------------------------------------------------
+
+TCP_PORT_RANGE = (1, 65535)
+# Port 0xFFFFFFFF is VMADDR_PORT_ANY, which no listener can be told to use.
+VSOCK_PORT_RANGE = (1, 0xFFFFFFFE)
+# CID 0 is the hypervisor and 0xFFFFFFFF is VMADDR_CID_ANY; 1 is local loopback.
+CID_RANGE = (1, 0xFFFFFFFE)
+LOG_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
+
+# A DNS name: dot-separated labels of letters, digits, '_' and '-', neither
+# first nor last character a hyphen, at most 63 characters a label.  The
+# patterns avoid look-around so that editors' regex engines accept them too.
+HOSTNAME_PATTERN = (
+    r"^([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$"
+)
+# ...whose last label is not all digits: "10.1.2" is no name, and no address either.
+NUMERIC_NAME_PATTERN = r"(^|\.)[0-9]+\.?$"
+HOSTNAME_MAX_LENGTH = 253
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One key of a configuration table."""
+
+    kind: str  # "tcp_port", "vsock_port", "hostname", "log_level" or "text"
+    description: str
+    default: object = None  # with neither default nor same_as, the key is required
+    same_as: str | None = None  # when absent, take the value of this other key of the entry
+    extension: bool = False  # not in the vendor's format
+
+    @property
+    def required(self) -> bool:
+        return self.default is None and self.same_as is None
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A top-level table of the configuration file."""
+
+    array: bool  # [[name]] (any number of entries) or [name] (one)
+    description: str
+    fields: dict
+
+
+TABLES = {
+    "inbound_connections": Table(
+        array=True,
+        description="Traffic from clients of the parent VM to a service inside the enclave.",
+        fields={
+            "host_port": Field("tcp_port", "TCP port the host half listens on, on 0.0.0.0."),
+            "enclave_port": Field(
+                "tcp_port", "TCP port of the service in the enclave; the enclave half dials 127.0.0.1 on it."
+            ),
+            "vsock_port": Field(
+                "vsock_port", "Vsock port the enclave half listens on for this entry; unique in the file."
+            ),
+        },
+    ),
+    "outbound_connections": Table(
+        array=True,
+        description="Traffic from code in the enclave to a service outside.",
+        fields={
+            "hostname": Field("hostname", "Host the host half connects to: a DNS name or an IP address."),
+            "vsock_port": Field(
+                "vsock_port", "Vsock port the host half listens on for this entry; unique in the file."
+            ),
+            "tcp_port": Field("tcp_port", "TCP port the host half connects to on hostname."),
+            "enclave_port": Field(
+                "tcp_port",
+                "TCP port the enclave half listens on, on 127.0.0.1 (default: tcp_port). Lets two"
+                " upstreams that share a port, such as two HTTPS services, both be reached.",
+                same_as="tcp_port",
+                extension=True,
+            ),
+        },
+    ),
+    "log_location": Table(
+        array=False,
+        description="Where each half writes its log; without this table both log to stderr.",
+        fields={
+            "host_log": Field("text", "File name of the host half's log.", default="host.log"),
+            "enclave_log": Field("text", "File name of the enclave half's log.", default="enclave.log"),
+            "log_level": Field("log_level", "Least severe level logged; RUST_LOG overrides it.", default="warn"),
+            "host_log_dir": Field("text", "Folder of the host half's log.", default="/var/log/qproxy"),
+            "enclave_log_dir": Field("text", "Folder of the enclave half's log.", default="/var/log/qproxy"),
+        },
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inbound:
+    host_port: int
+    enclave_port: int
+    vsock_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Outbound:
+    hostname: str
+    vsock_port: int
+    tcp_port: int
+    enclave_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLocation:
+    host_log: str
+    enclave_log: str
+    log_level: str
+    host_log_dir: str
+    enclave_log_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    inbound: tuple = ()
+    outbound: tuple = ()
+    log_location: LogLocation | None = None
+
+
+def is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_hostname(text: str) -> bool:
+    """A DNS name or an IP literal, as the config's hostname field allows."""
+    if is_ip_literal(text):
+        return True
+    return (
+        len(text.rstrip(".")) <= HOSTNAME_MAX_LENGTH
+        and re.fullmatch(HOSTNAME_PATTERN, text) is not None
+        and re.search(NUMERIC_NAME_PATTERN, text) is None
+    )
+
+
+def check_value(field: Field, value: object) -> str | None:
+    """Why value does not fit field, or None when it does."""
+    if field.kind in ("tcp_port", "vsock_port"):
+        low, high = TCP_PORT_RANGE if field.kind == "tcp_port" else VSOCK_PORT_RANGE
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return None
+        return f"expected an integer from {low} to {high}, found {describe(value)}"
+    if not isinstance(value, str):
+        return f"expected a string, found {describe(value)}"
+    if field.kind == "hostname" and not is_hostname(value):
+        return f"expected a DNS name or an IP address, found {describe(value)}"
+    if field.kind == "log_level" and value not in LOG_LEVELS:
+        return f"expected one of {', '.join(LOG_LEVELS)}, found {describe(value)}"
+    if field.kind == "text" and (not value or "\0" in value):
+        return f"expected a non-empty string without NUL, found {describe(value)}"
+    return None
+
+
+def describe(value: object) -> str:
+    """A short, printable account of a value found in the file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "...'"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return f"a {type(value).__name__}"
+
+
+def unknown_key(key: str, known: Iterator[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def check_table(where: str, fields: dict, entry: object, problems: list[str]) -> dict:
+    """The entry's values with defaults filled in; what is wrong goes to problems."""
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: expected a table, found {describe(entry)}")
+        return {}
+    values = {}
+    for key in entry:
+        if key not in fields:
+            problems.append(f"{where}: {unknown_key(key, iter(fields))}")
+    for key, field in fields.items():
+        if key in entry:
+            problem = check_value(field, entry[key])
+            if problem:
+                problems.append(f"{where}: {key}: {problem}")
+            values[key] = entry[key]
+        elif field.required:
+            problems.append(f"{where}: {key}: missing (required)")
+        else:
+            values[key] = entry.get(field.same_as) if field.same_as else field.default
+    return values
+
+
+def check_document(document: dict, control_port: int) -> tuple[Config, list[str]]:
+    """Turn a parsed TOML document into a Config, collecting every problem."""
+    problems: list[str] = []
+    for key in document:
+        if key not in TABLES:
+            problems.append(unknown_key(key, iter(TABLES)))
+    entries: dict[str, list[dict]] = {}
+    for name, table in TABLES.items():
+        if name not in document:
+            entries[name] = []
+            continue
+        found = document[name]
+        if table.array and not isinstance(found, list):
+            problems.append(f"{name}: expected an array of tables ([[{name}]]), found {describe(found)}")
+            found = []
+        if not table.array:
+            found = [found]
+        entries[name] = []
+        for number, entry in enumerate(found, 1):
+            where = f"[[{name}]] entry {number}" if table.array else f"[{name}]"
+            before = len(problems)
+            values = check_table(where, table.fields, entry, problems)
+            if len(problems) == before:
+                entries[name].append(values)
+            else:
+                entries[name].append({})  # keeps numbering for the cross-field checks
+    problems.extend(cross_check(entries, control_port))
+    config = Config(
+        inbound=tuple(Inbound(**e) for e in entries["inbound_connections"] if e),
+        outbound=tuple(Outbound(**e) for e in entries["outbound_connections"] if e),
+        log_location=next((LogLocation(**e) for e in entries["log_location"] if e), None),
+    )
+    return config, problems
+
+
+def cross_check(entries: dict[str, list[dict]], control_port: int) -> list[str]:
+    """The rules that span entries: ports that must be unique, loops that must not be."""
+    problems = []
+
+    def unique(label: str, uses: list[tuple[str, int]], reserved: dict[int, str]) -> None:
+        seen = dict(reserved)
+        for where, port in uses:
+            if port in seen:
+                problems.append(f"{where}: {port} is already used by {seen[port]}; every {label} must be unique")
+            else:
+                seen[port] = where
+
+    def ports(table: str, key: str) -> list[tuple[str, int]]:
+        return [(f"[[{table}]] entry {n}: {key}", e[key]) for n, e in enumerate(entries[table], 1) if e]
+
+    unique(
+        "vsock port",
+        ports("inbound_connections", "vsock_port") + ports("outbound_connections", "vsock_port"),
+        {control_port: "the control port"},
+    )
+    unique("host_port", ports("inbound_connections", "host_port"), {})
+    listened = ports("outbound_connections", "enclave_port")
+    unique("enclave-side listening port (outbound enclave_port, by default tcp_port)", listened, {})
+    listening = {port: where for where, port in listened}
+    for where, port in ports("inbound_connections", "enclave_port"):
+        if port in listening:
+            problems.append(
+                f"{where}: {port} is where the enclave half listens for {listening[port]}; inbound traffic"
+                " would loop back out of the enclave"
+            )
+    return problems
+
+
+def load_config(path: str, control_port: int) -> Config:
+    """Read and check a configuration file; raise ConfigError listing every problem."""
+    if tomllib is None:
+        raise StartError("reading a config file needs tomli on Python older than 3.11: pip install tomli")
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror or error}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: invalid TOML: the file is not UTF-8"]) from None
+    except (ValueError, RecursionError) as error:  # tomllib.TOMLDecodeError is a ValueError
+        detail = str(error).splitlines()[0] if str(error) else "nested too deeply"
+        raise ConfigError([f"{path}: invalid TOML: {detail}"]) from None
+    config, problems = check_document(document, control_port)
+    if problems:
+        raise ConfigError([f"{path}: {problem}" for problem in problems])
+    return config
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+TRACE = 5
+LEVEL_NUMBERS = {
+    "off": logging.CRITICAL + 10,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": TRACE,
+}
+
+
+def level_from_rust_log(value: str) -> str:
+    """The level RUST_LOG asks of qproxy, read the way the vendor's EnvFilter reads it.
+
+    Directives are comma-separated: a bare level, or target=level.  A directive
+    for the qproxy target wins over a bare level.
+    """
+    chosen = None
+    for directive in filter(None, (part.strip() for part in value.split(","))):
+        target, _, level = directive.rpartition("=")
+        level = level.lower()
+        if level == "warning":
+            level = "warn"
+        if level not in LOG_LEVELS:
+            raise UsageError(f"RUST_LOG={value}: {directive!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+        if not target or target == "qproxy" or target.startswith("qproxy::"):
+            if target or chosen is None or not chosen[0]:
+                chosen = (target, level)
+    return chosen[1] if chosen else "warn"
+
+
+def setup_logging(role: str, config: Config, environ: dict) -> None:
+    """Send records to the configured file, or to stderr when there is none or it cannot be written."""
+    if environ.get("RUST_LOG", "").strip():
+        level = level_from_rust_log(environ["RUST_LOG"])
+    elif config.log_location:
+        level = config.log_location.log_level
+    else:
+        level = "warn"
+    logging.addLevelName(TRACE, "TRACE")
+    logging.addLevelName(logging.WARNING, "WARN")
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if config.log_location:
+        where = config.log_location
+        folder, name = (
+            (where.host_log_dir, where.host_log) if role == "host" else (where.enclave_log_dir, where.enclave_log)
+        )
+        path = os.path.join(folder, name)
+        try:
+            os.makedirs(folder, mode=0o750, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as error:
+            print(f"qproxy: cannot write the log file {path} ({error.strerror}); logging to stderr", file=sys.stderr)
+    handler.setFormatter(UTCFormatter(f"%(asctime)s %(levelname)-5s qproxy::{role} %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(LEVEL_NUMBERS[level])
+    log.propagate = False
+
+
+class UTCFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+# ---------------------------------------------------------------------------
+# Transport: endpoints, vsock (real or emulated), dialing
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where a half listens or what it dials: TCP host:port, or vsock CID:port."""
+
+    kind: str  # "tcp" or "vsock"
+    host: str  # an address or hostname for tcp; a CID for vsock ("" listens on any CID)
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.kind} {host}:{self.port}"
+
+
+class Vsock:
+    """The socket factory for vsock ports: AF_VSOCK, or Unix sockets in a folder.
+
+    With emulation, listening on vsock port P creates the socket file DIR/P and
+    dialing any CID on port P connects to it; a host half and an enclave half
+    given the same DIR reach each other, and a person can too, with
+    ``socat - UNIX-CONNECT:DIR/P``.
+    """
+
+    def __init__(self, emulation_dir: str | None):
+        self.emulation_dir = emulation_dir
+
+    @property
+    def family(self) -> int:
+        return socket.AF_UNIX if self.emulation_dir else socket.AF_VSOCK
+
+    def describe(self) -> str:
+        return f"emulated vsock in {self.emulation_dir}" if self.emulation_dir else "AF_VSOCK"
+
+    def check_available(self) -> None:
+        if self.emulation_dir:
+            try:
+                os.makedirs(self.emulation_dir, mode=0o700, exist_ok=True)
+            except OSError as error:
+                raise StartError(
+                    f"cannot use QPROXY_VSOCK_EMULATION={self.emulation_dir}: {error.strerror}"
+                ) from None
+            return
+        try:
+            socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+        except (AttributeError, OSError):
+            raise StartError(
+                "AF_VSOCK is not available here: is the vsock driver loaded? "
+                "For a local run set QPROXY_VSOCK_EMULATION=DIR"
+            ) from None
+
+    def path(self, port: int) -> str:
+        return os.path.join(self.emulation_dir, str(port))
+
+    def listen_address(self, port: int) -> object:
+        if not self.emulation_dir:
+            return (socket.VMADDR_CID_ANY, port)
+        path = self.path(port)
+        if os.path.exists(path):
+            self.remove_stale(path, port)
+        return path
+
+    def remove_stale(self, path: str, port: int) -> None:
+        """Take over a socket file that a dead process left, but never a live one."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+        finally:
+            probe.close()
+        raise StartError(f"vsock port {port} is already in use (emulated at {path})")
+
+    def connect(self, cid: int, port: int, timeout: float) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.path(port) if self.emulation_dir else (cid, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class Dialer:
+    """Opens the far side of a connection: vsock by CID, TCP by resolving per connection."""
+
+    def __init__(self, vsock: Vsock, family: int = socket.AF_UNSPEC):
+        self.vsock = vsock
+        self.family = family  # AF_INET or AF_INET6 when --ipv4 or --ipv6 was given
+
+    def connect(self, target: Endpoint) -> socket.socket:
+        if target.kind == "vsock":
+            return self.vsock.connect(int(target.host), target.port, CONNECT_TIMEOUT)
+        return self.connect_tcp(target.host, target.port)
+
+    def connect_tcp(self, host: str, port: int) -> socket.socket:
+        """Try every address the name has, in the resolver's order; literals skip DNS."""
+        flags = socket.AI_NUMERICHOST if is_ip_literal(host) else 0
+        addresses = socket.getaddrinfo(host, port, self.family, socket.SOCK_STREAM, 0, flags)
+        failure: OSError | None = None
+        for family, kind, proto, _, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(CONNECT_TIMEOUT)
+                sock.connect(address)
+            except OSError as error:
+                sock.close()
+                failure = error
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        raise failure or OSError(errno.EHOSTUNREACH, "no address to try")
+
+
+def describe_peer(family: int, address: object) -> str:
+    if family in (socket.AF_INET, socket.AF_INET6):
+        return str(Endpoint("tcp", address[0], address[1]))
+    if family == socket.AF_UNIX:
+        return "vsock (emulated)"
+    return str(Endpoint("vsock", str(address[0]), address[1]))
+
+
+def reset(sock: socket.socket) -> None:
+    """Close so that a TCP peer sees a reset (RST), not an orderly end."""
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+# ---------------------------------------------------------------------------
+# The data path: one thread moves bytes both ways
+# ---------------------------------------------------------------------------
+
+
+class Flow:
+    """One direction of a connection: bytes read from src wait in one buffer until dst takes them."""
+
+    __slots__ = ("src", "dst", "buffer", "start", "end", "eof", "done", "total")
+
+    def __init__(self, src: socket.socket, dst: socket.socket):
+        self.src, self.dst = src, dst
+        self.buffer: memoryview | None = None  # allocated on first use: idle connections cost no buffer
+        self.start = self.end = 0
+        self.eof = self.done = False
+        self.total = 0
+
+    def wanted(self) -> tuple[socket.socket, int] | None:
+        """Which socket this flow waits on, and for what."""
+        if self.start < self.end:
+            return self.dst, select.POLLOUT
+        if not self.eof:
+            return self.src, select.POLLIN
+        return None
+
+    def pump(self) -> None:
+        """Move what can move without blocking; on EOF, pass it on once the buffer is empty."""
+        if self.start == self.end and not self.eof:
+            if self.buffer is None:
+                self.buffer = memoryview(bytearray(BUFFER_SIZE))
+            try:
+                received = self.src.recv_into(self.buffer)
+            except BlockingIOError:
+                return
+            if received == 0:
+                self.eof = True
+            self.start, self.end = 0, received
+            self.total += received
+        if self.start < self.end:
+            try:
+                self.start += self.dst.send(self.buffer[self.start : self.end])
+            except BlockingIOError:
+                return
+        if self.eof and not self.done:
+            self.done = True
+            self.dst.shutdown(socket.SHUT_WR)
+
+
+POLL_TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class FarSideRefused(Exception):
+    """The far side ended before sending anything while the client was still talking."""
+
+
+def relay(client: socket.socket, far: socket.socket) -> tuple[int, int]:
+    """Move bytes both ways until both directions have ended; return the bytes each way.
+
+    Raises OSError when either socket fails (the caller resets both) and
+    FarSideRefused when the far side gave up at once.
+    """
+    client.setblocking(False)
+    far.setblocking(False)
+    up, down = Flow(client, far), Flow(far, client)
+    poller = select.poll()
+    sockets = {client.fileno(): client, far.fileno(): far}
+    registered = dict.fromkeys(sockets, False)
+    while not (up.done and down.done):
+        masks = dict.fromkeys(sockets, 0)
+        for flow in (up, down):
+            wait = flow.wanted()
+            if wait:
+                masks[wait[0].fileno()] |= wait[1]
+        for fd, mask in masks.items():
+            if mask:
+                poller.register(fd, mask)
+            elif fd in registered:
+                poller.unregister(fd)  # else a hang-up nobody waits for would wake poll forever
+            registered[fd] = bool(mask)
+        ready = dict(poller.poll())
+        for flow in (up, down):
+            wait = flow.wanted()
+            if wait and ready.get(wait[0].fileno(), 0) & (wait[1] | POLL_TROUBLE):
+                flow.pump()
+        if down.eof and down.total == 0 and not up.eof:
+            raise FarSideRefused()
+    return up.total, down.total
+
+
+# ---------------------------------------------------------------------------
+# Listeners: socketserver, one thread per connection, a bound on how many
+# ---------------------------------------------------------------------------
+
+
+class ConnectionSlots:
+    """How many connections this process may relay at once (-t/--threads)."""
+
+    def __init__(self, limit: int, stopping: threading.Event):
+        self.limit = limit
+        self.stopping = stopping
+        self.free = threading.BoundedSemaphore(limit)
+        self.at_limit = False
+
+    def acquire(self) -> bool:
+        """Wait for a free slot; False when the process is stopping instead."""
+        if self.free.acquire(blocking=False):
+            return True
+        if not self.at_limit:
+            self.at_limit = True
+            log.warning("connection limit reached (%d at once, -t/--threads); new connections wait", self.limit)
+        while not self.free.acquire(timeout=0.2):
+            if self.stopping.is_set():
+                return False
+        return True
+
+    def release(self) -> None:
+        self.free.release()
+        if self.at_limit:
+            self.at_limit = False
+            log.info("below the connection limit again")
+
+
+class OpenConnections:
+    """The connections being relayed, so that a stop can wait for them or cut them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sockets: dict[int, tuple[socket.socket, ...]] = {}
+        self.emptied = threading.Condition(self.lock)
+
+    def add(self, conn_id: int, *sockets: socket.socket) -> None:
+        with self.lock:
+            self.sockets[conn_id] = sockets
+
+    def remove(self, conn_id: int) -> None:
+        with self.lock:
+            self.sockets.pop(conn_id, None)
+            if not self.sockets:
+                self.emptied.notify_all()
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self.lock:
+            return self.emptied.wait_for(lambda: not self.sockets, timeout)
+
+    def cut_all(self) -> int:
+        """Wake every relay with a shutdown; each closes its own sockets."""
+        with self.lock:
+            everything = list(self.sockets.values())
+        for sockets in everything:
+            for sock in sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        return len(everything)
+
+
+class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A listening socket of any family whose connections each get a thread."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, family: int, address: object, serve: Callable, slots: ConnectionSlots | None):
+        self.address_family = family
+        self.allow_reuse_address = family in (socket.AF_INET, socket.AF_INET6)
+        self.serve = serve
+        self.slots = slots
+        super().__init__(address, None)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        if self.slots is None:
+            super().process_request(request, client_address)
+            return
+        if not self.slots.acquire():
+            request.close()
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.slots is not None:
+                self.slots.release()
+
+    def finish_request(self, request: socket.socket, client_address: object) -> None:
+        self.serve(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        request.close()  # the relay has ended the connection as it should; just free the fd
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.error("unexpected error on a connection from %s", client_address, exc_info=True)
+
+
+def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: ConnectionSlots | None) -> Listener:
+    """Bind and listen, turning the usual failures into a StartError that says what to do."""
+    if endpoint.kind == "tcp":
+        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+        address: object = (endpoint.host, endpoint.port)
+        what = f"tcp port {endpoint.port}"
+    else:
+        family = vsock.family
+        address = vsock.listen_address(endpoint.port)
+        what = f"vsock port {endpoint.port}"
+    try:
+        return Listener(family, address, serve, slots)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise StartError(f"{what} is already in use: stop what holds it or choose another port") from None
+        if error.errno == errno.EACCES:
+            raise StartError(
+                f"{what} needs privileges: run as root, or grant CAP_NET_BIND_SERVICE, or choose a port above 1023"
+            ) from None
+        if error.errno == errno.EADDRNOTAVAIL and endpoint.kind == "tcp":
+            raise StartError(f"cannot listen on {endpoint}: the address is not on this machine") from None
+        raise StartError(f"cannot listen on {endpoint}: {error.strerror or error}") from None
+
+
+# ---------------------------------------------------------------------------
+# Routes: what each half listens on and where it sends what it accepts
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    listen: Endpoint
+    target: Endpoint
+
+
+def host_routes(config: Config, enclave_cid: str) -> list[Route]:
+    routes = [
+        Route(Endpoint("tcp", "0.0.0.0", entry.host_port), Endpoint("vsock", enclave_cid, entry.vsock_port))
+        for entry in config.inbound
+    ]
+    routes += [
+        Route(Endpoint("vsock", "", entry.vsock_port), Endpoint("tcp", entry.hostname, entry.tcp_port))
+        for entry in config.outbound
+    ]
+    return routes
+
+
+def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
+    routes = [
+        Route(Endpoint("vsock", "", entry.vsock_port), Endpoint("tcp", "127.0.0.1", entry.enclave_port))
+        for entry in config.inbound
+    ]
+    routes += [
+        Route(Endpoint("tcp", "127.0.0.1", entry.enclave_port), Endpoint("vsock", parent_cid, entry.vsock_port))
+        for entry in config.outbound
+    ]
+    return routes
+
+
+class Relayer:
+    """Serves one accepted connection: dial the far side, relay, log what happened."""
+
+    def __init__(self, dialer: Dialer, connections: OpenConnections):
+        self.dialer = dialer
+        self.connections = connections
+        self.ids = itertools.count(1)
+
+    def handler(self, route: Route) -> Callable:
+        return lambda client, address: self.serve(route, client, address)
+
+    def serve(self, route: Route, client: socket.socket, address: object) -> None:
+        conn_id = next(self.ids)
+        started = time.monotonic()
+        path = f"{describe_peer(client.family, address)} -> {route.listen} -> {route.target}"
+        log.info("conn %d opened: %s", conn_id, path)
+        if client.family != socket.AF_UNIX and route.listen.kind == "tcp":
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            far = self.dialer.connect(route.target)
+        except OSError as error:
+            log.warning("conn %d: cannot reach %s: %s; resetting the client", conn_id, route.target, reason(error))
+            reset(client)
+            return
+        self.connections.add(conn_id, client, far)
+        outcome, sent, received = "closed", 0, 0
+        try:
+            sent, received = relay(client, far)
+        except FarSideRefused:
+            outcome = f"refused by {route.target} (the far side ended at once)"
+            reset(client)
+        except OSError as error:
+            outcome = f"reset ({reason(error)})"
+            reset(client)
+            reset(far)
+        finally:
+            client.close()
+            far.close()
+            self.connections.remove(conn_id)
+        log.info(
+            "conn %d %s: %s, %d bytes up, %d bytes down, %.3f s",
+            conn_id, outcome, path, sent, received, time.monotonic() - started,
+        )
+
+
+def reason(error: OSError) -> str:
+    if isinstance(error, socket.gaierror):
+        return f"name resolution failed ({error.strerror})"
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    return error.strerror or str(error)
+
+
+# ---------------------------------------------------------------------------
+# Control channel: the enclave half dials the host half and says hello
+# ---------------------------------------------------------------------------
+
+CONTROL_PROTOCOL = 1
+CONTROL_MAX_MESSAGE = 64 * 1024
+CONTROL_HELLO_TIMEOUT = 10.0
+CONTROL_RETRY_MAX = 5.0
+
+
+def send_message(sock: socket.socket, message: dict) -> None:
+    sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+def read_message(reader) -> dict | None:
+    """The next message, or None at EOF; ValueError for anything that is not one."""
+    line = reader.readline(CONTROL_MAX_MESSAGE + 1)
+    if not line:
+        return None
+    if len(line) > CONTROL_MAX_MESSAGE or not line.endswith(b"\n"):
+        raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes or cut short")
+    message = json.loads(line)
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ValueError("a message without a type")
+    return message
+
+
+def hello(role: str) -> dict:
+    return {"type": "hello", "protocol": CONTROL_PROTOCOL, "role": role, "version": __version__}
+
+
+class ControlServer:
+    """The host half's side of the control port: greets the enclave half, notices when it leaves."""
+
+    def serve(self, sock: socket.socket, address: object) -> None:
+        peer = describe_peer(sock.family, address)
+        try:
+            sock.settimeout(CONTROL_HELLO_TIMEOUT)
+            with sock.makefile("rb") as reader:
+                greeting = read_message(reader)
+                if not greeting or greeting.get("type") != "hello" or greeting.get("role") != "enclave":
+                    log.warning("control: %s did not introduce itself as an enclave half; closing", peer)
+                    return
+                if greeting.get("protocol") != CONTROL_PROTOCOL:
+                    log.error(
+                        "control: the enclave half speaks control protocol %r, this host half %d; upgrade one",
+                        greeting.get("protocol"), CONTROL_PROTOCOL,
+                    )
+                send_message(sock, hello("host"))
+                log.info("control: enclave half connected from %s (qproxy %s)", peer, greeting.get("version"))
+                sock.settimeout(None)
+                while read_message(reader) is not None:
+                    pass  # later protocol versions add messages; this one has none after hello
+        except (OSError, ValueError) as error:
+            log.warning("control: connection from %s failed: %s", peer, error)
+            return
+        log.warning("control: the enclave half (%s) disconnected", peer)
+
+
+class ControlClient(threading.Thread):
+    """The enclave half's side: dial the host half, retrying with backoff, and say hello."""
+
+    def __init__(self, vsock: Vsock, parent_cid: int, port: int, stopping: threading.Event):
+        super().__init__(name="control", daemon=True)
+        self.vsock, self.parent_cid, self.port = vsock, parent_cid, port
+        self.stopping = stopping
+
+    def run(self) -> None:
+        delay = 0.1
+        while not self.stopping.is_set():
+            try:
+                sock = self.vsock.connect(self.parent_cid, self.port, CONTROL_HELLO_TIMEOUT)
+            except OSError as error:
+                log.debug("control: host half not reachable at vsock %d:%d (%s)", self.parent_cid, self.port, reason(error))
+                self.stopping.wait(delay)
+                delay = min(delay * 2, CONTROL_RETRY_MAX)
+                continue
+            delay = 0.1
+            self.talk(sock)
+
+    def talk(self, sock: socket.socket) -> None:
+        with sock:
+            try:
+                send_message(sock, hello("enclave"))
+                with sock.makefile("rb") as reader:
+                    answer = read_message(reader)
+                    if not answer or answer.get("type") != "hello":
+                        log.warning("control: the host half at vsock %d:%d did not answer hello", self.parent_cid, self.port)
+                        return
+                    log.info("control: connected to the host half (qproxy %s)", answer.get("version"))
+                    sock.settimeout(None)
+                    while read_message(reader) is not None:
+                        pass
+            except (OSError, ValueError) as error:
+                log.warning("control: connection to the host half failed: %s", error)
+                return
+            log.warning("control: the host half went away; reconnecting")
+
+
+# ---------------------------------------------------------------------------
+# The enclave's loopback: down when an enclave starts
+# ---------------------------------------------------------------------------
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def ensure_loopback_up() -> None:
+    """Bring lo up when it is down, as every enclave start script otherwise must."""
+    if not sys.platform.startswith("linux"):
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH", b"lo", 0)
+        try:
+            flags = struct.unpack("16sH", fcntl.ioctl(sock, SIOCGIFFLAGS, request)[:18])[1]
+        except OSError:
+            return  # no interface called lo: nothing this half can do or needs
+        if flags & IFF_UP:
+            return
+        try:
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
+        except OSError as error:
+            raise StartError(
+                f"the loopback interface lo is down and qproxy cannot bring it up ({error.strerror}): "
+                "run 'ip link set lo up' as root before 'qproxy enclave', or run qproxy as root"
+            ) from None
+    log.info("brought the loopback interface lo up")
+
+
+# ---------------------------------------------------------------------------
+# Running a half: start, wait for a signal, stop
+# ---------------------------------------------------------------------------
+
+
+def raise_fd_limit() -> None:
+    """Each connection holds two descriptors: take the whole hard limit, not the soft default."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+class Half:
+    """One running half: its listeners, its open connections, and how it stops."""
+
+    def __init__(self, role: str, vsock: Vsock, dialer: Dialer, max_connections: int):
+        self.role = role
+        self.vsock = vsock
+        self.stopping = threading.Event()
+        self.connections = OpenConnections()
+        self.slots = ConnectionSlots(max_connections, self.stopping)
+        self.relayer = Relayer(dialer, self.connections)
+        self.listeners: list[Listener] = []
+
+    def listen(self, endpoint: Endpoint, serve: Callable, limited: bool = True) -> None:
+        self.listeners.append(open_listener(endpoint, self.vsock, serve, self.slots if limited else None))
+
+    def add_route(self, route: Route) -> None:
+        self.listen(route.listen, self.relayer.handler(route))
+        log.info("listening on %s -> %s", route.listen, route.target)
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; the first drains, a second one exits at once."""
+        def on_signal(number: int, frame: object) -> None:
+            if self.stopping.is_set():
+                log.warning("second signal: exiting now")
+                os._exit(EXIT_OK)
+            log.warning("%s: stopping", signal.Signals(number).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        for listener in self.listeners:
+            threading.Thread(target=listener.serve_forever, args=(0.2,), daemon=True).start()
+        log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
+        while not self.stopping.wait(1.0):
+            pass
+        for listener in self.listeners:
+            listener.shutdown()
+            listener.server_close()
+            if isinstance(listener.server_address, str):
+                os.unlink(listener.server_address)
+        if not self.connections.wait_empty(GRACE_PERIOD):
+            log.warning("grace period over: cutting %d open connections", self.connections.cut_all())
+            self.connections.wait_empty(1.0)
+        log.info("%s half stopped", self.role)
+        return EXIT_OK
+
+
+def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
+    family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else socket.AF_UNSPEC
+    check_literals_match_family(config, family)
+    vsock.check_available()
+    raise_fd_limit()
+    half = Half("host", vsock, Dialer(vsock, family), args.threads)
+    for route in host_routes(config, str(args.cid)):
+        half.add_route(route)
+    half.listen(Endpoint("vsock", "", args.control_port), ControlServer().serve, limited=False)
+    log.info("listening on vsock :%d for the enclave half's control connection", args.control_port)
+    return half.run()
+
+
+def check_literals_match_family(config: Config, family: int) -> None:
+    for number, entry in enumerate(config.outbound, 1):
+        if not is_ip_literal(entry.hostname) or family == socket.AF_UNSPEC:
+            continue
+        literal_family = socket.AF_INET6 if ":" in entry.hostname else socket.AF_INET
+        if literal_family != family:
+            flag = "--ipv4" if family == socket.AF_INET else "--ipv6"
+            raise UsageError(f"[[outbound_connections]] entry {number}: hostname {entry.hostname} cannot be reached with {flag}")
+
+
+def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
+    ensure_loopback_up()
+    vsock.check_available()
+    raise_fd_limit()
+    half = Half("enclave", vsock, Dialer(vsock), args.threads)
+    for route in enclave_routes(config, str(args.parent_cid)):
+        half.add_route(route)
+    ControlClient(vsock, args.parent_cid, args.control_port, half.stopping).start()
+    return half.run()
+
+
+# ---------------------------------------------------------------------------
+# check-config: what each half will do with a file
+# ---------------------------------------------------------------------------
+
+
+def describe_config(path: str, config: Config, parent_cid: int, control_port: int) -> list[str]:
+    lines = [f"{path}: valid"]
+    if not (config.inbound or config.outbound):
+        lines.append("no connections configured: the halves will only talk to each other")
+    lines += [f"host: listen {route.listen} -> {route.target}" for route in host_routes(config, "<enclave CID>")]
+    lines.append(f"host: listen vsock :{control_port} for the enclave half's control connection")
+    lines += [f"enclave: listen {route.listen} -> {route.target}" for route in enclave_routes(config, str(parent_cid))]
+    lines.append(f"enclave: dial vsock {parent_cid}:{control_port} for the control connection")
+    where = config.log_location
+    if where:
+        lines.append(
+            f"log: host {os.path.join(where.host_log_dir, where.host_log)}, "
+            f"enclave {os.path.join(where.enclave_log_dir, where.enclave_log)}, level {where.log_level}"
+        )
+    else:
+        lines.append("log: both halves to stderr")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# demo: the vendor's walk-through on one machine, over emulated vsock
+# ---------------------------------------------------------------------------
+
+
+class CannedService(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A tiny HTTP service that answers every request with the same body."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, body: str):
+        self.body = body.encode()
+        super().__init__(("127.0.0.1", 0), None)
+
+    def finish_request(self, request: socket.socket, client_address: object) -> None:
+        request.settimeout(5)
+        with request.makefile("rb") as reader:
+            while reader.readline().strip():
+                pass  # the request head; the answer does not depend on it
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(self.body)}\r\n\r\n"
+        request.sendall(head.encode() + self.body)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, deadline: float) -> str:
+    """GET / through a port, retrying until the deadline while the proxy comes up."""
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+                sock.shutdown(socket.SHUT_WR)
+                reply = b""
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+            if reply:
+                return reply.decode(errors="replace").partition("\r\n\r\n")[2]
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise StartError(f"no answer through 127.0.0.1:{port} within the deadline")
+        time.sleep(0.1)
+
+
+def run_demo() -> int:
+    """Both halves as processes, one request each way, then a clean stop."""
+    folder = tempfile.mkdtemp(prefix="qproxy-demo-")
+    inside, outside = CannedService("Hello world!"), CannedService("Hello from outside!")
+    processes: list[subprocess.Popen] = []
+    try:
+        for service in (inside, outside):
+            threading.Thread(target=service.serve_forever, daemon=True).start()
+        host_port, app_port = free_port(), free_port()
+        config = os.path.join(folder, "config_qproxy.toml")
+        with open(config, "w") as file:
+            file.write(
+                f"[[inbound_connections]]\nhost_port = {host_port}\n"
+                f"enclave_port = {inside.server_address[1]}\nvsock_port = 9995\n\n"
+                f'[[outbound_connections]]\nhostname = "127.0.0.1"\nvsock_port = 7777\n'
+                f"tcp_port = {outside.server_address[1]}\nenclave_port = {app_port}\n"
+            )
+        environ = dict(os.environ, QPROXY_VSOCK_EMULATION=os.path.join(folder, "vsock"), RUST_LOG="info")
+        print(f"demo: folder {folder}, vsock emulated with Unix sockets in {folder}/vsock")
+        print(f"demo: 'Hello world!' service (in the enclave) on 127.0.0.1:{inside.server_address[1]}")
+        print(f"demo: 'Hello from outside!' service (outside) on 127.0.0.1:{outside.server_address[1]}")
+        for role, extra in (("enclave", []), ("host", ["4"])):
+            with open(os.path.join(folder, f"{role}.log"), "wb") as logfile:
+                command = [sys.executable, os.path.abspath(__file__), role, "--config", config] + extra
+                processes.append(subprocess.Popen(command, env=environ, stdout=logfile, stderr=logfile))
+            print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {processes[-1].pid})")
+        deadline = time.monotonic() + 15
+        answer = http_get(host_port, deadline)
+        print(f"demo: inbound:  curl 127.0.0.1:{host_port} -> host half -> vsock 9995 -> enclave half "
+              f"-> 127.0.0.1:{inside.server_address[1]}: {answer!r}")
+        answer_out = http_get(app_port, deadline)
+        print(f"demo: outbound: app -> 127.0.0.1:{app_port} -> enclave half -> vsock 7777 -> host half "
+              f"-> 127.0.0.1:{outside.server_address[1]}: {answer_out!r}")
+        if (answer, answer_out) != ("Hello world!", "Hello from outside!"):
+            raise StartError("a reply was not what the service sent")
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=15) for process in processes]
+        if codes != [0, 0]:
+            raise StartError(f"the halves exited with {codes} after SIGTERM, expected [0, 0]")
+        print("demo: both halves stopped cleanly on SIGTERM; all good")
+        return EXIT_OK
+    except (StartError, OSError, subprocess.TimeoutExpired) as error:
+        print(f"demo failed: {error}", file=sys.stderr)
+        for role, process in zip(("enclave", "host"), processes):
+            with open(os.path.join(folder, f"{role}.log"), errors="replace") as logfile:
+                print(f"--- {role} half's log ---\n{logfile.read()}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        inside.server_close()
+        outside.server_close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def number_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer from {low} to {high}, not {text!r}")
+        return value
+
+    return parse
+
+
+parse_cid = number_in(*CID_RANGE, "a CID")
+parse_port = number_in(*TCP_PORT_RANGE, "a port")
+parse_threads = number_in(1, 1_000_000, "the connection limit")
+
+
+def from_environment(args: argparse.Namespace, name: str, variable: str, parse: Callable, default: object) -> None:
+    """Fill an option the command line left out from its environment variable, then its default."""
+    if not hasattr(args, name) or getattr(args, name) is not None:
+        return
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        setattr(args, name, default)
+        return
+    try:
+        setattr(args, name, parse(text))
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(f"{variable}={text}: {error}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qproxy",
+        description="Carry TCP across vsock between an enclave and its parent VM.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"qproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="<COMMAND>")
+
+    host = commands.add_parser(
+        "host", help="The part of qproxy that runs outside the enclave",
+        description="The part of qproxy that runs outside the enclave.",
+    )
+    host.add_argument("cid", nargs="?", type=parse_cid, metavar="CID",
+                      help="The CID of the enclave [env: QPROXY_LISTEN_CID]")
+    add_common_options(host)
+    family = host.add_mutually_exclusive_group()
+    family.add_argument("--ipv4", action="store_true", help="Only resolve IPv4 addresses")
+    family.add_argument("--ipv6", action="store_true", help="Only resolve IPv6 addresses")
+
+    enclave = commands.add_parser(
+        "enclave", help="The part of qproxy that runs inside the enclave",
+        description="The part of qproxy that runs inside the enclave.",
+    )
+    enclave.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
+                         help=f"The CID of the parent VM of this enclave [env: QPROXY_PARENT_CID] [default: {DEFAULT_PARENT_CID}]")
+    add_common_options(enclave)
+
+    check = commands.add_parser(
+        "check-config", help="Check the qproxy configuration file",
+        description="Check a configuration file and print what each half will do with it.",
+    )
+    check.add_argument("path", nargs="?", metavar="PATH", help="Path to the configuration file")
+    check.add_argument("--config", dest="config_option", metavar="CONFIG", help="Path to the configuration file")
+    check.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
+                       help=f"The parent CID the enclave half dials [env: QPROXY_PARENT_CID] [default: {DEFAULT_PARENT_CID}]")
+    check.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
+                       help=f"The control port [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
+
+    commands.add_parser(
+        "demo", help="Run both halves on this machine over emulated vsock and send a request each way",
+        description="Run the vendor's walk-through on this machine, no enclave needed.",
+    )
+    help_command = commands.add_parser("help", help="Print this message or the help of the given subcommand")
+    help_command.add_argument("topic", nargs="?", metavar="COMMAND")
+    return parser
+
+
+def add_common_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", metavar="CONFIG", help="Path to the configuration file")
+    command.add_argument("-t", "--threads", type=parse_threads, metavar="THREADS",
+                         help="Most connections relayed at once; more wait for a free slot "
+                              f"[env: TOKIO_WORKER_THREADS] [default: {DEFAULT_MAX_CONNECTIONS}]")
+    command.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
+                         help="The port where to listen for control messages from the enclave. Leave at default "
+                              f"value unless you know what you are doing [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
+
+
+def fill_from_environment(args: argparse.Namespace) -> None:
+    from_environment(args, "control_port", "QPROXY_CONTROL_PORT", parse_port, DEFAULT_CONTROL_PORT)
+    from_environment(args, "parent_cid", "QPROXY_PARENT_CID", parse_cid, DEFAULT_PARENT_CID)
+    from_environment(args, "threads", "TOKIO_WORKER_THREADS", parse_threads, DEFAULT_MAX_CONNECTIONS)
+    if args.command == "host":
+        from_environment(args, "cid", "QPROXY_LISTEN_CID", parse_cid, None)
+        if args.cid is None:
+            raise UsageError("the enclave's CID is required: qproxy host CID (or set QPROXY_LISTEN_CID)")
+
+
+def read_config(path: str | None, control_port: int) -> Config:
+    return Config() if path is None else load_config(path, control_port)
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command == "help":
+        if args.topic is None:
+            parser.print_help()
+            return EXIT_OK
+        parser.parse_args([args.topic, "--help"])  # prints the help and exits 0, or exits 2 for no such command
+    if args.command == "demo":
+        return run_demo()
+    fill_from_environment(args)
+    if args.command == "check-config":
+        if args.path and args.config_option and args.path != args.config_option:
+            raise UsageError("give the configuration file once, as PATH or as --config")
+        path = args.path or args.config_option
+        if not path:
+            raise UsageError("check-config needs a file: qproxy check-config PATH")
+        config = load_config(path, args.control_port)
+        print("\n".join(describe_config(path, config, args.parent_cid, args.control_port)))
+        return EXIT_OK
+    config = read_config(args.config, args.control_port)
+    setup_logging(args.command, config, os.environ)
+    vsock = Vsock(os.environ.get("QPROXY_VSOCK_EMULATION") or None)
+    if not (config.inbound or config.outbound):
+        log.warning("no connections configured%s", "" if args.config else " (no --config given)")
+    if args.command == "host":
+        return run_host(args, config, vsock)
+    return run_enclave(args, config, vsock)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_command(parser, args)
+    except UsageError as error:
+        print(f"qproxy: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"qproxy: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartError as error:
+        print(f"qproxy: error: {error}", file=sys.stderr)
+        if any(isinstance(handler, logging.FileHandler) for handler in log.handlers):
+            log.error("cannot start: %s", error)
+        return EXIT_CANNOT_START
+    except Exception as error:  # a bug: say so in one line, with the traceback only when asked for
+        log.debug("internal error", exc_info=True)
+        print(f"qproxy: internal error: {type(error).__name__}: {error} (RUST_LOG=debug shows a traceback)",
+              file=sys.stderr)
+        return EXIT_CANNOT_START
+
+
+if __name__ == "__main__":
+    sys.exit(main())
