@@ -693,7 +693,7 @@ def relay(client: socket.socket, far: socket.socket) -> tuple[int, int]:
         for fd, mask in masks.items():
             if mask:
                 poller.register(fd, mask)
-            elif fd in registered:
+            elif registered[fd]:
                 poller.unregister(fd)  # else a hang-up nobody waits for would wake poll forever
             registered[fd] = bool(mask)
         ready = dict(poller.poll())

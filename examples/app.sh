@@ -1,0 +1,6 @@
+#!/bin/sh
+# The vendor's test service: answers every connection to 127.0.0.1:5050 with "Hello world!".
+PORT=5050
+while true; do
+    printf 'HTTP/1.1 200 OK\nContent-Type: text/plain\n\nHello world!\n' | nc -l 127.0.0.1 "$PORT"
+done

@@ -1,0 +1,188 @@
+"""Shared harness: both halves as real subprocesses over emulated vsock, real sockets, deadlines."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QPROXY = ROOT / "qproxy.py"
+sys.path.insert(0, str(ROOT))
+
+DEADLINE = 15.0  # seconds any one wait may take before the test fails
+
+
+def wait_for(predicate, what: str, timeout: float = DEADLINE):
+    """Poll predicate until it returns something true; fail the test at the deadline."""
+    end = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_qproxy(*args: str, env: dict | None = None, timeout: float = 30, cwd=None) -> subprocess.CompletedProcess:
+    """Run qproxy.py to completion with this Python; return its exit code and output."""
+    return subprocess.run(
+        [sys.executable, str(QPROXY), *args], capture_output=True, text=True,
+        env=dict(os.environ, **(env or {})), timeout=timeout, cwd=cwd,
+    )
+
+
+class Half:
+    """A running half of qproxy: a subprocess whose stderr goes to a log file."""
+
+    def __init__(self, role: str, args: list[str], env: dict, log_path: Path, wrapper: list[str] = ()):
+        self.role = role
+        self.log_path = log_path
+        self.log_file = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [*wrapper, sys.executable, str(QPROXY), role, *args], env=env,
+            stdout=self.log_file, stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = DEADLINE) -> re.Match:
+        def found():
+            exited = self.process.poll() is not None
+            match = re.search(pattern, self.log())
+            if exited and not match:
+                raise AssertionError(f"{self.role} half exited with {self.process.returncode}:\n{self.log()}")
+            return match
+        return wait_for(found, f"{pattern!r} in the {self.role} half's log", timeout)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.log_file.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log_file.close()
+
+
+class Proxy:
+    """Both halves in one folder, sharing an emulated vsock directory."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.vsock_dir = folder / "vsock"
+        self.halves: list[Half] = []
+        self.config = folder / "config.toml"
+        self.control_port = free_port()
+
+    def env(self, extra: dict | None = None) -> dict:
+        env = dict(os.environ, QPROXY_VSOCK_EMULATION=str(self.vsock_dir), RUST_LOG="debug",
+                   QPROXY_CONTROL_PORT=str(self.control_port))
+        env.pop("QPROXY_LISTEN_CID", None)
+        env.pop("TOKIO_WORKER_THREADS", None)
+        env.update(extra or {})
+        return env
+
+    def write_config(self, text: str) -> Path:
+        self.config.write_text(text)
+        return self.config
+
+    def start(self, role: str, *args: str, env: dict | None = None, ready: bool = True,
+              wrapper: list[str] = ()) -> Half:
+        """Start a half (the host with enclave CID 4 unless args name one), by default waiting until ready."""
+        extra = ["4"] if role == "host" and not any(a.isdigit() for a in args) else []
+        half = Half(role, ["--config", str(self.config), *args, *extra], self.env(env),
+                    self.folder / f"{role}-{len(self.halves)}.log", wrapper)
+        self.halves.append(half)
+        if ready:
+            half.wait_log(f"{role} half ready")
+        return half
+
+    def start_both(self, config: str, host_args=(), enclave_args=()) -> tuple[Half, Half]:
+        self.write_config(config)
+        enclave = self.start("enclave", *enclave_args)
+        host = self.start("host", *host_args)
+        return host, enclave
+
+    def close(self) -> None:
+        for half in self.halves:
+            half.kill()
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    p = Proxy(tmp_path)
+    yield p
+    p.close()
+
+
+class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = 256  # 100 connections at once must not overflow the backlog
+
+    def __init__(self, handle, address: str = "127.0.0.1", port: int = 0):
+        self.address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.handle = handle
+        self.accepted = 0
+        super().__init__((address, port), None)
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    def finish_request(self, request, client_address):
+        self.accepted += 1
+        request.settimeout(DEADLINE)
+        self.handle(request)
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+def echo(sock: socket.socket) -> None:
+    """Send back everything received; end our side at the client's EOF."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def echo_server():
+    server = ThreadedServer(echo)
+    yield server
+    server.stop()
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)

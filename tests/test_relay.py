@@ -1,0 +1,386 @@
+"""End to end over emulated vsock: both halves as real subprocesses, real TCP clients and servers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import DEADLINE, QPROXY, ThreadedServer, free_port, recv_all, wait_for
+
+
+def inbound(host_port: int, enclave_port: int, vsock_port: int = 9000) -> str:
+    return f"[[inbound_connections]]\nhost_port = {host_port}\nenclave_port = {enclave_port}\nvsock_port = {vsock_port}\n"
+
+
+def outbound(hostname: str, tcp_port: int, enclave_port: int, vsock_port: int = 7000) -> str:
+    return (
+        f'[[outbound_connections]]\nhostname = "{hostname}"\nvsock_port = {vsock_port}\n'
+        f"tcp_port = {tcp_port}\nenclave_port = {enclave_port}\n"
+    )
+
+
+def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection((host, port), timeout=DEADLINE)
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    """Send a request, end our side, read the whole reply."""
+    with connect(port) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def reply_after_eof(sock: socket.socket) -> None:
+    """A server that answers only once the client has finished: needs half-close to work."""
+    request = recv_all(sock)
+    sock.sendall(b"got " + str(len(request)).encode() + b" bytes: " + hashlib.sha256(request).hexdigest().encode())
+    sock.shutdown(socket.SHUT_WR)
+
+
+def expect_reset(sock: socket.socket) -> None:
+    """The proxy must fail the connection promptly with a reset, not hang and not close cleanly."""
+    sock.settimeout(DEADLINE)
+    with pytest.raises(ConnectionResetError):
+        sock.sendall(b"hello?")
+        recv_all(sock)
+
+
+# --- inbound and outbound -------------------------------------------------------------
+
+
+def test_inbound_reaches_the_service_in_the_enclave(proxy):
+    service = ThreadedServer(lambda s: (s.recv(100), s.sendall(b"HTTP/1.1 200 OK\r\n\r\nHello world!")))
+    host_port = free_port()
+    host, enclave = proxy.start_both(inbound(host_port, service.port))
+    with connect(host_port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert recv_all(sock).endswith(b"Hello world!")
+    host.wait_log(r"conn 1 closed: tcp 127\.0\.0\.1:\d+ -> tcp 0\.0\.0\.0:%d -> vsock 4:9000, 18 bytes up, 31 bytes down" % host_port)
+    enclave.wait_log(r"conn 1 closed: .* -> vsock :9000 -> tcp 127\.0\.0\.1:%d, 18 bytes up, 31 bytes down" % service.port)
+    service.stop()
+
+
+def test_outbound_reaches_a_service_outside(proxy):
+    outside = ThreadedServer(reply_after_eof)
+    app_port = free_port()
+    host, enclave = proxy.start_both(outbound("127.0.0.1", outside.port, app_port))
+    assert exchange(app_port, b"x" * 1000).startswith(b"got 1000 bytes")
+    host.wait_log(r"conn 1 closed: vsock \(emulated\) -> vsock :7000 -> tcp 127\.0\.0\.1:%d, 1000 bytes up" % outside.port)
+    outside.stop()
+
+
+def test_outbound_resolves_a_name(proxy):
+    outside = ThreadedServer(reply_after_eof)
+    app_port = free_port()
+    proxy.start_both(outbound("localhost", outside.port, app_port))
+    assert exchange(app_port, b"abc").startswith(b"got 3 bytes")
+    outside.stop()
+
+
+# --- half-close -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["inbound", "outbound"])
+def test_client_half_close_still_reads_the_whole_reply(proxy, direction):
+    """The client ends its side first; the server answers only after that EOF, and a large answer."""
+    payload = os.urandom(300_000)
+
+    def server(sock):
+        request = recv_all(sock)
+        sock.sendall(hashlib.sha256(request).digest() + payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    service = ThreadedServer(server)
+    port = free_port()
+    config = inbound(port, service.port) if direction == "inbound" else outbound("127.0.0.1", service.port, port)
+    proxy.start_both(config)
+    request = os.urandom(200_000)
+    reply = exchange(port, request)
+    assert reply[:32] == hashlib.sha256(request).digest()
+    assert reply[32:] == payload
+    service.stop()
+
+
+def test_server_half_close_lets_the_client_keep_sending(proxy):
+    """The server ends its side first; what the client sends afterwards still arrives."""
+    received = []
+
+    def server(sock):
+        sock.sendall(b"banner")
+        sock.shutdown(socket.SHUT_WR)
+        received.append(recv_all(sock))
+
+    service = ThreadedServer(server)
+    host_port = free_port()
+    proxy.start_both(inbound(host_port, service.port))
+    with connect(host_port) as sock:
+        assert recv_all(sock) == b"banner"  # the server's EOF arrived...
+        late = os.urandom(500_000)
+        sock.sendall(late)  # ...and our direction is still open
+        sock.shutdown(socket.SHUT_WR)
+        wait_for(lambda: received, "the server to read to EOF")
+    assert received[0] == late
+    service.stop()
+
+
+# --- many at once -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["inbound", "outbound"])
+def test_100_concurrent_connections_move_1mb_each_way(proxy, echo_server, direction):
+    port = free_port()
+    config = inbound(port, echo_server.port) if direction == "inbound" else outbound("127.0.0.1", echo_server.port, port)
+    host, enclave = proxy.start_both(config)
+    results: dict[int, tuple[str, str]] = {}
+    errors: list[BaseException] = []
+
+    def one(index: int) -> None:
+        try:
+            data = os.urandom(1 << 20)
+            with connect(port) as sock:
+                sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)))
+                sender.start()
+                echoed = recv_all(sock)
+                sender.join()
+            results[index] = (hashlib.sha256(data).hexdigest(), hashlib.sha256(echoed).hexdigest())
+        except BaseException as error:  # reported below; a thread cannot fail the test itself
+            errors.append(error)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors[:3]
+    assert len(results) == 100
+    assert all(sent == echoed for sent, echoed in results.values())
+    assert echo_server.accepted == 100
+    assert host.stop() == 0 and enclave.stop() == 0
+
+
+# --- failures ---------------------------------------------------------------------------
+
+
+def dead_port() -> int:
+    """A loopback port where nothing listens."""
+    return free_port()
+
+
+def test_unreachable_upstream_resets_the_app_and_the_proxy_keeps_serving(proxy):
+    outside = ThreadedServer(reply_after_eof)
+    dead_app_port, good_app_port = free_port(), free_port()
+    host, enclave = proxy.start_both(
+        outbound("127.0.0.1", dead_port(), dead_app_port, 7000) + outbound("127.0.0.1", outside.port, good_app_port, 7001)
+    )
+    for _ in range(3):
+        with connect(dead_app_port) as sock:
+            expect_reset(sock)
+    host.wait_log(r"conn \d+: cannot reach tcp 127\.0\.0\.1:\d+: Connection refused")
+    assert exchange(good_app_port, b"still here").startswith(b"got 10 bytes")
+    assert host.process.poll() is None and enclave.process.poll() is None
+    outside.stop()
+
+
+def test_unreachable_service_in_the_enclave_resets_the_client(proxy):
+    host_port = free_port()
+    host, enclave = proxy.start_both(inbound(host_port, dead_port()))
+    with connect(host_port) as sock:
+        expect_reset(sock)
+    enclave.wait_log(r"cannot reach tcp 127\.0\.0\.1:\d+: Connection refused")
+
+
+def test_absent_enclave_half_resets_the_client(proxy):
+    host_port = free_port()
+    proxy.write_config(inbound(host_port, dead_port()))
+    host = proxy.start("host")
+    with connect(host_port) as sock:
+        expect_reset(sock)
+    host.wait_log(r"cannot reach vsock 4:9000")
+
+
+def test_unresolvable_name_resets_the_app(proxy):
+    app_port = free_port()
+    host, enclave = proxy.start_both(outbound("no-such-host.invalid", 443, app_port))
+    with connect(app_port) as sock:
+        expect_reset(sock)
+    host.wait_log(r"cannot reach tcp no-such-host\.invalid:443: name resolution failed")
+
+
+def test_enclave_restart_serves_new_connections_without_touching_the_host(proxy, echo_server):
+    host_port = free_port()
+    host, enclave = proxy.start_both(inbound(host_port, echo_server.port))
+    assert exchange(host_port, b"before") == b"before"
+    host.wait_log("control: enclave half connected")
+    enclave.process.kill()
+    enclave.process.wait()
+    host.wait_log(r"control: the enclave half .* disconnected")
+    proxy.start("enclave")
+    assert exchange(host_port, b"after") == b"after"
+    wait_for(lambda: host.log().count("control: enclave half connected") == 2, "the enclave half to reconnect")
+
+
+def test_host_restart_is_noticed_and_the_enclave_reconnects(proxy, echo_server):
+    host_port = free_port()
+    host, enclave = proxy.start_both(inbound(host_port, echo_server.port))
+    host.wait_log("control: enclave half connected")
+    assert host.stop() == 0
+    enclave.wait_log("control: the host half went away")
+    host = proxy.start("host")
+    host.wait_log("control: enclave half connected")
+    assert exchange(host_port, b"again") == b"again"
+
+
+# --- DNS on the host: per connection, every address, --ipv4/--ipv6 -------------------------
+
+needs_mount_namespace = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare to give the host half its own /etc/hosts"
+)
+
+
+def host_with_hosts_file(proxy, hosts_file, *args):
+    """A host half that reads hosts_file as /etc/hosts, in a mount namespace of its own."""
+    return proxy.start("host", *args, wrapper=[
+        "unshare", "-m", "sh", "-c", f'mount --bind "{hosts_file}" /etc/hosts && exec "$0" "$@"',
+    ])
+
+
+@needs_mount_namespace
+def test_every_address_is_tried_when_the_first_is_dead(proxy, tmp_path):
+    outside = ThreadedServer(reply_after_eof, "127.0.0.3")  # 127.0.0.1 on that port is dead
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 upstream.test\n127.0.0.3 upstream.test\n")
+    app_port = free_port()
+    proxy.write_config(outbound("upstream.test", outside.port, app_port))
+    proxy.start("enclave")
+    host_with_hosts_file(proxy, hosts)
+    assert exchange(app_port, b"abc").startswith(b"got 3 bytes")
+    outside.stop()
+
+
+@needs_mount_namespace
+def test_the_name_is_resolved_again_for_each_connection(proxy, tmp_path):
+    first = ThreadedServer(reply_after_eof, "127.0.0.2")
+    second = ThreadedServer(reply_after_eof, "127.0.0.3", first.port)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.2 moving.test\n")
+    app_port = free_port()
+    proxy.write_config(outbound("moving.test", first.port, app_port))
+    proxy.start("enclave")
+    host_with_hosts_file(proxy, hosts)
+    exchange(app_port, b"1")
+    with open(hosts, "r+") as file:  # same inode, so the bind mount sees the change
+        file.write("127.0.0.3 moving.test\n")
+    exchange(app_port, b"2")
+    assert (first.accepted, second.accepted) == (1, 1)
+
+
+@needs_mount_namespace
+@pytest.mark.parametrize("flag, works", [("--ipv4", False), ("--ipv6", True), (None, True)])
+def test_ipv4_and_ipv6_flags_choose_the_family(proxy, tmp_path, flag, works):
+    six = ThreadedServer(reply_after_eof, "::1")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 dual.test\n::1 dual.test\n")
+    app_port = free_port()
+    # nothing listens on 127.0.0.1 at six.port: only the IPv6 address answers
+    proxy.write_config(outbound("dual.test", six.port, app_port))
+    proxy.start("enclave")
+    host_with_hosts_file(proxy, hosts, *([flag] if flag else []))
+    with connect(app_port) as sock:
+        if works:
+            sock.sendall(b"v6")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock).startswith(b"got 2 bytes")
+        else:
+            expect_reset(sock)
+    six.stop()
+
+
+# --- stopping ---------------------------------------------------------------------------
+
+
+def test_sigterm_lets_an_open_connection_finish(proxy):
+    gate = threading.Event()
+
+    def slow(sock):
+        request = recv_all(sock)
+        gate.wait(DEADLINE)
+        sock.sendall(request[::-1])
+        sock.shutdown(socket.SHUT_WR)
+
+    service = ThreadedServer(slow)
+    host_port = free_port()
+    host, enclave = proxy.start_both(inbound(host_port, service.port))
+    with connect(host_port) as sock:
+        sock.sendall(b"abc")
+        sock.shutdown(socket.SHUT_WR)
+        enclave.wait_log("conn 1 opened")
+        host.process.send_signal(signal.SIGTERM)
+        host.wait_log("SIGTERM: stopping")
+        wait_for(lambda: not os.path.exists(proxy.vsock_dir / str(proxy.control_port)), "the host to close its listeners")
+        with pytest.raises(ConnectionRefusedError):
+            connect(host_port).close()
+        gate.set()
+        assert recv_all(sock) == b"cba"
+    assert host.stop() == 0
+    assert enclave.stop() == 0
+    service.stop()
+
+
+def test_second_signal_exits_at_once(proxy, echo_server):
+    host_port = free_port()
+    host, enclave = proxy.start_both(inbound(host_port, echo_server.port))
+    with connect(host_port) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"  # the connection is open and idle; the grace period would wait for it
+        host.process.send_signal(signal.SIGTERM)
+        host.wait_log("SIGTERM: stopping")
+        host.process.send_signal(signal.SIGTERM)
+        assert host.process.wait(2) == 0  # well inside the grace period
+    host.wait_log("second signal: exiting now")
+
+
+# --- the enclave's loopback ------------------------------------------------------------
+
+needs_net_namespace = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a network namespace"
+)
+
+
+@needs_net_namespace
+def test_enclave_brings_loopback_up_in_a_fresh_namespace(proxy, echo_server):
+    proxy.write_config(outbound("127.0.0.1", 1, free_port()))
+    enclave = proxy.start("enclave", wrapper=["unshare", "-n"])
+    enclave.wait_log("brought the loopback interface lo up")
+    assert enclave.stop() == 0
+
+
+@needs_net_namespace
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv to drop CAP_NET_ADMIN")
+def test_enclave_without_the_right_to_raise_loopback_names_the_command(proxy):
+    proxy.write_config("")
+    enclave = proxy.start("enclave", ready=False, wrapper=["unshare", "-n", "setpriv", "--bounding-set=-net_admin"])
+    assert enclave.process.wait(DEADLINE) == 1
+    log = enclave.log()
+    assert "qproxy: error: the loopback interface lo is down" in log
+    assert "ip link set lo up" in log
+    assert "Traceback" not in log
+
+
+# --- the demo ---------------------------------------------------------------------------
+
+
+def test_demo_runs_the_walkthrough():
+    result = subprocess.run([sys.executable, str(QPROXY), "demo"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "'Hello world!'" in result.stdout
+    assert "'Hello from outside!'" in result.stdout
+    assert "stopped cleanly" in result.stdout
