@@ -241,11 +241,12 @@ class Config:
 
 
 def is_ip_literal(text: str) -> bool:
+    """An IPv4 or IPv6 address, without an IPv6 zone (which JSON Schema's ipv6 format lacks)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
         return False
-    return True
+    return "%" not in text
 
 
 def is_hostname(text: str) -> bool:
@@ -284,8 +285,7 @@ def describe(value: object) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        text = repr(value)
-        return text if len(text) <= 60 else text[:57] + "...'"
+        return repr(value) if len(value) <= 50 else repr(value[:50]) + "..."
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
@@ -357,7 +357,7 @@ def check_document(document: dict, control_port: int) -> tuple[Config, list[str]
 
 
 def cross_check(entries: dict[str, list[dict]], control_port: int) -> list[str]:
-    """The rules that span entries: ports that must be unique, loops that must not be."""
+    """The rules that span entries: ports that must be unique."""
     problems = []
 
     def unique(label: str, uses: list[tuple[str, int]], reserved: dict[int, str]) -> None:
@@ -377,16 +377,28 @@ def cross_check(entries: dict[str, list[dict]], control_port: int) -> list[str]:
         {control_port: "the control port"},
     )
     unique("host_port", ports("inbound_connections", "host_port"), {})
-    listened = ports("outbound_connections", "enclave_port")
-    unique("enclave-side listening port (outbound enclave_port, by default tcp_port)", listened, {})
-    listening = {port: where for where, port in listened}
-    for where, port in ports("inbound_connections", "enclave_port"):
-        if port in listening:
-            problems.append(
-                f"{where}: {port} is where the enclave half listens for {listening[port]}; inbound traffic"
-                " would loop back out of the enclave"
-            )
+    unique(
+        "enclave-side listening port (outbound enclave_port, by default tcp_port)",
+        ports("outbound_connections", "enclave_port"),
+        {},
+    )
     return problems
+
+
+def loop_warnings(config: Config) -> list[str]:
+    """Inbound entries aimed at a port where the enclave half itself listens for outbound traffic.
+
+    A warning, not an error: the vendor's own reference file has one (443 both
+    ways), and its files are accepted unchanged.
+    """
+    listening = {entry.enclave_port: number for number, entry in enumerate(config.outbound, 1)}
+    return [
+        f"[[inbound_connections]] entry {number}: enclave_port: {entry.enclave_port} is where the enclave half"
+        f" listens for [[outbound_connections]] entry {listening[entry.enclave_port]}; inbound traffic to it"
+        " goes back out of the enclave, and the service cannot listen there too"
+        for number, entry in enumerate(config.inbound, 1)
+        if entry.enclave_port in listening
+    ]
 
 
 def load_config(path: str, control_port: int) -> Config:
@@ -1154,6 +1166,8 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     vsock.check_available()
     raise_fd_limit()
     half = Half("enclave", vsock, Dialer(vsock), args.threads)
+    for warning in loop_warnings(config):
+        log.warning("%s", warning)
     for route in enclave_routes(config, str(args.parent_cid)):
         half.add_route(route)
     ControlClient(vsock, args.parent_cid, args.control_port, half.stopping).start()
@@ -1167,6 +1181,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
 
 def describe_config(path: str, config: Config, parent_cid: int, control_port: int) -> list[str]:
     lines = [f"{path}: valid"]
+    lines += [f"warning: {warning}" for warning in loop_warnings(config)]
     if not (config.inbound or config.outbound):
         lines.append("no connections configured: the halves will only talk to each other")
     lines += [f"host: listen {route.listen} -> {route.target}" for route in host_routes(config, "<enclave CID>")]

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The qproxy configuration file, described for tools: typed definitions and a JSON Schema.
+
+qproxy.py's ``TABLES`` is the one source of truth for the TOML file: every
+key with its type, range, default and description.  This module offers the
+same format two other ways, and tests/test_schema.py proves all three agree:
+
+* TypedDicts (``QproxyConfig`` and one per table) for code that writes or
+  reads configuration documents and wants a type checker's help.  They are
+  written out, because a type checker cannot read a table built at run time;
+  the test compares them with ``TABLES`` key by key.
+* A JSON Schema (draft-07) for TOML editors, *derived* from ``TABLES`` by
+  ``json_schema()``, never edited by hand.  Generate it with
+
+      python3 config_schema.py > qproxy.schema.json
+
+  then point the editor at it.  Taplo (CLI and language server), and so
+  Even Better TOML in VS Code, reads a directive on the config's first line:
+
+      #:schema ./qproxy.schema.json
+
+  or, without touching the file, an association in VS Code's settings.json:
+
+      "evenBetterToml.schema.associations": {
+          "config_qproxy\\.toml$": "file:///absolute/path/to/qproxy.schema.json"
+      }
+
+What the schema cannot say: the rules that span entries (vsock ports unique
+and distinct from the control port, host ports unique, enclave-side listening
+ports unique) and the warning for an inbound entry that loops back out.
+``qproxy.py check-config FILE`` checks those.
+An editor also sees TOML's float 80.0 as the JSON number 80, an integer, so it
+misses ``port = 80.0``; qproxy does not.
+"""
+
+import json
+import sys
+from typing import List, Literal
+
+if sys.version_info >= (3, 11):
+    from typing import NotRequired, TypedDict
+else:  # NotRequired is new in 3.11; typing_extensions' TypedDict understands it below
+    from typing_extensions import NotRequired, TypedDict
+
+import qproxy
+
+# ---------------------------------------------------------------------------
+# Typed definitions
+# ---------------------------------------------------------------------------
+# No `from __future__ import annotations` here: TypedDict must see NotRequired
+# itself, not a string naming it, to count a key as optional.
+
+LogLevel = Literal["off", "error", "warn", "info", "debug", "trace"]
+
+
+class InboundConnection(TypedDict):
+    """One [[inbound_connections]] entry: a client of the parent VM reaches a service in the enclave."""
+
+    host_port: int
+    enclave_port: int
+    vsock_port: int
+
+
+class OutboundConnection(TypedDict):
+    """One [[outbound_connections]] entry: code in the enclave reaches a service outside."""
+
+    hostname: str
+    vsock_port: int
+    tcp_port: int
+    enclave_port: NotRequired[int]  # extension; default: tcp_port
+
+
+class LogLocation(TypedDict, total=False):
+    """The [log_location] table; every key has a default."""
+
+    host_log: str
+    enclave_log: str
+    log_level: LogLevel
+    host_log_dir: str
+    enclave_log_dir: str
+
+
+class QproxyConfig(TypedDict, total=False):
+    """A whole configuration file, as tomllib.load returns it."""
+
+    inbound_connections: List[InboundConnection]
+    outbound_connections: List[OutboundConnection]
+    log_location: LogLocation
+
+
+# ---------------------------------------------------------------------------
+# JSON Schema, derived from qproxy.TABLES
+# ---------------------------------------------------------------------------
+# Draft-07 rather than 2020-12: Taplo's validator and older editor plugins
+# implement draft-07 (and draft-04) fully, while 2020-12 support is partial.
+# The schema uses only keywords that mean the same in drafts 4 to 2020-12.
+DRAFT = "http://json-schema.org/draft-07/schema#"
+
+# Formats are only annotations to many validators, so each address branch also
+# carries a pattern an editor does check.  No look-around anywhere: editors use
+# ECMAScript or Rust regex engines.
+OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4_PATTERN = rf"^({OCTET}\.){{3}}{OCTET}$"
+IPV6_SHAPE = r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*$"  # the characters of an IPv6 address; "format" does the rest
+
+HOSTNAME_SCHEMA = {
+    "anyOf": [
+        {
+            "pattern": qproxy.HOSTNAME_PATTERN,
+            "not": {"pattern": qproxy.NUMERIC_NAME_PATTERN},
+            # At most HOSTNAME_MAX_LENGTH characters, not counting one final dot.
+            "anyOf": [
+                {"maxLength": qproxy.HOSTNAME_MAX_LENGTH},
+                {"maxLength": qproxy.HOSTNAME_MAX_LENGTH + 1, "pattern": r"\.$"},
+            ],
+        },
+        {"pattern": IPV4_PATTERN, "format": "ipv4"},
+        {"pattern": IPV6_SHAPE, "format": "ipv6"},
+    ],
+}
+
+
+def field_schema(field: qproxy.Field) -> dict:
+    """The JSON Schema of one key, from its kind, range and default."""
+    if field.kind in ("tcp_port", "vsock_port"):
+        low, high = qproxy.TCP_PORT_RANGE if field.kind == "tcp_port" else qproxy.VSOCK_PORT_RANGE
+        schema = {"type": "integer", "minimum": low, "maximum": high}
+    elif field.kind == "hostname":
+        schema = {"type": "string", **HOSTNAME_SCHEMA}
+    elif field.kind == "log_level":
+        schema = {"type": "string", "enum": list(qproxy.LOG_LEVELS)}
+    elif field.kind == "text":
+        schema = {"type": "string", "minLength": 1, "pattern": r"^[^\x00]*$"}
+    else:
+        raise ValueError(f"no JSON Schema for field kind {field.kind!r}")
+    description = field.description
+    if field.extension:
+        description += " (qproxy extension: not in the vendor's format)"
+    schema["description"] = description
+    if field.default is not None:
+        schema["default"] = field.default
+    return schema
+
+
+def table_schema(table: qproxy.Table) -> dict:
+    """The JSON Schema of one table, or of one entry of an array of tables."""
+    required = [key for key, field in table.fields.items() if field.required]
+    schema = {
+        "type": "object",
+        "description": table.description,
+        "properties": {key: field_schema(field) for key, field in table.fields.items()},
+        "additionalProperties": False,
+        # Taplo offers these keys when it completes a new table.
+        "x-taplo": {"initKeys": required},
+    }
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def json_schema() -> dict:
+    """The JSON Schema of the whole file."""
+    properties = {}
+    for name, table in qproxy.TABLES.items():
+        if table.array:
+            properties[name] = {"type": "array", "description": table.description, "items": table_schema(table)}
+        else:
+            properties[name] = table_schema(table)
+    return {
+        "$schema": DRAFT,
+        "title": "qproxy configuration",
+        "description": "The configuration file of qproxy, the TCP-over-vsock proxy for enclaves."
+        " Rules that span entries (unique ports) are checked by `qproxy check-config FILE`.",
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+if __name__ == "__main__":
+    json.dump(json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")

@@ -1,0 +1,756 @@
+"""The configuration file's validator, through its real entry points.
+
+Most tests read a file with ``qproxy.load_config`` or run ``qproxy.main(["check-config", ...])``
+in this process (fast); a few run ``qproxy.py check-config`` as a subprocess to pin the exit codes
+and output a user sees.  Nothing here needs vsock.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qproxy
+from conftest import run_qproxy
+
+# ---------------------------------------------------------------------------
+# Helpers: a tiny TOML writer, and the three ways to run the validator
+# ---------------------------------------------------------------------------
+
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_string(text: str) -> str:
+    escaped = []
+    for char in text:
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
+
+
+def toml_key(key: str) -> str:
+    return key if BARE_KEY.fullmatch(key) else toml_string(key)
+
+
+def toml_value(value: object) -> str:
+    """A value as TOML; tables nested in values are written inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def to_toml(document: dict) -> str:
+    """A document as TOML: [table] and [[array of tables]] sections where the shape allows."""
+    lines = []
+    sections = []
+    for key, value in document.items():
+        if isinstance(value, dict):
+            sections.append((f"[{toml_key(key)}]", [value]))
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            sections.append((f"[[{toml_key(key)}]]", value))
+        else:
+            lines.append(f"{toml_key(key)} = {toml_value(value)}")
+    for header, tables in sections:
+        for table in tables:
+            lines += ["", header] + [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write(tmp_path, text: str | bytes, name: str = "config.toml") -> str:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def problems_in(path: str, control_port: int = qproxy.DEFAULT_CONTROL_PORT) -> list[str]:
+    """The validator's complaints about a file, [] when it loads."""
+    try:
+        qproxy.load_config(path, control_port)
+    except qproxy.ConfigError as error:
+        return error.problems
+    return []
+
+
+def problems(tmp_path, document: dict | str, control_port: int = qproxy.DEFAULT_CONTROL_PORT) -> list[str]:
+    text = document if isinstance(document, str) else to_toml(document)
+    path = write(tmp_path, text)
+    # Every complaint names the file, first thing on its line.
+    found = problems_in(path, control_port)
+    assert all(line.startswith(f"{path}: ") for line in found), found
+    return [line[len(path) + 2:] for line in found]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("QPROXY_CONTROL_PORT", "QPROXY_PARENT_CID", "QPROXY_LISTEN_CID", "TOKIO_WORKER_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def check_config(capsys, clean_env):
+    """Run `qproxy check-config ARGS` in this process: (exit code, stdout lines, stderr lines)."""
+
+    def run(*args: str) -> tuple[int, list[str], list[str]]:
+        capsys.readouterr()
+        code = qproxy.main(["check-config", *args])
+        out, err = capsys.readouterr()
+        return code, out.splitlines(), err.splitlines()
+
+    return run
+
+
+# ---------------------------------------------------------------------------
+# The vendor's documented configurations, verbatim (trailing blanks and comments included)
+# ---------------------------------------------------------------------------
+
+VENDOR_WALKTHROUGH = """\
+[[inbound_connections]]
+host_port = 5050 
+enclave_port = 5050 
+vsock_port = 9995  
+
+[[inbound_connections]]
+host_port = 5443 
+enclave_port = 5443 
+vsock_port = 9994  
+
+[log_location]
+host_log = "host.log" # qproxy host log name, e.g./var/log/qproxy/host.log
+enclave_log = "enclave.log" # qproxy enclave log name, e.g./var/log/qproxy/enclave.log
+log_level = "info" # qproxy logger level, e.g. "off", "info", "warn", "error", "debug", "trace"
+host_log_dir = "/var/log/qproxy" # qproxy host log dir, and its default value is "/var/log/qproxy"
+enclave_log_dir = "/var/log/qproxy" # qproxy enclave log dir, and its default value is "/var/log/qproxy"
+"""
+
+VENDOR_REFERENCE = """\
+[[outbound_connections]]
+hostname = "api.myservice.com" 
+vsock_port = 7777 
+tcp_port = 443  
+
+[[outbound_connections]]
+hostname = "another.api.com" 
+vsock_port = 7778 
+tcp_port = 5555  
+
+[[inbound_connections]]
+host_port = 80  
+enclave_port = 80  
+vsock_port = 9000   
+
+[[inbound_connections]]
+host_port = 443 
+enclave_port = 443 
+vsock_port = 9001  
+
+[log_location]
+host_log = "host.log"  
+enclave_log = "enclave.log"  
+log_level = "info"  
+host_log_dir = "/var/log/qproxy"  
+enclave_log_dir = "/var/log/qproxy"
+"""
+
+
+def test_vendor_walkthrough_config_is_valid(tmp_path, clean_env):
+    result = run_qproxy("check-config", write(tmp_path, VENDOR_WALKTHROUGH))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines()[1:] == [
+        "host: listen tcp 0.0.0.0:5050 -> vsock <enclave CID>:9995",
+        "host: listen tcp 0.0.0.0:5443 -> vsock <enclave CID>:9994",
+        "host: listen vsock :6666 for the enclave half's control connection",
+        "enclave: listen vsock :9995 -> tcp 127.0.0.1:5050",
+        "enclave: listen vsock :9994 -> tcp 127.0.0.1:5443",
+        "enclave: dial vsock 3:6666 for the control connection",
+        "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
+    ]
+
+
+def test_vendor_reference_config_is_valid(tmp_path):
+    config = qproxy.load_config(write(tmp_path, VENDOR_REFERENCE), qproxy.DEFAULT_CONTROL_PORT)
+    assert [o.hostname for o in config.outbound] == ["api.myservice.com", "another.api.com"]
+    assert [(o.vsock_port, o.tcp_port, o.enclave_port) for o in config.outbound] == [(7777, 443, 443), (7778, 5555, 5555)]
+    assert [(i.host_port, i.enclave_port, i.vsock_port) for i in config.inbound] == [(80, 80, 9000), (443, 443, 9001)]
+    assert config.log_location == qproxy.LogLocation(
+        "host.log", "enclave.log", "info", "/var/log/qproxy", "/var/log/qproxy"
+    )
+
+
+def test_check_config_describes_every_route(check_config, tmp_path):
+    # The vendor's reference file, with the inbound services moved off the ports where outbound listens.
+    text = VENDOR_REFERENCE.replace("enclave_port = 80 ", "enclave_port = 8080")
+    text = text.replace("enclave_port = 443", "enclave_port = 8443")
+    code, out, err = check_config(write(tmp_path, text), "--parent-cid", "7", "--control-port", "7000")
+    assert (code, err) == (0, [])
+    assert out == [
+        f"{tmp_path / 'config.toml'}: valid",
+        "host: listen tcp 0.0.0.0:80 -> vsock <enclave CID>:9000",
+        "host: listen tcp 0.0.0.0:443 -> vsock <enclave CID>:9001",
+        "host: listen vsock :7777 -> tcp api.myservice.com:443",
+        "host: listen vsock :7778 -> tcp another.api.com:5555",
+        "host: listen vsock :7000 for the enclave half's control connection",
+        "enclave: listen vsock :9000 -> tcp 127.0.0.1:8080",
+        "enclave: listen vsock :9001 -> tcp 127.0.0.1:8443",
+        "enclave: listen tcp 127.0.0.1:443 -> vsock 7:7777",
+        "enclave: listen tcp 127.0.0.1:5555 -> vsock 7:7778",
+        "enclave: dial vsock 7:7000 for the control connection",
+        "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
+    ]
+
+
+def test_check_config_outbound_enclave_port_extension(check_config, tmp_path):
+    path = write(tmp_path, to_toml({"outbound_connections": [
+        {"hostname": "a.example", "vsock_port": 8001, "tcp_port": 443, "enclave_port": 8443},
+        {"hostname": "b.example", "vsock_port": 8002, "tcp_port": 443},
+    ]}))
+    code, out, err = check_config("--config", path)
+    assert (code, err) == (0, [])
+    assert "enclave: listen tcp 127.0.0.1:8443 -> vsock 3:8001" in out
+    assert "enclave: listen tcp 127.0.0.1:443 -> vsock 3:8002" in out
+    assert "host: listen vsock :8001 -> tcp a.example:443" in out
+
+
+def test_check_config_empty_file_and_no_log_table(check_config, tmp_path):
+    code, out, err = check_config(write(tmp_path, ""))
+    assert (code, err) == (0, [])
+    assert "no connections configured: the halves will only talk to each other" in out
+    assert out[-1] == "log: both halves to stderr"
+
+
+# ---------------------------------------------------------------------------
+# Every field: valid and invalid values
+# ---------------------------------------------------------------------------
+
+# The kind of each key, as the vendor documents it (ports u16, vsock ports u32, the rest strings).
+KINDS = {
+    "inbound_connections": {"host_port": "tcp_port", "enclave_port": "tcp_port", "vsock_port": "vsock_port"},
+    "outbound_connections": {
+        "hostname": "hostname", "vsock_port": "vsock_port", "tcp_port": "tcp_port", "enclave_port": "tcp_port",
+    },
+    "log_location": {
+        "host_log": "text", "enclave_log": "text", "log_level": "log_level",
+        "host_log_dir": "text", "enclave_log_dir": "text",
+    },
+}
+
+LONGEST_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters
+assert len(LONGEST_NAME) == 253
+
+VALID = {
+    "tcp_port": [1, 80, 65535],
+    "vsock_port": [1, 65536, 0xFFFFFFFE],
+    "hostname": [
+        "api.myservice.com", "localhost", "a", "host.example.", "_service._tcp.example.com", "xn--bcher-kva.example",
+        "a-b.c-d", "123abc.example", "example.123a", "a" * 63 + ".com", LONGEST_NAME, LONGEST_NAME + ".",
+        "1.2.3.4", "0.0.0.0", "255.255.255.255", "::1", "2001:db8::1", "FE80::1", "::ffff:192.0.2.1",
+    ],
+    "log_level": list(qproxy.LOG_LEVELS),
+    "text": ["x", "日志.log", "/var/log/with space", "a" * 300],
+}
+
+INVALID = {
+    "tcp_port": [0, -1, 65536, 2**70, True, False, 80.0, 80.5, "80", [80], {"port": 80}],
+    "vsock_port": [0, -1, 0xFFFFFFFF, 2**32, 2**64, True, 9000.0, "9000", [9000]],
+    "hostname": [
+        "", "1.2.3", "1.2.3.4.", "256.1.1.1", "01.2.3.4", "10.0.0.1.5", "-bad.com", "bad-.com", "a..b", ".a",
+        "a.-b.com", "a" * 64 + ".com", LONGEST_NAME + "c", "a" * 300, "bücher.de", "exa mple.com", "a.com\n",
+        "a\0b", "[::1]", "::1:::", "host:80", "1.2.3.4:80", "a/b", "*.example.com", 8080, True, ["a.com"],
+    ],
+    "log_level": ["INFO", "Warn", "WARN", "warning", "none", "", " info", 3, True, ["info"]],
+    "text": ["", "a\0b", 1, True, 1.5, ["host.log"], {"name": "host.log"}],
+}
+
+LEVEL_CHOICES = ", ".join(qproxy.LOG_LEVELS)
+EXPECTED = {
+    "tcp_port": "expected an integer from 1 to 65535, found ",
+    "vsock_port": "expected an integer from 1 to 4294967294, found ",
+    "hostname": "expected a ",  # a DNS name or an IP address / a string
+    "log_level": "expected ",  # one of ... / a string
+    "text": "expected a ",
+}
+
+
+def valid_document() -> dict:
+    """Two entries of each array, so a broken value lands in entry 2."""
+    return {
+        "inbound_connections": [
+            {"host_port": 5050, "enclave_port": 5050, "vsock_port": 9995},
+            {"host_port": 5443, "enclave_port": 5443, "vsock_port": 9994},
+        ],
+        "outbound_connections": [
+            {"hostname": "api.myservice.com", "vsock_port": 7777, "tcp_port": 443},
+            {"hostname": "another.api.com", "vsock_port": 7778, "tcp_port": 5555, "enclave_port": 5556},
+        ],
+        "log_location": {
+            "host_log": "host.log", "enclave_log": "enclave.log", "log_level": "info",
+            "host_log_dir": "/var/log/qproxy", "enclave_log_dir": "/var/log/qproxy",
+        },
+    }
+
+
+def with_value(table: str, key: str, value: object) -> dict:
+    document = valid_document()
+    if qproxy.TABLES[table].array:
+        document[table][1][key] = value
+    else:
+        document[table][key] = value
+    return document
+
+
+def where(table: str) -> str:
+    return f"[[{table}]] entry 2" if qproxy.TABLES[table].array else f"[{table}]"
+
+
+def loaded(config: qproxy.Config, table: str, key: str) -> object:
+    entry = {"inbound_connections": config.inbound[1:2], "outbound_connections": config.outbound[1:2],
+             "log_location": (config.log_location,)}[table][0]
+    return getattr(entry, key)
+
+
+def cases(values: dict) -> list:
+    return [
+        pytest.param(table, key, value, id=f"{table}.{key}={value!r:.40}")
+        for table, keys in KINDS.items() for key, kind in keys.items() for value in values[kind]
+    ]
+
+
+def test_kinds_cover_every_field():
+    assert {t: list(fields) for t, fields in KINDS.items()} == {t: list(table.fields) for t, table in qproxy.TABLES.items()}
+
+
+def test_valid_base_document(tmp_path):
+    assert problems(tmp_path, valid_document()) == []
+
+
+@pytest.mark.parametrize("table, key, value", cases(VALID))
+def test_valid_value_is_accepted_and_kept(tmp_path, table, key, value):
+    path = write(tmp_path, to_toml(with_value(table, key, value)))
+    assert problems_in(path) == []
+    assert loaded(qproxy.load_config(path, qproxy.DEFAULT_CONTROL_PORT), table, key) == value
+
+
+@pytest.mark.parametrize("table, key, value", cases(INVALID))
+def test_invalid_value_is_one_error_naming_entry_and_field(tmp_path, table, key, value):
+    found = problems(tmp_path, with_value(table, key, value))
+    assert len(found) == 1, found
+    prefix = f"{where(table)}: {key}: {EXPECTED[KINDS[table][key]]}"
+    assert found[0].startswith(prefix), found
+    assert ", found " in found[0]
+    if isinstance(value, int) and not isinstance(value, bool):
+        assert found[0].endswith(f"found {value}")
+
+
+def test_error_shows_what_was_found(tmp_path):
+    found = problems(tmp_path, with_value("outbound_connections", "hostname", "1.2.3"))
+    assert found == ["[[outbound_connections]] entry 2: hostname: expected a DNS name or an IP address, found '1.2.3'"]
+    found = problems(tmp_path, with_value("log_location", "log_level", "INFO"))
+    assert found == [f"[log_location]: log_level: expected one of {LEVEL_CHOICES}, found 'INFO'"]
+    found = problems(tmp_path, with_value("inbound_connections", "host_port", True))
+    assert found == ["[[inbound_connections]] entry 2: host_port: expected an integer from 1 to 65535, found true"]
+
+
+@pytest.mark.parametrize("table, key", [
+    (table, key) for table, fields in qproxy.TABLES.items() for key, field in fields.fields.items() if field.required
+])
+def test_missing_required_key(tmp_path, table, key):
+    document = valid_document()
+    del document[table][1][key]
+    assert problems(tmp_path, document) == [f"{where(table)}: {key}: missing (required)"]
+
+
+def test_required_keys_are_the_vendors():
+    required = {t: [k for k, f in table.fields.items() if f.required] for t, table in qproxy.TABLES.items()}
+    assert required == {
+        "inbound_connections": ["host_port", "enclave_port", "vsock_port"],
+        "outbound_connections": ["hostname", "vsock_port", "tcp_port"],
+        "log_location": [],
+    }
+
+
+def test_log_location_defaults(tmp_path):
+    config = qproxy.load_config(write(tmp_path, "[log_location]\n"), qproxy.DEFAULT_CONTROL_PORT)
+    assert config.log_location == qproxy.LogLocation(
+        host_log="host.log", enclave_log="enclave.log", log_level="warn",
+        host_log_dir="/var/log/qproxy", enclave_log_dir="/var/log/qproxy",
+    )
+    assert qproxy.load_config(write(tmp_path, ""), qproxy.DEFAULT_CONTROL_PORT).log_location is None
+
+
+def test_outbound_enclave_port_defaults_to_tcp_port(tmp_path):
+    text = to_toml({"outbound_connections": [{"hostname": "a.example", "vsock_port": 8001, "tcp_port": 8443}]})
+    (entry,) = qproxy.load_config(write(tmp_path, text), qproxy.DEFAULT_CONTROL_PORT).outbound
+    assert (entry.tcp_port, entry.enclave_port) == (8443, 8443)
+
+
+# ---------------------------------------------------------------------------
+# Unknown keys and wrong shapes
+# ---------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_suggests_the_known_one(tmp_path):
+    document = valid_document()
+    document["inbound_connection"] = document.pop("inbound_connections")
+    assert problems(tmp_path, document) == ["unknown key 'inbound_connection'; did you mean 'inbound_connections'?"]
+
+
+def test_unknown_key_without_a_close_match_has_no_suggestion(tmp_path):
+    assert problems(tmp_path, "zzz = 1\n") == ["unknown key 'zzz'"]
+
+
+@pytest.mark.parametrize("table, typo, meant", [
+    ("inbound_connections", "host_prot", "host_port"),
+    ("inbound_connections", "vsockport", "vsock_port"),
+    ("outbound_connections", "host_name", "hostname"),
+    ("outbound_connections", "enclave-port", "enclave_port"),
+    ("log_location", "loglevel", "log_level"),
+    ("log_location", "host_logdir", "host_log_dir"),
+])
+def test_unknown_key_in_an_entry_suggests_the_known_one(tmp_path, table, typo, meant):
+    document = valid_document()
+    entry = document[table][1] if qproxy.TABLES[table].array else document[table]
+    entry[typo] = 1
+    assert problems(tmp_path, document) == [f"{where(table)}: unknown key {typo!r}; did you mean {meant!r}?"]
+
+
+def test_array_of_tables_written_as_a_table(tmp_path):
+    text = "[inbound_connections]\nhost_port = 1\nenclave_port = 2\nvsock_port = 3\n"
+    assert problems(tmp_path, text) == [
+        "inbound_connections: expected an array of tables ([[inbound_connections]]), found a table"
+    ]
+
+
+@pytest.mark.parametrize("text, found", [
+    ("outbound_connections = 5\n", "5"),
+    ("outbound_connections = 'x'\n", "'x'"),
+])
+def test_array_of_tables_given_a_scalar(tmp_path, text, found):
+    assert problems(tmp_path, text) == [
+        f"outbound_connections: expected an array of tables ([[outbound_connections]]), found {found}"
+    ]
+
+
+def test_array_of_tables_holding_non_tables(tmp_path):
+    assert problems(tmp_path, "inbound_connections = [1, 'a']\n") == [
+        "[[inbound_connections]] entry 1: expected a table, found 1",
+        "[[inbound_connections]] entry 2: expected a table, found 'a'",
+    ]
+
+
+def test_empty_array_of_tables_is_no_entries(tmp_path):
+    config = qproxy.load_config(write(tmp_path, "inbound_connections = []\n"), qproxy.DEFAULT_CONTROL_PORT)
+    assert config.inbound == ()
+
+
+@pytest.mark.parametrize("text", ["[[log_location]]\nlog_level = 'info'\n", "log_location = ['info']\n"])
+def test_table_written_as_an_array(tmp_path, text):
+    assert problems(tmp_path, text) == ["[log_location]: expected a table, found an array"]
+
+
+def test_table_given_a_scalar(tmp_path):
+    assert problems(tmp_path, "log_location = 'stderr'\n") == ["[log_location]: expected a table, found 'stderr'"]
+
+
+# ---------------------------------------------------------------------------
+# Rules that span entries
+# ---------------------------------------------------------------------------
+
+
+def inbound(host: int, enclave: int, vsock: int) -> dict:
+    return {"host_port": host, "enclave_port": enclave, "vsock_port": vsock}
+
+
+def outbound(vsock: int, tcp: int, enclave: int | None = None, hostname: str = "up.example") -> dict:
+    entry = {"hostname": hostname, "vsock_port": vsock, "tcp_port": tcp}
+    if enclave is not None:
+        entry["enclave_port"] = enclave
+    return entry
+
+
+def test_vsock_ports_unique_among_inbound(tmp_path):
+    found = problems(tmp_path, {"inbound_connections": [inbound(1, 1, 9000), inbound(2, 2, 9000)]})
+    assert found == [
+        "[[inbound_connections]] entry 2: vsock_port: 9000 is already used by [[inbound_connections]] entry 1:"
+        " vsock_port; every vsock port must be unique"
+    ]
+
+
+def test_vsock_ports_unique_among_outbound(tmp_path):
+    found = problems(tmp_path, {"outbound_connections": [outbound(9000, 1), outbound(9001, 2), outbound(9000, 3)]})
+    assert len(found) == 1
+    assert found[0].startswith("[[outbound_connections]] entry 3: vsock_port: 9000 is already used by"
+                               " [[outbound_connections]] entry 1: vsock_port")
+
+
+def test_vsock_ports_unique_across_inbound_and_outbound(tmp_path):
+    found = problems(tmp_path, {"inbound_connections": [inbound(1, 1, 9000)], "outbound_connections": [outbound(9000, 2)]})
+    assert len(found) == 1
+    assert found[0].startswith("[[outbound_connections]] entry 1: vsock_port: 9000 is already used by"
+                               " [[inbound_connections]] entry 1: vsock_port")
+
+
+@pytest.mark.parametrize("table", ["inbound_connections", "outbound_connections"])
+def test_vsock_port_may_not_be_the_control_port(tmp_path, table):
+    entry = inbound(1, 1, 6666) if table == "inbound_connections" else outbound(6666, 1)
+    found = problems(tmp_path, {table: [entry]})
+    assert found == [f"[[{table}]] entry 1: vsock_port: 6666 is already used by the control port;"
+                     " every vsock port must be unique"]
+
+
+def test_control_port_is_the_one_given(tmp_path):
+    document = {"inbound_connections": [inbound(1, 1, 6666), inbound(2, 2, 7000)]}
+    found = problems(tmp_path, document, control_port=7000)
+    assert found == ["[[inbound_connections]] entry 2: vsock_port: 7000 is already used by the control port;"
+                     " every vsock port must be unique"]
+
+
+def test_check_config_takes_the_control_port_from_option_and_environment(check_config, clean_env, tmp_path):
+    path = write(tmp_path, to_toml({"inbound_connections": [inbound(1, 1, 7000)]}))
+    assert check_config(path)[0] == 0
+    code, out, err = check_config(path, "--control-port", "7000")
+    assert (code, out) == (2, [])
+    assert err == [f"qproxy: error: {path}: [[inbound_connections]] entry 1: vsock_port: 7000 is already used by"
+                   " the control port; every vsock port must be unique"]
+    clean_env.setenv("QPROXY_CONTROL_PORT", "7000")
+    assert check_config(path)[0] == 2
+
+
+def test_host_ports_unique(tmp_path):
+    found = problems(tmp_path, {"inbound_connections": [inbound(80, 1, 9000), inbound(80, 2, 9001)]})
+    assert found == ["[[inbound_connections]] entry 2: host_port: 80 is already used by [[inbound_connections]]"
+                     " entry 1: host_port; every host_port must be unique"]
+
+
+def test_outbound_enclave_ports_unique(tmp_path):
+    found = problems(tmp_path, {"outbound_connections": [outbound(9000, 443, 8443), outbound(9001, 444, 8443)]})
+    assert len(found) == 1
+    assert found[0].startswith("[[outbound_connections]] entry 2: enclave_port: 8443 is already used by"
+                               " [[outbound_connections]] entry 1: enclave_port")
+
+
+def test_outbound_enclave_port_defaults_count_as_listening_ports(tmp_path):
+    found = problems(tmp_path, {"outbound_connections": [outbound(9000, 443), outbound(9001, 443)]})
+    assert len(found) == 1
+    assert found[0].startswith("[[outbound_connections]] entry 2: enclave_port: 443 is already used by"
+                               " [[outbound_connections]] entry 1: enclave_port")
+    # ...and the extension is the way out: same upstream port, another local one.
+    assert problems(tmp_path, {"outbound_connections": [outbound(9000, 443), outbound(9001, 443, 8443)]}) == []
+    found = problems(tmp_path, {"outbound_connections": [outbound(9000, 443), outbound(9001, 8443, 443)]})
+    assert len(found) == 1 and found[0].startswith("[[outbound_connections]] entry 2: enclave_port: 443 ")
+
+
+@pytest.mark.parametrize("out", [outbound(9001, 5000), outbound(9001, 443, 5000)], ids=["default", "explicit"])
+def test_inbound_to_an_outbound_listening_port_is_a_warning(tmp_path, check_config, out):
+    """A loop, but only a warning: the vendor's own reference file has one, and must be accepted."""
+    path = write(tmp_path, to_toml({"inbound_connections": [inbound(80, 5000, 9000)], "outbound_connections": [out]}))
+    code, lines, errors = check_config(path)
+    assert (code, errors) == (0, [])
+    assert lines[1] == ("warning: [[inbound_connections]] entry 1: enclave_port: 5000 is where the enclave half"
+                        " listens for [[outbound_connections]] entry 1; inbound traffic to it goes back out of the"
+                        " enclave, and the service cannot listen there too")
+    assert sum(line.startswith("warning:") for line in lines) == 1
+
+
+def test_same_number_in_different_port_spaces_is_fine(tmp_path):
+    # One number as host port, vsock port and enclave port; an outbound tcp_port
+    # reused as an inbound host_port; two inbound entries to one enclave service.
+    document = {
+        "inbound_connections": [inbound(5000, 5000, 5000), inbound(5001, 5000, 5001), inbound(443, 80, 9000)],
+        "outbound_connections": [outbound(9001, 5001, 6000), outbound(9002, 443, 6001)],
+    }
+    assert problems(tmp_path, document) == []
+
+
+def test_entries_with_errors_do_not_cascade_into_cross_field_errors(tmp_path):
+    document = {"inbound_connections": [inbound(80, 1, 9000), {"host_port": 80, "enclave_port": 2, "vsock_port": 0}]}
+    assert problems(tmp_path, document) == [
+        "[[inbound_connections]] entry 2: vsock_port: expected an integer from 1 to 4294967294, found 0"
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Every problem at once
+# ---------------------------------------------------------------------------
+
+
+def test_all_errors_are_reported_in_file_order(tmp_path):
+    document = {
+        "inbound_connections": [
+            {"host_port": 0, "enclave_port": "80", "vsock_port": 9000},
+            {"host_port": 81, "enclave_port": 81, "vsock_prot": 9001},
+            inbound(82, 82, 9002),
+        ],
+        "outbound_connections": [outbound(9002, 443, hostname="1.2.3")],
+        "log_location": {"log_level": "INFO", "host_log": ""},
+        "extra": {},
+    }
+    assert problems(tmp_path, document) == [
+        "unknown key 'extra'",
+        "[[inbound_connections]] entry 1: host_port: expected an integer from 1 to 65535, found 0",
+        "[[inbound_connections]] entry 1: enclave_port: expected an integer from 1 to 65535, found '80'",
+        "[[inbound_connections]] entry 2: unknown key 'vsock_prot'; did you mean 'vsock_port'?",
+        "[[inbound_connections]] entry 2: vsock_port: missing (required)",
+        "[[outbound_connections]] entry 1: hostname: expected a DNS name or an IP address, found '1.2.3'",
+        "[log_location]: host_log: expected a non-empty string without NUL, found ''",
+        f"[log_location]: log_level: expected one of {LEVEL_CHOICES}, found 'INFO'",
+    ]
+
+
+def test_all_cross_field_errors_are_reported(tmp_path):
+    document = {
+        "inbound_connections": [inbound(80, 1, 9000), inbound(80, 2, 9000), inbound(81, 443, 6666)],
+        "outbound_connections": [outbound(9001, 443), outbound(9001, 443)],
+    }
+    found = problems(tmp_path, document)
+    assert [line.split(" is ")[0] for line in found] == [
+        "[[inbound_connections]] entry 2: vsock_port: 9000",
+        "[[inbound_connections]] entry 3: vsock_port: 6666",
+        "[[outbound_connections]] entry 2: vsock_port: 9001",
+        "[[inbound_connections]] entry 2: host_port: 80",
+        "[[outbound_connections]] entry 2: enclave_port: 443",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Files that are not configurations at all, and exit codes
+# ---------------------------------------------------------------------------
+
+
+def test_invalid_config_exit_2_one_line_per_problem(tmp_path):
+    path = write(tmp_path, "[[inbound_connections]]\nhost_port = 0\nenclave_port = 1\nvsock_port = 0xFFFFFFFF\n")
+    result = run_qproxy("check-config", path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        f"qproxy: error: {path}: [[inbound_connections]] entry 1: host_port: expected an integer from 1 to 65535,"
+        " found 0",
+        f"qproxy: error: {path}: [[inbound_connections]] entry 1: vsock_port: expected an integer from 1 to"
+        " 4294967294, found 4294967295",
+    ]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[[inbound_connections]\n", "invalid TOML: "),
+    ("a = 1\na = 2\n", "invalid TOML: "),
+    ("x = " + "[" * 5000 + "]" * 5000, "invalid TOML: "),  # deeper than the parser's recursion
+    (b"log_level = '\xff'\n", "invalid TOML: the file is not UTF-8"),
+])
+def test_not_toml_exit_2(tmp_path, content, message):
+    path = write(tmp_path, content)
+    result = run_qproxy("check-config", path)
+    assert (result.returncode, result.stdout) == (2, "")
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"qproxy: error: {path}: {message}")
+
+
+def test_missing_file_exit_2(tmp_path, check_config):
+    path = str(tmp_path / "absent.toml")
+    code, out, err = check_config(path)
+    assert (code, out) == (2, [])
+    assert err == [f"qproxy: error: {path}: cannot read: No such file or directory"]
+
+
+def test_check_config_needs_a_file(check_config):
+    code, out, err = check_config()
+    assert (code, out) == (2, [])
+    assert len(err) == 1 and err[0].startswith("qproxy: error: ")
+
+
+# ---------------------------------------------------------------------------
+# Property: whatever the file holds, check-config exits 0 or 2 with error lines, never a traceback
+# ---------------------------------------------------------------------------
+
+KNOWN_NAMES = sorted({*qproxy.TABLES, *(key for table in qproxy.TABLES.values() for key in table.fields)})
+keys = st.one_of(
+    st.sampled_from(KNOWN_NAMES), st.sampled_from(["host_prot", "Hostname", "", " ", "a.b"]), st.text(max_size=12)
+)
+scalars = st.one_of(
+    st.integers(),
+    st.sampled_from([0, 1, -1, 65535, 65536, 0xFFFFFFFE, 0xFFFFFFFF, 6666, 2**63, -(2**63), 2**200]),
+    st.floats(),
+    st.booleans(),
+    st.text(max_size=20),
+    st.text(min_size=250, max_size=400),
+    st.sampled_from(["", "warn", "INFO", "::1", "1.2.3", "bücher.de", "a\0b", "x" * 64 + ".com", "fe80::1%eth0"]),
+    st.dates(), st.datetimes(), st.times(),
+)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12,
+)
+
+
+def entry_strategy(fields: dict) -> st.SearchStrategy:
+    known = st.fixed_dictionaries({}, optional={key: values for key in fields})
+    return st.builds(lambda a, b: {**a, **b}, known, st.dictionaries(keys, values, max_size=2))
+
+
+table_shapes = {
+    name: (st.lists(entry_strategy(table.fields), max_size=4) if table.array else entry_strategy(table.fields)) | values
+    for name, table in qproxy.TABLES.items()
+}
+documents = st.builds(
+    lambda a, b: {**b, **a},
+    st.fixed_dictionaries({}, optional=table_shapes),
+    st.dictionaries(keys, values, max_size=3),
+)
+toml_like_text = st.text(alphabet="[]{}=\"'.,#\n\t -_+:0123456789abcdefghijklmnopqrstuvwxyz_é\\", max_size=200)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("property") / "config.toml"
+
+
+def assert_exit_0_or_errors(code: int, out: list[str], err: list[str], path: str) -> None:
+    assert code in (0, 2), (code, err)
+    if code == 0:
+        assert err == [] and out[0] == f"{path}: valid"
+    else:
+        assert out == [] and err, (code, err)
+        for line in err:
+            assert line.startswith(f"qproxy: error: {path}: "), line
+    assert not any("Traceback" in line or "internal error" in line for line in err)
+
+
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY
+@given(document=documents)
+def test_any_toml_document_loads_or_fails_cleanly(check_config, scratch, document):
+    scratch.write_text(to_toml(document), encoding="utf-8")
+    assert_exit_0_or_errors(*check_config(str(scratch)), str(scratch))
+
+
+@PROPERTY
+@given(content=st.one_of(st.binary(max_size=200), toml_like_text.map(str.encode), st.text(max_size=200).map(str.encode)))
+def test_any_bytes_load_or_fail_cleanly(check_config, scratch, content):
+    scratch.write_bytes(content)
+    assert_exit_0_or_errors(*check_config(str(scratch)), str(scratch))
