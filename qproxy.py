@@ -655,8 +655,8 @@ class Flow:
         return None
 
     def pump(self) -> None:
-        """Move what can move without blocking; on EOF, pass it on once the buffer is empty."""
-        if self.start == self.end and not self.eof:
+        """Move what can move without blocking.  EOF is only noted: relay() decides how to pass it on."""
+        if self.start == self.end:
             if self.buffer is None:
                 self.buffer = memoryview(bytearray(BUFFER_SIZE))
             try:
@@ -665,16 +665,18 @@ class Flow:
                 return
             if received == 0:
                 self.eof = True
+                return
             self.start, self.end = 0, received
             self.total += received
-        if self.start < self.end:
-            try:
-                self.start += self.dst.send(self.buffer[self.start : self.end])
-            except BlockingIOError:
-                return
-        if self.eof and not self.done:
-            self.done = True
-            self.dst.shutdown(socket.SHUT_WR)
+        try:
+            self.start += self.dst.send(self.buffer[self.start : self.end])
+        except BlockingIOError:
+            pass
+
+    def pass_eof(self) -> None:
+        """End dst's direction: the half-close that lets the other direction go on."""
+        self.done = True
+        self.dst.shutdown(socket.SHUT_WR)
 
 
 POLL_TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -714,7 +716,10 @@ def relay(client: socket.socket, far: socket.socket) -> tuple[int, int]:
             if wait and ready.get(wait[0].fileno(), 0) & (wait[1] | POLL_TROUBLE):
                 flow.pump()
         if down.eof and down.total == 0 and not up.eof:
-            raise FarSideRefused()
+            raise FarSideRefused()  # before its EOF could reach the client as an orderly end
+        for flow in (up, down):
+            if flow.eof and not flow.done:
+                flow.pass_eof()
     return up.total, down.total
 
 

@@ -46,11 +46,16 @@ def reply_after_eof(sock: socket.socket) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
-def expect_reset(sock: socket.socket) -> None:
-    """The proxy must fail the connection promptly with a reset, not hang and not close cleanly."""
+def expect_reset(sock: socket.socket, speak_first: bool = True) -> None:
+    """The proxy must fail the connection promptly with a reset, not hang and not close cleanly.
+
+    A silent client (speak_first=False) only reads: it sees the reset only if no orderly
+    end (FIN) reached it first.
+    """
     sock.settimeout(DEADLINE)
     with pytest.raises(ConnectionResetError):
-        sock.sendall(b"hello?")
+        if speak_first:
+            sock.sendall(b"hello?")
         recv_all(sock)
 
 
@@ -190,11 +195,12 @@ def test_unreachable_upstream_resets_the_app_and_the_proxy_keeps_serving(proxy):
     outside.stop()
 
 
-def test_unreachable_service_in_the_enclave_resets_the_client(proxy):
+@pytest.mark.parametrize("speak_first", [True, False], ids=["client-speaks-first", "silent-client"])
+def test_unreachable_service_in_the_enclave_resets_the_client(proxy, speak_first):
     host_port = free_port()
     host, enclave = proxy.start_both(inbound(host_port, dead_port()))
     with connect(host_port) as sock:
-        expect_reset(sock)
+        expect_reset(sock, speak_first)
     enclave.wait_log(r"cannot reach tcp 127\.0\.0\.1:\d+: Connection refused")
 
 
