@@ -444,10 +444,14 @@ def level_from_rust_log(value: str) -> str:
     """
     chosen = None
     for directive in filter(None, (part.strip() for part in value.split(","))):
-        target, _, level = directive.rpartition("=")
+        target, equals, level = directive.rpartition("=")
+        if not equals and (directive == "qproxy" or directive.startswith("qproxy::")):
+            target, level = directive, "trace"  # a bare target enables every level for it
         level = level.lower()
         if level == "warning":
             level = "warn"
+        if level.isdigit() and int(level) < len(LOG_LEVELS):
+            level = LOG_LEVELS[int(level)]  # tracing's numbers: 0 off, 1 error ... 5 trace
         if level not in LOG_LEVELS:
             raise UsageError(f"RUST_LOG={value}: {directive!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
         if not target or target == "qproxy" or target.startswith("qproxy::"):
@@ -516,11 +520,14 @@ class Vsock:
     With emulation, listening on vsock port P creates the socket file DIR/P and
     dialing any CID on port P connects to it; a host half and an enclave half
     given the same DIR reach each other, and a person can too, with
-    ``socat - UNIX-CONNECT:DIR/P``.
+    ``socat - UNIX-CONNECT:DIR/P``.  The listener holds a lock on DIR/P.lock
+    while it lives, so a socket file without a locked twin is a dead process's
+    and may be taken over.
     """
 
     def __init__(self, emulation_dir: str | None):
         self.emulation_dir = emulation_dir
+        self.locks: list = []  # open lock files, held until the process exits
 
     @property
     def family(self) -> int:
@@ -553,21 +560,18 @@ class Vsock:
         if not self.emulation_dir:
             return (socket.VMADDR_CID_ANY, port)
         path = self.path(port)
-        if os.path.exists(path):
-            self.remove_stale(path, port)
-        return path
-
-    def remove_stale(self, path: str, port: int) -> None:
-        """Take over a socket file that a dead process left, but never a live one."""
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A lock, not a trial connection: connecting to a live listener would
+        # make it dial its target for nothing.
+        lock = open(path + ".lock", "a")
         try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-        finally:
-            probe.close()
-        raise StartError(f"vsock port {port} is already in use (emulated at {path})")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StartError(f"vsock port {port} is already in use (emulated at {path})") from None
+        self.locks.append(lock)
+        if os.path.exists(path):
+            os.unlink(path)  # left by a process that died: its lock died with it
+        return path
 
     def connect(self, cid: int, port: int, timeout: float) -> socket.socket:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
@@ -1107,6 +1111,17 @@ class Half:
         self.slots = ConnectionSlots(max_connections, self.stopping)
         self.relayer = Relayer(dialer, self.connections)
         self.listeners: list[Listener] = []
+        # From here on a signal stops the half, even one that arrives while it is still starting.
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+
+    def on_signal(self, number: int, frame: object) -> None:
+        """The first signal drains; a second one exits at once."""
+        if self.stopping.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(EXIT_OK)
+        log.warning("%s: stopping", signal.Signals(number).name)
+        self.stopping.set()
 
     def listen(self, endpoint: Endpoint, serve: Callable, limited: bool = True) -> None:
         self.listeners.append(open_listener(endpoint, self.vsock, serve, self.slots if limited else None))
@@ -1115,17 +1130,14 @@ class Half:
         self.listen(route.listen, self.relayer.handler(route))
         log.info("listening on %s -> %s", route.listen, route.target)
 
-    def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; the first drains, a second one exits at once."""
-        def on_signal(number: int, frame: object) -> None:
-            if self.stopping.is_set():
-                log.warning("second signal: exiting now")
-                os._exit(EXIT_OK)
-            log.warning("%s: stopping", signal.Signals(number).name)
-            self.stopping.set()
+    def close_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.server_close()
+            if isinstance(listener.server_address, str):
+                os.unlink(listener.server_address)  # an emulated vsock port's socket file
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, then drain the open connections for the grace period."""
         for listener in self.listeners:
             threading.Thread(target=listener.serve_forever, args=(0.2,), daemon=True).start()
         log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
@@ -1133,9 +1145,7 @@ class Half:
             pass
         for listener in self.listeners:
             listener.shutdown()
-            listener.server_close()
-            if isinstance(listener.server_address, str):
-                os.unlink(listener.server_address)
+        self.close_listeners()
         if not self.connections.wait_empty(GRACE_PERIOD):
             log.warning("grace period over: cutting %d open connections", self.connections.cut_all())
             self.connections.wait_empty(1.0)
@@ -1149,9 +1159,13 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     vsock.check_available()
     raise_fd_limit()
     half = Half("host", vsock, Dialer(vsock, family), args.threads)
-    for route in host_routes(config, str(args.cid)):
-        half.add_route(route)
-    half.listen(Endpoint("vsock", "", args.control_port), ControlServer().serve, limited=False)
+    try:
+        for route in host_routes(config, str(args.cid)):
+            half.add_route(route)
+        half.listen(Endpoint("vsock", "", args.control_port), ControlServer().serve, limited=False)
+    except StartError:
+        half.close_listeners()  # all or nothing: leave no socket file behind
+        raise
     log.info("listening on vsock :%d for the enclave half's control connection", args.control_port)
     return half.run()
 
@@ -1173,8 +1187,12 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     half = Half("enclave", vsock, Dialer(vsock), args.threads)
     for warning in loop_warnings(config):
         log.warning("%s", warning)
-    for route in enclave_routes(config, str(args.parent_cid)):
-        half.add_route(route)
+    try:
+        for route in enclave_routes(config, str(args.parent_cid)):
+            half.add_route(route)
+    except StartError:
+        half.close_listeners()
+        raise
     ControlClient(vsock, args.parent_cid, args.control_port, half.stopping).start()
     return half.run()
 
@@ -1321,10 +1339,8 @@ def run_demo() -> int:
 
 def number_in(low: int, high: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            value = None
+        # ASCII digits only, as the vendor's parser: int() would also take "1_0", " 7" and other scripts' digits.
+        value = int(text) if re.fullmatch(r"\+?[0-9]+", text) else None
         if value is None or not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{what} must be an integer from {low} to {high}, not {text!r}")
         return value
@@ -1424,7 +1440,7 @@ def read_config(path: str | None, control_port: int) -> Config:
 
 def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
     if args.command == "help":
         if args.topic is None:

@@ -110,9 +110,9 @@ class Proxy:
         return self.config
 
     def start(self, role: str, *args: str, env: dict | None = None, ready: bool = True,
-              wrapper: list[str] = ()) -> Half:
-        """Start a half (the host with enclave CID 4 unless args name one), by default waiting until ready."""
-        extra = ["4"] if role == "host" and not any(a.isdigit() for a in args) else []
+              wrapper: list[str] = (), cid: str | None = "4") -> Half:
+        """Start a half (the host given enclave CID cid, unless None), by default waiting until ready."""
+        extra = [cid] if role == "host" and cid is not None else []
         half = Half(role, ["--config", str(self.config), *args, *extra], self.env(env),
                     self.folder / f"{role}-{len(self.halves)}.log", wrapper)
         self.halves.append(half)
