@@ -29,15 +29,19 @@ Design, in the order the data meets it:
   inside DIR.  Only the socket factory (``Vsock``) differs; everything above
   it is the same code on both transports.
 * Data path.  Raw bytes, no framing, so either half also works against a
-  plain relay such as socat.  Each accepted connection gets one thread
-  (socketserver's ThreadingMixIn) that dials the far side and then moves
-  bytes both ways with non-blocking sockets and poll(2), one buffer per
-  direction: memory is bounded by construction and backpressure comes from
-  the sockets.  Half-close is honoured: EOF one way becomes shutdown(SHUT_WR)
-  on the other socket while the other way keeps flowing.  Vsock has no reset
-  a peer can see, so a far side that ends without sending a byte while the
-  client is still talking (the other half could not reach its target) is
-  passed on to a TCP client as a reset.
+  plain relay such as socat.  socketserver accepts; each accepted connection
+  gets a thread of its own to dial the far side, which may block on DNS or a
+  slow connect.  Once both sockets are open the thread hands them to the
+  reactor and ends: one thread per process that moves the bytes of every
+  established connection with non-blocking sockets and a selector.  A
+  direction holds a buffer only while its destination has not taken all of
+  it, so memory is bounded by construction, backpressure comes from the
+  sockets, and an idle connection costs two descriptors and no thread.
+  Half-close is honoured: EOF one way becomes shutdown(SHUT_WR) on the other
+  socket while the other way keeps flowing.  Vsock has no reset a peer can
+  see, so a far side that ends without sending a byte while the client is
+  still talking (the other half could not reach its target) is passed on to
+  a TCP client as a reset.
 * Limits.  ``-t N`` bounds the connections a process relays at once; the
   accept loop waits for a free slot, so the excess queues in the kernel.
 * Control.  The enclave half dials the host half's control port and says
@@ -51,7 +55,9 @@ Design, in the order the data meets it:
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import collections
 import dataclasses
 import difflib
 import errno
@@ -62,7 +68,7 @@ import json
 import logging
 import os
 import re
-import select
+import selectors
 import shutil
 import signal
 import socket
@@ -634,48 +640,71 @@ def reset(sock: socket.socket) -> None:
 
 
 # ---------------------------------------------------------------------------
-# The data path: one thread moves bytes both ways
+# The data path: one reactor thread moves the bytes of every connection
 # ---------------------------------------------------------------------------
+
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class Buffers:
+    """The reactor's spare buffers.  A flow holds one only while dst has not taken all of it,
+    so idle connections hold none and a new connection allocates none."""
+
+    SPARE = 16  # kept for reuse; more are freed
+
+    def __init__(self):
+        self.spare: list[memoryview] = []
+
+    def take(self) -> memoryview:
+        return self.spare.pop() if self.spare else memoryview(bytearray(BUFFER_SIZE))
+
+    def give(self, buffer: memoryview) -> None:
+        if len(self.spare) < self.SPARE:
+            self.spare.append(buffer)
 
 
 class Flow:
-    """One direction of a connection: bytes read from src wait in one buffer until dst takes them."""
+    """One direction of a connection: bytes read from src wait in a buffer until dst takes them."""
 
     __slots__ = ("src", "dst", "buffer", "start", "end", "eof", "done", "total")
 
     def __init__(self, src: socket.socket, dst: socket.socket):
         self.src, self.dst = src, dst
-        self.buffer: memoryview | None = None  # allocated on first use: idle connections cost no buffer
+        self.buffer: memoryview | None = None  # only while bytes wait for dst
         self.start = self.end = 0
         self.eof = self.done = False
         self.total = 0
 
     def wanted(self) -> tuple[socket.socket, int] | None:
         """Which socket this flow waits on, and for what."""
-        if self.start < self.end:
-            return self.dst, select.POLLOUT
+        if self.buffer is not None:
+            return self.dst, WRITE
         if not self.eof:
-            return self.src, select.POLLIN
+            return self.src, READ
         return None
 
-    def pump(self) -> None:
-        """Move what can move without blocking.  EOF is only noted: relay() decides how to pass it on."""
-        if self.start == self.end:
-            if self.buffer is None:
-                self.buffer = memoryview(bytearray(BUFFER_SIZE))
+    def pump(self, buffers: Buffers) -> None:
+        """Move what can move without blocking.  EOF is only noted: the Connection decides how to pass it on."""
+        if self.buffer is None:
+            buffer = buffers.take()
             try:
-                received = self.src.recv_into(self.buffer)
+                received = self.src.recv_into(buffer)
             except BlockingIOError:
+                buffers.give(buffer)
                 return
             if received == 0:
+                buffers.give(buffer)
                 self.eof = True
                 return
-            self.start, self.end = 0, received
+            self.buffer, self.start, self.end = buffer, 0, received
             self.total += received
         try:
             self.start += self.dst.send(self.buffer[self.start : self.end])
         except BlockingIOError:
-            pass
+            return
+        if self.start == self.end:
+            buffers.give(self.buffer)
+            self.buffer = None
 
     def pass_eof(self) -> None:
         """End dst's direction: the half-close that lets the other direction go on."""
@@ -683,48 +712,145 @@ class Flow:
         self.dst.shutdown(socket.SHUT_WR)
 
 
-POLL_TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
-
-
 class FarSideRefused(Exception):
     """The far side ended before sending anything while the client was still talking."""
 
 
-def relay(client: socket.socket, far: socket.socket) -> tuple[int, int]:
-    """Move bytes both ways until both directions have ended; return the bytes each way.
+class Connection:
+    """An established connection: a client, the far side dialed for it, a flow each way."""
 
-    Raises OSError when either socket fails (the caller resets both) and
-    FarSideRefused when the far side gave up at once.
-    """
-    client.setblocking(False)
-    far.setblocking(False)
-    up, down = Flow(client, far), Flow(far, client)
-    poller = select.poll()
-    sockets = {client.fileno(): client, far.fileno(): far}
-    registered = dict.fromkeys(sockets, False)
-    while not (up.done and down.done):
-        masks = dict.fromkeys(sockets, 0)
-        for flow in (up, down):
+    def __init__(self, conn_id: int, client: socket.socket, far: socket.socket, path: str, target: Endpoint,
+                 ended: Callable[[Connection], None]):
+        self.conn_id, self.client, self.far = conn_id, client, far
+        self.path, self.target = path, target
+        self.ended = ended  # called once, from the reactor, after both sockets are closed
+        self.started = time.monotonic()
+        self.up, self.down = Flow(client, far), Flow(far, client)
+        self.interest = {client: 0, far: 0}  # what the reactor is asked to watch, per socket
+
+    def wants(self) -> dict[socket.socket, int]:
+        wanted = {self.client: 0, self.far: 0}
+        for flow in (self.up, self.down):
             wait = flow.wanted()
             if wait:
-                masks[wait[0].fileno()] |= wait[1]
-        for fd, mask in masks.items():
-            if mask:
-                poller.register(fd, mask)
-            elif registered[fd]:
-                poller.unregister(fd)  # else a hang-up nobody waits for would wake poll forever
-            registered[fd] = bool(mask)
-        ready = dict(poller.poll())
-        for flow in (up, down):
+                wanted[wait[0]] |= wait[1]
+        return wanted
+
+    def step(self, sock: socket.socket, events: int, buffers: Buffers) -> bool:
+        """Move what sock's readiness allows; True once both directions have ended.
+
+        Raises OSError when either socket fails and FarSideRefused when the far
+        side gave up at once; the reactor then resets the connection.
+        """
+        for flow in (self.up, self.down):
             wait = flow.wanted()
-            if wait and ready.get(wait[0].fileno(), 0) & (wait[1] | POLL_TROUBLE):
-                flow.pump()
-        if down.eof and down.total == 0 and not up.eof:
+            if wait and wait[0] is sock and events & wait[1]:
+                flow.pump(buffers)
+        if self.down.eof and self.down.total == 0 and not self.up.eof:
             raise FarSideRefused()  # before its EOF could reach the client as an orderly end
-        for flow in (up, down):
+        for flow in (self.up, self.down):
             if flow.eof and not flow.done:
                 flow.pass_eof()
-    return up.total, down.total
+        return self.up.done and self.down.done
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close both sockets (resetting a TCP client after an error), log the outcome, report the end."""
+        if isinstance(error, FarSideRefused):
+            outcome = f"refused by {self.target} (the far side ended at once)"
+            reset(self.client)
+        elif error is not None:
+            outcome = f"reset ({reason(error)})"
+            reset(self.client)
+            reset(self.far)
+        else:
+            outcome = "closed"
+        self.client.close()
+        self.far.close()
+        log.info(
+            "conn %d %s: %s, %d bytes up, %d bytes down, %.3f s",
+            self.conn_id, outcome, self.path, self.up.total, self.down.total, time.monotonic() - self.started,
+        )
+        self.ended(self)
+
+
+class Reactor(threading.Thread):
+    """The one thread that moves the bytes of every established connection of this process.
+
+    Setting up a connection may block (DNS, a slow connect), so that happens
+    in the connection's own thread; once both sockets are open the connection
+    is handed over here.  One thread polling every socket does no GIL
+    hand-offs between connections, which is what made many small exchanges
+    slow when each connection had threads of its own.
+    """
+
+    def __init__(self):
+        super().__init__(name="reactor", daemon=True)
+        self.selector = selectors.DefaultSelector()
+        self.buffers = Buffers()
+        self.arrivals: collections.deque[Connection] = collections.deque()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.wake_writer.setblocking(False)
+        self.selector.register(self.wake_reader, READ)
+
+    def add(self, connection: Connection) -> None:
+        """Take over an established connection (from any thread)."""
+        connection.client.setblocking(False)
+        connection.far.setblocking(False)
+        self.arrivals.append(connection)
+        try:
+            self.wake_writer.send(b"\0")
+        except BlockingIOError:
+            pass  # the reactor has wake-ups pending already
+
+    def run(self) -> None:
+        while True:
+            for key, events in self.selector.select():
+                if key.fileobj is self.wake_reader:
+                    self.take_arrivals()
+                    continue
+                connection = key.data
+                if connection.client.fileno() < 0:
+                    continue  # closed earlier in this same round
+                try:
+                    if connection.step(key.fileobj, events, self.buffers):
+                        self.finish(connection)
+                    else:
+                        self.watch(connection)
+                except Exception as error:  # OSError and FarSideRefused; anything else is a bug, logged
+                    if not isinstance(error, (OSError, FarSideRefused)):
+                        log.error("conn %d: unexpected error", connection.conn_id, exc_info=True)
+                    self.finish(connection, error)
+
+    def take_arrivals(self) -> None:
+        try:
+            while self.wake_reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self.arrivals:
+            connection = self.arrivals.popleft()
+            self.watch(connection)
+
+    def watch(self, connection: Connection) -> None:
+        """Bring the selector in line with what the connection now waits for."""
+        for sock, events in connection.wants().items():
+            if events == connection.interest[sock]:
+                continue
+            if not events:
+                self.selector.unregister(sock)  # else a hang-up nobody waits for would wake us forever
+            elif connection.interest[sock]:
+                self.selector.modify(sock, events, connection)
+            else:
+                self.selector.register(sock, events, connection)
+            connection.interest[sock] = events
+
+    def finish(self, connection: Connection, error: BaseException | None = None) -> None:
+        for sock, events in connection.interest.items():
+            if events:
+                self.selector.unregister(sock)
+                connection.interest[sock] = 0
+        connection.close(error)
 
 
 # ---------------------------------------------------------------------------
@@ -810,30 +936,27 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         super().__init__(address, None)
 
     def process_request(self, request: socket.socket, client_address: object) -> None:
-        if self.slots is None:
-            super().process_request(request, client_address)
-            return
-        if not self.slots.acquire():
+        """ThreadingMixIn's thread per connection, started without waiting for it to run.
+
+        threading.Thread.start() would wait until the new thread is scheduled,
+        which under load holds the accept loop for a GIL hand-off per connection.
+        """
+        if self.slots is not None and not self.slots.acquire():
             request.close()
             return
         try:
-            super().process_request(request, client_address)
+            _thread.start_new_thread(self.process_request_thread, (request, client_address))
         except BaseException:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
+            request.close()
             if self.slots is not None:
                 self.slots.release()
+            raise
 
     def finish_request(self, request: socket.socket, client_address: object) -> None:
         self.serve(request, client_address)
 
     def shutdown_request(self, request: socket.socket) -> None:
-        request.close()  # the relay has ended the connection as it should; just free the fd
+        pass  # the request is the handler's now: it closes it, or hands it to the reactor
 
     def handle_error(self, request: object, client_address: object) -> None:
         log.error("unexpected error on a connection from %s", client_address, exc_info=True)
@@ -899,11 +1022,14 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
 
 
 class Relayer:
-    """Serves one accepted connection: dial the far side, relay, log what happened."""
+    """Sets up each accepted connection: dial the far side, then hand both sockets to the reactor."""
 
-    def __init__(self, dialer: Dialer, connections: OpenConnections):
+    def __init__(self, dialer: Dialer, connections: OpenConnections, slots: ConnectionSlots):
         self.dialer = dialer
         self.connections = connections
+        self.slots = slots  # taken by the listener at accept, given back when the connection ends
+        self.reactor = Reactor()
+        self.reactor.start()
         self.ids = itertools.count(1)
 
     def handler(self, route: Route) -> Callable:
@@ -911,44 +1037,33 @@ class Relayer:
 
     def serve(self, route: Route, client: socket.socket, address: object) -> None:
         conn_id = next(self.ids)
-        started = time.monotonic()
         path = f"{describe_peer(client.family, address)} -> {route.listen} -> {route.target}"
         log.info("conn %d opened: %s", conn_id, path)
-        if client.family != socket.AF_UNIX and route.listen.kind == "tcp":
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if client.family != socket.AF_UNIX and route.listen.kind == "tcp":
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             far = self.dialer.connect(route.target)
-        except OSError as error:
-            log.warning("conn %d: cannot reach %s: %s; resetting the client", conn_id, route.target, reason(error))
+        except BaseException as error:
             reset(client)
+            self.slots.release()
+            if not isinstance(error, OSError):
+                raise
+            log.warning("conn %d: cannot reach %s: %s; resetting the client", conn_id, route.target, reason(error))
             return
         self.connections.add(conn_id, client, far)
-        outcome, sent, received = "closed", 0, 0
-        try:
-            sent, received = relay(client, far)
-        except FarSideRefused:
-            outcome = f"refused by {route.target} (the far side ended at once)"
-            reset(client)
-        except OSError as error:
-            outcome = f"reset ({reason(error)})"
-            reset(client)
-            reset(far)
-        finally:
-            client.close()
-            far.close()
-            self.connections.remove(conn_id)
-        log.info(
-            "conn %d %s: %s, %d bytes up, %d bytes down, %.3f s",
-            conn_id, outcome, path, sent, received, time.monotonic() - started,
-        )
+        self.reactor.add(Connection(conn_id, client, far, path, route.target, self.ended))
+
+    def ended(self, connection: Connection) -> None:
+        self.connections.remove(connection.conn_id)
+        self.slots.release()
 
 
-def reason(error: OSError) -> str:
+def reason(error: BaseException) -> str:
     if isinstance(error, socket.gaierror):
         return f"name resolution failed ({error.strerror})"
     if isinstance(error, socket.timeout):
         return "timed out"
-    return error.strerror or str(error)
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -987,6 +1102,10 @@ class ControlServer:
 
     def serve(self, sock: socket.socket, address: object) -> None:
         peer = describe_peer(sock.family, address)
+        with sock:
+            self.talk(sock, peer)
+
+    def talk(self, sock: socket.socket, peer: str) -> None:
         try:
             sock.settimeout(CONTROL_HELLO_TIMEOUT)
             with sock.makefile("rb") as reader:
@@ -1109,7 +1228,7 @@ class Half:
         self.stopping = threading.Event()
         self.connections = OpenConnections()
         self.slots = ConnectionSlots(max_connections, self.stopping)
-        self.relayer = Relayer(dialer, self.connections)
+        self.relayer = Relayer(dialer, self.connections, self.slots)
         self.listeners: list[Listener] = []
         # From here on a signal stops the half, even one that arrives while it is still starting.
         signal.signal(signal.SIGTERM, self.on_signal)
