@@ -58,8 +58,6 @@ from __future__ import annotations
 import _thread
 import argparse
 import collections
-import dataclasses
-import difflib
 import errno
 import fcntl
 import ipaddress
@@ -69,17 +67,14 @@ import logging
 import os
 import re
 import selectors
-import shutil
 import signal
 import socket
 import socketserver
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 try:
     import tomllib
@@ -145,28 +140,29 @@ NUMERIC_NAME_PATTERN = r"(^|\.)[0-9]+\.?$"
 HOSTNAME_MAX_LENGTH = 253
 
 
-@dataclasses.dataclass(frozen=True)
-class Field:
-    """One key of a configuration table."""
+# Records are namedtuples, not dataclasses: importing dataclasses (and typing,
+# which it brings) would cost every half a few megabytes of memory, which an
+# enclave pays for.
 
-    kind: str  # "tcp_port", "vsock_port", "hostname", "log_level" or "text"
-    description: str
-    default: object = None  # with neither default nor same_as, the key is required
-    same_as: str | None = None  # when absent, take the value of this other key of the entry
-    extension: bool = False  # not in the vendor's format
+
+class Field(collections.namedtuple("Field", "kind description default same_as extension", defaults=(None, None, False))):
+    """One key of a configuration table.
+
+    kind: "tcp_port", "vsock_port", "hostname", "log_level" or "text".
+    default: the value when the key is absent; with neither default nor
+    same_as (the other key of the entry whose value it takes) the key is
+    required.  extension: not in the vendor's format.
+    """
+
+    __slots__ = ()
 
     @property
     def required(self) -> bool:
         return self.default is None and self.same_as is None
 
 
-@dataclasses.dataclass(frozen=True)
-class Table:
-    """A top-level table of the configuration file."""
-
-    array: bool  # [[name]] (any number of entries) or [name] (one)
-    description: str
-    fields: dict
+# A top-level table: array is True for [[name]] (any number of entries), False for [name] (one).
+Table = collections.namedtuple("Table", "array description fields")
 
 
 TABLES = {
@@ -215,35 +211,11 @@ TABLES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Inbound:
-    host_port: int
-    enclave_port: int
-    vsock_port: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Outbound:
-    hostname: str
-    vsock_port: int
-    tcp_port: int
-    enclave_port: int
-
-
-@dataclasses.dataclass(frozen=True)
-class LogLocation:
-    host_log: str
-    enclave_log: str
-    log_level: str
-    host_log_dir: str
-    enclave_log_dir: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    inbound: tuple = ()
-    outbound: tuple = ()
-    log_location: LogLocation | None = None
+# A checked configuration: a tuple of Inbound, a tuple of Outbound, a LogLocation or None.
+Inbound = collections.namedtuple("Inbound", "host_port enclave_port vsock_port")
+Outbound = collections.namedtuple("Outbound", "hostname vsock_port tcp_port enclave_port")
+LogLocation = collections.namedtuple("LogLocation", "host_log enclave_log log_level host_log_dir enclave_log_dir")
+Config = collections.namedtuple("Config", "inbound outbound log_location", defaults=((), (), None))
 
 
 def is_ip_literal(text: str) -> bool:
@@ -300,6 +272,8 @@ def describe(value: object) -> str:
 
 
 def unknown_key(key: str, known: Iterator[str]) -> str:
+    import difflib  # only a bad file needs it: the halves do not carry it
+
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown key {key!r}{hint}"
@@ -507,13 +481,14 @@ class UTCFormatter(logging.Formatter):
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """Where a half listens or what it dials: TCP host:port, or vsock CID:port."""
+class Endpoint(collections.namedtuple("Endpoint", "kind host port")):
+    """Where a half listens or what it dials: TCP host:port, or vsock CID:port.
 
-    kind: str  # "tcp" or "vsock"
-    host: str  # an address or hostname for tcp; a CID for vsock ("" listens on any CID)
-    port: int
+    kind is "tcp" or "vsock"; host is an address or hostname for tcp, a CID
+    (as text) for vsock, where "" listens on any CID.
+    """
+
+    __slots__ = ()
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -991,10 +966,8 @@ def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: Conn
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Route:
-    listen: Endpoint
-    target: Endpoint
+# A listener and where each connection it accepts goes.
+Route = collections.namedtuple("Route", "listen target")
 
 
 def host_routes(config: Config, enclave_cid: str) -> list[Route]:
@@ -1395,6 +1368,10 @@ def http_get(port: int, deadline: float) -> str:
 
 def run_demo() -> int:
     """Both halves as processes, one request each way, then a clean stop."""
+    import shutil
+    import subprocess
+    import tempfile  # the demo's own needs, kept out of the halves' memory
+
     folder = tempfile.mkdtemp(prefix="qproxy-demo-")
     inside, outside = CannedService("Hello world!"), CannedService("Hello from outside!")
     processes: list[subprocess.Popen] = []
