@@ -1229,14 +1229,18 @@ class Half:
                 os.unlink(listener.server_address)  # an emulated vsock port's socket file
 
     def run(self) -> int:
-        """Serve until SIGTERM or SIGINT, then drain the open connections for the grace period."""
-        for listener in self.listeners:
-            threading.Thread(target=listener.serve_forever, args=(0.2,), daemon=True).start()
+        """Accept on every listener until SIGTERM or SIGINT, then drain the open connections for the grace period.
+
+        One loop in the main thread serves all listeners, rather than socketserver's
+        serve_forever() in a thread each: a half has as few threads as it can.
+        """
         log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
-        while not self.stopping.wait(1.0):
-            pass
-        for listener in self.listeners:
-            listener.shutdown()
+        with selectors.DefaultSelector() as selector:
+            for listener in self.listeners:
+                selector.register(listener, READ)
+            while not self.stopping.is_set():
+                for key, _ in selector.select(0.2):  # the timeout bounds how long a signal waits to be seen
+                    key.fileobj.handle_request()
         self.close_listeners()
         if not self.connections.wait_empty(GRACE_PERIOD):
             log.warning("grace period over: cutting %d open connections", self.connections.cut_all())
