@@ -65,6 +65,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import re
 import selectors
 import signal
@@ -896,31 +897,67 @@ class OpenConnections:
         return len(everything)
 
 
-class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """A listening socket of any family whose connections each get a thread."""
+class Workers:
+    """The threads that set connections up, each kept for the next connection while one comes.
 
-    daemon_threads = True
-    block_on_close = False
+    Starting a thread costs more than the rest of a short connection's setup,
+    and threading.Thread.start() would also hold the accept loop until the new
+    thread runs.  A worker idle for IDLE_SECONDS ends, so a burst leaves no
+    threads behind.
+    """
+
+    IDLE_SECONDS = 5.0
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0  # workers waiting for a job that no queued job has claimed yet
+
+    def run(self, job: Callable, *args: object) -> None:
+        with self.lock:
+            start = self.idle == 0
+            if not start:
+                self.idle -= 1
+        self.jobs.put((job, args))
+        if start:
+            _thread.start_new_thread(self.work, ())
+
+    def work(self) -> None:
+        while True:
+            try:
+                job, args = self.jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self.lock:
+                    if self.idle:  # no queued job counts on this worker: it may end
+                        self.idle -= 1
+                        return
+                continue
+            job(*args)
+            with self.lock:
+                self.idle += 1
+
+
+class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A listening socket of any family whose connections are each set up by a worker thread."""
+
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, family: int, address: object, serve: Callable, slots: ConnectionSlots | None):
+    def __init__(self, family: int, address: object, serve: Callable, slots: ConnectionSlots | None,
+                 workers: Workers):
         self.address_family = family
         self.allow_reuse_address = family in (socket.AF_INET, socket.AF_INET6)
         self.serve = serve
         self.slots = slots
+        self.workers = workers
         super().__init__(address, None)
 
     def process_request(self, request: socket.socket, client_address: object) -> None:
-        """ThreadingMixIn's thread per connection, started without waiting for it to run.
-
-        threading.Thread.start() would wait until the new thread is scheduled,
-        which under load holds the accept loop for a GIL hand-off per connection.
-        """
+        """ThreadingMixIn's thread per connection, taken from the workers."""
         if self.slots is not None and not self.slots.acquire():
             request.close()
             return
         try:
-            _thread.start_new_thread(self.process_request_thread, (request, client_address))
+            self.workers.run(self.process_request_thread, request, client_address)
         except BaseException:
             request.close()
             if self.slots is not None:
@@ -937,7 +974,8 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         log.error("unexpected error on a connection from %s", client_address, exc_info=True)
 
 
-def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: ConnectionSlots | None) -> Listener:
+def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: ConnectionSlots | None,
+                  workers: Workers) -> Listener:
     """Bind and listen, turning the usual failures into a StartError that says what to do."""
     if endpoint.kind == "tcp":
         family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
@@ -948,7 +986,7 @@ def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: Conn
         address = vsock.listen_address(endpoint.port)
         what = f"vsock port {endpoint.port}"
     try:
-        return Listener(family, address, serve, slots)
+        return Listener(family, address, serve, slots, workers)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise StartError(f"{what} is already in use: stop what holds it or choose another port") from None
@@ -1203,6 +1241,7 @@ class Half:
         self.slots = ConnectionSlots(max_connections, self.stopping)
         self.relayer = Relayer(dialer, self.connections, self.slots)
         self.listeners: list[Listener] = []
+        self.workers = Workers()
         # From here on a signal stops the half, even one that arrives while it is still starting.
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
@@ -1216,7 +1255,7 @@ class Half:
         self.stopping.set()
 
     def listen(self, endpoint: Endpoint, serve: Callable, limited: bool = True) -> None:
-        self.listeners.append(open_listener(endpoint, self.vsock, serve, self.slots if limited else None))
+        self.listeners.append(open_listener(endpoint, self.vsock, serve, self.slots if limited else None, self.workers))
 
     def add_route(self, route: Route) -> None:
         self.listen(route.listen, self.relayer.handler(route))
