@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import shutil
 import signal
@@ -383,3 +384,34 @@ def test_demo_runs_the_walkthrough():
     assert "'Hello world!'" in result.stdout
     assert "'Hello from outside!'" in result.stdout
     assert "stopped cleanly" in result.stdout
+
+
+# --- resources ----------------------------------------------------------------------------
+
+
+def process_counts(pid: int) -> tuple[int, int]:
+    """(open file descriptors, threads) of a process."""
+    threads = int(re.search(r"^Threads:\s+(\d+)", open(f"/proc/{pid}/status").read(), re.M).group(1))
+    return len(os.listdir(f"/proc/{pid}/fd")), threads
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count descriptors and threads")
+def test_fds_and_threads_return_to_baseline_after_a_burst(proxy, echo_server):
+    host_port = free_port()
+    host, enclave = proxy.start_both(inbound(host_port, echo_server.port))
+    host.wait_log("control: enclave half connected")
+    halves = (host.process.pid, enclave.process.pid)
+    baseline = {pid: process_counts(pid) for pid in halves}
+    sockets = [connect(host_port) for _ in range(60)]
+    for sock in sockets:
+        sock.sendall(b"ping")
+    for sock in sockets:
+        assert sock.recv(4) == b"ping"
+    busy = {pid: process_counts(pid) for pid in halves}
+    assert all(busy[pid][0] >= baseline[pid][0] + 120 for pid in halves), (baseline, busy)  # 2 fds a connection
+    for sock in sockets:
+        sock.close()
+    # Connections close at once; setup threads end after Workers.IDLE_SECONDS without work.
+    import qproxy
+    wait_for(lambda: all(process_counts(pid) == baseline[pid] for pid in halves),
+             "descriptors and threads back to their baseline", timeout=qproxy.Workers.IDLE_SECONDS + DEADLINE)
