@@ -1,0 +1,1049 @@
+#!/usr/bin/env python3
+"""bench/run.py: qproxy against socat and a direct connection, in one command.
+
+    python3 bench/run.py            # the full run, about six minutes
+    python3 bench/run.py --quick    # fewer, shorter runs: under two minutes
+
+Method
+------
+Three chains carry the same traffic to the same server, on loopback only:
+
+* direct: the client straight to the server (the ceiling);
+* socat:  ``socat TCP-LISTEN:A,fork,reuseaddr UNIX-CONNECT:S`` then
+          ``socat UNIX-LISTEN:S,fork TCP:127.0.0.1:B``;
+* qproxy: ``qproxy.py host`` on A -> emulated vsock (a Unix socket, as
+          QPROXY_VSOCK_EMULATION makes it) -> ``qproxy.py enclave`` -> B.
+
+Each proxy hop is its own process, as in production.  qproxy listens with a
+backlog of 1024, so socat's listeners and nginx get ``backlog=1024`` too
+(``--socat-backlog 0`` gives socat its default of 5, as in the baseline).
+
+Workloads, each with a warm-up and then at least three runs, medians
+reported (min, max and every run in the JSON).  Runs go round the chains in
+turn, so slow drift on the machine hits every chain alike.
+
+* throughput: one iperf3 stream (Gbit/s);
+* keepalive:  ``wrk -t2 -c50 --latency`` against nginx "Hello world!":
+              requests per second and the 50/90/99 % latency;
+* churn:      the same with ``Connection: close``, i.e. connections per second;
+* conns:      1,000 idle connections held through qproxy to a server in this
+              process; peak RSS, threads and fds of each half while they are
+              held, then how long until fds and threads are back at the
+              baseline taken before they opened;
+* startup:    exec of each half (the vendor's walk-through config) to the first
+              successful connect() to its listener, polled every 1 ms;
+* idle:       VmRSS of each half started with the walk-through config, no
+              traffic (socat's two listeners alongside, for scale).
+
+qproxy.py is copied when the run starts and the copy is measured, so an
+edit made meanwhile cannot mix two versions in one table (its sha256 is in the
+header).  Everything started is killed and every temporary folder removed on exit,
+whatever the exit (failure, Ctrl-C, SIGTERM).  The exit code is 0 whether or
+not the targets are met; it is non-zero only when the benchmark itself failed.
+Standard library only, Python 3.9+.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+DEFAULT_JSON = BENCH / "results" / "latest.json"
+
+WORKLOADS = ("startup", "idle", "conns", "throughput", "keepalive", "churn")
+CHAINS = ("direct", "socat", "qproxy")
+PACKAGES = {"iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx-light", "socat": "socat"}
+NEEDS = {  # tools a workload cannot run without (startup and idle use socat only if present)
+    "throughput": ("iperf3", "socat"),
+    "keepalive": ("wrk", "nginx", "socat"),
+    "churn": ("wrk", "nginx", "socat"),
+    "conns": (),
+    "startup": (),
+    "idle": (),
+}
+INSTALL_COMMAND = "apt-get install -y --no-install-recommends iperf3 wrk nginx-light socat"
+VSOCK_PORT = 9995  # the walk-through's vsock ports: files in each chain's own folder
+VSOCK_PORT_2 = 9994
+ENCLAVE_CID = "4"
+
+
+class BenchError(Exception):
+    """The benchmark itself failed (not: qproxy missed a target)."""
+
+
+@dataclasses.dataclass
+class Settings:
+    runs: int  # measured runs per chain and workload
+    seconds: int  # length of one iperf3 or wrk run
+    warmup: int  # length of the warm-up run
+    starts: int  # measured starts per half
+    conns: int  # connections held at once
+    settle: float  # seconds an idle half is left alone before its RSS is read
+
+
+QUICK = Settings(runs=3, seconds=2, warmup=1, starts=5, conns=1000, settle=0.5)
+FULL = Settings(runs=5, seconds=5, warmup=2, starts=9, conns=1000, settle=1.0)
+
+
+# ---------------------------------------------------------------------------
+# Processes and folders: everything started is stopped, everything made removed
+# ---------------------------------------------------------------------------
+
+
+class Scope:
+    """Processes and temporary folders that live until the `with` block ends, however it ends."""
+
+    def __init__(self):
+        self.processes: list[subprocess.Popen] = []
+        self.folders: list[Path] = []
+        self.closers: list[Callable[[], None]] = []
+
+    def __enter__(self) -> Scope:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def folder(self, name: str) -> Path:
+        path = Path(tempfile.mkdtemp(prefix=f"qproxy-bench-{name}-"))
+        self.folders.append(path)
+        return path
+
+    def spawn(self, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        """Start argv in its own process group (so forked children go with it), output to log."""
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,
+            )
+        process.log = log  # type: ignore[attr-defined]
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 3.0) -> None:
+        """Signal the process group we started, then kill what is left of it after the grace period."""
+        if process.poll() is None:
+            signal_group(process.pid, sig)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                signal_group(process.pid, signal.SIGKILL)
+                process.wait()
+        signal_group(process.pid, signal.SIGKILL)  # forked children (socat) outliving their parent
+        if process in self.processes:
+            self.processes.remove(process)
+
+    def close(self) -> None:
+        for closer in reversed(self.closers):
+            closer()
+        self.closers.clear()
+        for process in reversed(list(self.processes)):
+            self.stop(process)
+        for path in self.folders:
+            shutil.rmtree(path, ignore_errors=True)
+        self.folders.clear()
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def log_tail(process: subprocess.Popen, lines: int = 15) -> str:
+    try:
+        text = Path(process.log).read_text(errors="replace")  # type: ignore[attr-defined]
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_tool(argv: list[str], timeout: float) -> str:
+    """Run a client tool to completion within a deadline; its stdout, or BenchError."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{argv[0]} did not finish within {timeout:.0f} s: {' '.join(argv)}") from None
+    if done.returncode != 0 and argv[0] != "iperf3":  # iperf3 -J reports its errors in the JSON
+        raise BenchError(f"{' '.join(argv)} exited {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}")
+    return done.stdout
+
+
+# ---------------------------------------------------------------------------
+# Sockets and /proc
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def try_connect(address: tuple | str) -> bool:
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(address)
+            return True
+        except OSError:
+            return False
+
+
+def is_listening(address: tuple | str) -> bool:
+    """Whether a TCP port or Unix socket path is in the listen state, found without connecting to it."""
+    if isinstance(address, str):
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == address and fields[3] == "00010000":
+                return True
+        return False
+    suffix = f":{address[1]:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(suffix) and fields[3] == "0A":
+                return True
+    return False
+
+
+def wait_until(ready: Callable[[], bool], process: subprocess.Popen | None, what: str,
+               timeout: float = 10.0, interval: float = 0.01) -> float:
+    """Poll until ready() is true; the perf_counter() when it was.  Fails if the process dies first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if ready():
+            return time.perf_counter()
+        if process is not None and process.poll() is not None:
+            raise BenchError(f"{what}: exited {process.returncode} before it listened:\n{log_tail(process)}")
+        if time.monotonic() > deadline:
+            tail = f":\n{log_tail(process)}" if process is not None else ""
+            raise BenchError(f"{what}: not listening after {timeout:.0f} s{tail}")
+        time.sleep(interval)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (kB), Threads, and the number of open fds of a process."""
+    status = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "Threads"):
+            status[key] = int(value.split()[0])
+    status["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return status
+
+
+def raise_fd_limit(wanted: int = 8192) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, wanted * 4))
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < wanted:
+        raise BenchError(f"need {wanted} open files, the hard limit is {hard}: raise it (ulimit -Hn)")
+
+
+# ---------------------------------------------------------------------------
+# The chains: direct, socat, qproxy
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    """What every workload needs to know: the interpreter, qproxy.py, the settings."""
+
+    python: str
+    qproxy: Path
+    settings: Settings
+    socat_backlog: int
+    tools: dict[str, str]
+
+
+@dataclasses.dataclass
+class Chain:
+    name: str
+    port: int  # where the client connects
+    pids: dict[str, int] = dataclasses.field(default_factory=dict)  # qproxy: role -> pid
+
+
+def qproxy_env(vsock_dir: Path, rust_log: str | None = "warn") -> dict:
+    env = dict(os.environ, QPROXY_VSOCK_EMULATION=str(vsock_dir))
+    env.pop("RUST_LOG", None)
+    if rust_log:
+        env["RUST_LOG"] = rust_log
+    return env
+
+
+def start_qproxy(ctx: Context, scope: Scope, target_port: int) -> Chain:
+    """host half on a free port -> emulated vsock -> enclave half -> 127.0.0.1:target_port."""
+    folder = scope.folder("qproxy")
+    vsock_dir = folder / "vsock"
+    vsock_dir.mkdir()
+    port = free_port()
+    config = folder / "bench.toml"
+    config.write_text(
+        f"[[inbound_connections]]\nhost_port = {port}\nenclave_port = {target_port}\nvsock_port = {VSOCK_PORT}\n"
+    )
+    env = qproxy_env(vsock_dir)
+    enclave = scope.spawn([ctx.python, str(ctx.qproxy), "enclave", "--config", str(config)], folder / "enclave.log", env)
+    host = scope.spawn([ctx.python, str(ctx.qproxy), "host", "--config", str(config), ENCLAVE_CID],
+                       folder / "host.log", env)
+    wait_until(lambda: is_listening(str(vsock_dir / str(VSOCK_PORT))), enclave, "qproxy enclave half")
+    wait_until(lambda: is_listening(("127.0.0.1", port)), host, "qproxy host half")
+    return Chain("qproxy", port, {"host": host.pid, "enclave": enclave.pid})
+
+
+def socat_listen_options(ctx: Context) -> str:
+    return f",backlog={ctx.socat_backlog}" if ctx.socat_backlog else ""
+
+
+def start_socat(ctx: Context, scope: Scope, target_port: int) -> Chain:
+    """socat TCP-LISTEN:A -> Unix socket S -> socat UNIX-LISTEN:S -> 127.0.0.1:target_port."""
+    folder = scope.folder("socat")
+    path = str(folder / "vsock")
+    port = free_port()
+    backlog = socat_listen_options(ctx)
+    socat = ctx.tools["socat"]
+    enclave = scope.spawn([socat, f"UNIX-LISTEN:{path},fork{backlog}", f"TCP:127.0.0.1:{target_port}"],
+                          folder / "enclave.log")
+    host = scope.spawn([socat, f"TCP-LISTEN:{port},fork,reuseaddr{backlog}", f"UNIX-CONNECT:{path}"],
+                       folder / "host.log")
+    wait_until(lambda: is_listening(path), enclave, "socat UNIX-LISTEN")
+    wait_until(lambda: is_listening(("127.0.0.1", port)), host, "socat TCP-LISTEN")
+    return Chain("socat", port, {"host": host.pid, "enclave": enclave.pid})
+
+
+def start_chains(ctx: Context, scope: Scope, target_port: int, names: tuple[str, ...] = CHAINS) -> list[Chain]:
+    starters = {
+        "direct": lambda: Chain("direct", target_port),
+        "socat": lambda: start_socat(ctx, scope, target_port),
+        "qproxy": lambda: start_qproxy(ctx, scope, target_port),
+    }
+    return [starters[name]() for name in names]
+
+
+def rounds(ctx: Context, chains: list[Chain], once: Callable[[Chain, int], dict]) -> dict[str, list[dict]]:
+    """A warm-up run on each chain, then `runs` rounds over all chains, starting one later each round."""
+    for chain in chains:
+        once(chain, ctx.settings.warmup)
+    results: dict[str, list[dict]] = {chain.name: [] for chain in chains}
+    for turn in range(ctx.settings.runs):
+        shift = turn % len(chains)
+        for chain in chains[shift:] + chains[:shift]:
+            results[chain.name].append(once(chain, ctx.settings.seconds))
+            time.sleep(0.3)  # let forked children and closing sockets settle between runs
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Figures: medians, ratios, targets
+# ---------------------------------------------------------------------------
+
+
+def summary(values: list) -> dict:
+    numbers = [value for value in values if value is not None]
+    return {
+        "median": statistics.median(numbers) if numbers else None,
+        "min": min(numbers) if numbers else None,
+        "max": max(numbers) if numbers else None,
+        "runs": values,
+    }
+
+
+def median_of(figure: dict, chain: str) -> float | None:
+    return figure[chain]["median"] if figure.get(chain) else None
+
+
+def make_figure(label: str, unit: str, runs: dict[str, list], target: str = "",
+                check: Callable[[dict], bool] | None = None, decimals: int = 1) -> dict:
+    """One row of the table: each chain's runs summarised, the two ratios, and the target met or not."""
+    figure: dict = {"label": label, "unit": unit, "decimals": decimals}
+    for chain in CHAINS:
+        figure[chain] = summary(runs[chain]) if chain in runs else None
+    ours, socat, direct = (median_of(figure, chain) for chain in ("qproxy", "socat", "direct"))
+    figure["qproxy_socat"] = ours / socat if ours is not None and socat else None
+    figure["qproxy_direct"] = ours / direct if ours is not None and direct else None
+    figure["target"] = target
+    figure["met"] = None
+    if check is not None and figure["qproxy"] is not None:
+        try:
+            figure["met"] = bool(check(figure))
+        except TypeError:  # a value the check needs is missing
+            figure["met"] = False
+    return figure
+
+
+def column(results: dict[str, list[dict]], key: str) -> dict[str, list]:
+    return {chain: [run[key] for run in runs] for chain, runs in results.items()}
+
+
+# ---------------------------------------------------------------------------
+# Workload: single-stream throughput (iperf3)
+# ---------------------------------------------------------------------------
+
+
+def iperf3_once(ctx: Context, chain: Chain, seconds: int) -> dict:
+    argv = [ctx.tools["iperf3"], "-c", "127.0.0.1", "-p", str(chain.port), "-t", str(seconds), "-J",
+            "--connect-timeout", "5000"]
+    for attempt in range(3):
+        report = json.loads(run_tool(argv, timeout=seconds + 30) or "{}")
+        error = report.get("error")
+        if not error:
+            return {"gbps": report["end"]["sum_received"]["bits_per_second"] / 1e9}
+        if "busy" not in error:  # the server still closing the last test: try again
+            break
+        time.sleep(0.5)
+    raise BenchError(f"iperf3 through {chain.name}: {error}")
+
+
+def run_throughput(ctx: Context, scope: Scope) -> dict:
+    folder = scope.folder("iperf3")
+    port = free_port()
+    server = scope.spawn([ctx.tools["iperf3"], "-s", "-B", "127.0.0.1", "-p", str(port)], folder / "iperf3.log")
+    wait_until(lambda: is_listening(("127.0.0.1", port)), server, "iperf3 server")
+    chains = start_chains(ctx, scope, port)
+    results = rounds(ctx, chains, lambda chain, seconds: iperf3_once(ctx, chain, seconds))
+    return {"throughput": make_figure(
+        "throughput, 1 stream", "Gbit/s", column(results, "gbps"), ">= 1.2x socat",
+        lambda f: f["qproxy_socat"] >= 1.2, decimals=2)}
+
+
+# ---------------------------------------------------------------------------
+# Workloads: keep-alive and churn (wrk against nginx)
+# ---------------------------------------------------------------------------
+
+
+def nginx_config(folder: Path, port: int, nginx: str) -> str:
+    """A minimal nginx: one worker, no access log, "Hello world!", keep-alive kept alive."""
+    built = subprocess.run([nginx, "-V"], capture_output=True, text=True).stderr
+    temp_paths = "".join(
+        f"    {name}_temp_path {folder}/{name}_temp;\n"
+        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        if name == "client_body" or f"--without-http_{name}_module" not in built
+    )
+    user = "user root;\n" if os.geteuid() == 0 else ""  # else the workers would drop to nobody
+    return (
+        f"daemon off;\nmaster_process on;\nworker_processes 1;\n{user}error_log stderr warn;\n"
+        f"pid {folder}/nginx.pid;\n"
+        "events { worker_connections 4096; }\n"
+        "http {\n    access_log off;\n"
+        f"{temp_paths}"
+        "    keepalive_requests 1000000;\n    keepalive_timeout 75s;\n"
+        f"    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n"
+        '        location / { return 200 "Hello world!"; }\n    }\n}\n'
+    )
+
+
+def start_nginx(ctx: Context, scope: Scope) -> int:
+    folder = scope.folder("nginx")
+    port = free_port()
+    (folder / "nginx.conf").write_text(nginx_config(folder, port, ctx.tools["nginx"]))
+    server = scope.spawn([ctx.tools["nginx"], "-p", str(folder), "-e", "stderr", "-c", str(folder / "nginx.conf")],
+                         folder / "nginx.log")
+    wait_until(lambda: is_listening(("127.0.0.1", port)), server, "nginx")
+    return port
+
+
+UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def parse_wrk(output: str) -> dict:
+    """Requests/sec, the 50/90/99 % latency lines (ms) and the error counts of wrk --latency."""
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    done = re.search(r"^\s*(\d+) requests in", output, re.M)
+    if not rate or not done:
+        raise BenchError(f"cannot read wrk's output:\n{output}")
+    result = {"rate": float(rate.group(1)), "requests": int(done.group(1))}
+    for percent, value, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M):
+        result[f"p{percent}"] = float(value) * UNITS_MS[unit]
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    result["errors"] = sum(int(n) for n in errors.groups()) if errors else 0
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    result["errors"] += int(non_2xx.group(1)) if non_2xx else 0
+    return result
+
+
+def wrk_once(ctx: Context, chain: Chain, seconds: int, close: bool) -> dict:
+    argv = [ctx.tools["wrk"], "-t2", "-c50", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    result = parse_wrk(run_tool(argv + [f"http://127.0.0.1:{chain.port}/"], timeout=seconds + 30))
+    if result["requests"] == 0:
+        raise BenchError(f"wrk through {chain.name}: no request completed")
+    return result
+
+
+def wrk_errors(results: dict[str, list[dict]]) -> dict[str, list[int]]:
+    return column(results, "errors")
+
+
+def run_keepalive(ctx: Context, scope: Scope) -> dict:
+    chains = start_chains(ctx, scope, start_nginx(ctx, scope))
+    results = rounds(ctx, chains, lambda chain, seconds: wrk_once(ctx, chain, seconds, close=False))
+    figures = {"keepalive_rate": make_figure(
+        "keep-alive, 50 conns", "req/s", column(results, "rate"), ">= 1.0x socat",
+        lambda f: f["qproxy_socat"] >= 1.0, decimals=0)}
+    for percent in (50, 90, 99):
+        target, check = ("<= socat", lambda f: f["qproxy_socat"] <= 1.0) if percent == 99 else ("", None)
+        figures[f"keepalive_p{percent}"] = make_figure(
+            f"keep-alive latency p{percent}", "ms", column(results, f"p{percent}"), target, check, decimals=2)
+    figures["keepalive_rate"]["errors"] = wrk_errors(results)
+    return figures
+
+
+def run_churn(ctx: Context, scope: Scope) -> dict:
+    chains = start_chains(ctx, scope, start_nginx(ctx, scope))
+    results = rounds(ctx, chains, lambda chain, seconds: wrk_once(ctx, chain, seconds, close=True))
+    figure = make_figure("churn, Connection: close", "conn/s", column(results, "rate"), ">= 1.5x socat",
+                         lambda f: f["qproxy_socat"] >= 1.5, decimals=0)
+    figure["errors"] = wrk_errors(results)
+    return {"churn_rate": figure, "churn_p99": make_figure(
+        "churn latency p99", "ms", column(results, "p99"), decimals=2)}
+
+
+# ---------------------------------------------------------------------------
+# Workload: 1,000 concurrent idle connections
+# ---------------------------------------------------------------------------
+
+
+GREETING = b"+"
+PARTIAL_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n"  # never finished: the connection stays idle
+
+
+class HoldServer(threading.Thread):
+    """Accepts connections, greets each with one byte, reads and drops what comes, closes on EOF."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4096)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            for key, _ in self.selector.select(0.1):
+                if key.fileobj is self.listener:
+                    self.accept_all()
+                else:
+                    self.read(key.fileobj)
+        for key in list(self.selector.get_map().values()):
+            key.fileobj.close()
+        self.selector.close()
+
+    def accept_all(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.setblocking(False)
+            conn.send(GREETING)
+            self.selector.register(conn, selectors.EVENT_READ)
+
+    def read(self, conn: socket.socket) -> None:
+        try:
+            if conn.recv(65536):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.selector.unregister(conn)
+        conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+
+
+def open_held(port: int, count: int, deadline: float) -> list[socket.socket]:
+    """Open count connections, each with a partial request, and wait for every server greeting."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.append(sock)
+            sock.sendall(PARTIAL_REQUEST)
+            if time.monotonic() > deadline:
+                raise BenchError(f"opened only {len(held)} of {count} connections in time")
+        for sock in held:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            if sock.recv(1) != GREETING:
+                raise BenchError("a held connection was closed before the server greeted it")
+    except (OSError, BenchError) as error:
+        close_all(held)
+        raise BenchError(f"holding {count} connections: {error}") from None
+    return held
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+    socks.clear()
+
+
+def settled(pids: dict[str, int], timeout: float = 10.0) -> dict[str, dict]:
+    """Each half's status once its fd and thread counts hold still for half a second."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        now = {role: proc_status(pid) for role, pid in pids.items()}
+        counts = {role: (s["fds"], s["Threads"]) for role, s in now.items()}
+        if counts == last or time.monotonic() > deadline:
+            return now
+        last = counts
+        time.sleep(0.5)
+
+
+def wait_released(pids: dict[str, int], baseline: dict[str, dict], timeout: float = 15.0) -> dict[str, float | None]:
+    """Seconds until each half's fds and threads are back at (or under) baseline; None if never."""
+    start = time.perf_counter()
+    released: dict[str, float | None] = {role: None for role in pids}
+    while time.perf_counter() - start < timeout:
+        for role, pid in pids.items():
+            if released[role] is None:
+                status = proc_status(pid)
+                if status["fds"] <= baseline[role]["fds"] and status["Threads"] <= baseline[role]["Threads"]:
+                    released[role] = time.perf_counter() - start
+        if None not in released.values():
+            break
+        time.sleep(0.02)
+    return released
+
+
+def hold_once(chain: Chain, count: int, baseline: dict[str, dict]) -> dict:
+    """Hold count connections through the chain, sample each half, close them, time the release."""
+    held = open_held(chain.port, count, time.monotonic() + 60)
+    try:
+        peak = {role: {"VmRSS": 0, "Threads": 0, "fds": 0} for role in chain.pids}
+        for _ in range(6):
+            for role, pid in chain.pids.items():
+                status = proc_status(pid)
+                for key in peak[role]:
+                    peak[role][key] = max(peak[role][key], status[key])
+            time.sleep(0.1)
+    finally:
+        close_all(held)
+    released = wait_released(chain.pids, baseline)
+    result = {}
+    for role in chain.pids:
+        result[f"{role}_rss"] = peak[role]["VmRSS"] / 1024
+        result[f"{role}_threads"] = peak[role]["Threads"]
+        result[f"{role}_fds"] = peak[role]["fds"]
+        result[f"{role}_released"] = released[role]
+    return result
+
+
+def run_conns(ctx: Context, scope: Scope) -> dict:
+    server = HoldServer()
+    server.start()
+    scope.closers.append(server.stop)
+    count = ctx.settings.conns
+    raise_fd_limit(count * 3)
+    (chain,) = start_chains(ctx, scope, server.port, ("qproxy",))
+    close_all(open_held(chain.port, 100, time.monotonic() + 30))  # warm-up
+    baseline = settled(chain.pids)
+    runs = [hold_once(chain, count, baseline) for _ in range(ctx.settings.runs)]
+    figures = {}
+    for role in ("host", "enclave"):
+        def values(key: str) -> dict[str, list]:
+            return {"qproxy": [run[f"{role}_{key}"] for run in runs]}
+
+        figures[f"conns_{role}_rss"] = make_figure(
+            f"{count} conns: {role} peak RSS", "MB", values("rss"), "< 100 MB",
+            lambda f: f["qproxy"]["max"] < 100)
+        figures[f"conns_{role}_threads"] = make_figure(f"{count} conns: {role} peak threads", "", values("threads"),
+                                                       decimals=0)
+        figures[f"conns_{role}_released"] = make_figure(
+            f"{count} conns: {role} fds+threads freed", "s", values("released"), "all, every run",
+            lambda f: None not in f["qproxy"]["runs"], decimals=2)
+        figures[f"conns_{role}_released"]["baseline"] = baseline[role]
+        figures[f"conns_{role}_threads"]["peak_fds"] = values("fds")["qproxy"]
+    return figures
+
+
+# ---------------------------------------------------------------------------
+# Workloads: start-up time and idle RSS, with the vendor's walk-through config
+# ---------------------------------------------------------------------------
+
+
+def walkthrough_config(folder: Path) -> tuple[Path, int]:
+    """examples/config_qproxy.toml with free TCP ports and the logs moved into folder; the first host port."""
+    first, second = free_port(), free_port()
+    text = (
+        f"[[inbound_connections]]\nhost_port = {first}\nenclave_port = {free_port()}\nvsock_port = {VSOCK_PORT}\n\n"
+        f"[[inbound_connections]]\nhost_port = {second}\nenclave_port = {free_port()}\nvsock_port = {VSOCK_PORT_2}\n\n"
+        f'[log_location]\nhost_log = "host.log"\nenclave_log = "enclave.log"\nlog_level = "info"\n'
+        f'host_log_dir = "{folder}/log"\nenclave_log_dir = "{folder}/log"\n'
+    )
+    path = folder / "config_qproxy.toml"
+    path.write_text(text)
+    return path, first
+
+
+@dataclasses.dataclass
+class Listening:
+    """A proxy process to start, and the listener that shows it is up."""
+
+    argv: list[str]
+    address: tuple | str
+    env: dict | None = None
+
+
+def walkthrough_halves(ctx: Context, folder: Path) -> dict[str, Listening]:
+    config, host_port = walkthrough_config(folder)
+    vsock_dir = folder / "vsock"
+    vsock_dir.mkdir()
+    env = qproxy_env(vsock_dir, rust_log=None)  # the config's own log level, as the vendor ships it
+    qproxy = [ctx.python, str(ctx.qproxy)]
+    return {
+        "host": Listening(qproxy + ["host", "--config", str(config), ENCLAVE_CID], ("127.0.0.1", host_port), env),
+        "enclave": Listening(qproxy + ["enclave", "--config", str(config)], str(vsock_dir / str(VSOCK_PORT)), env),
+    }
+
+
+def socat_halves(ctx: Context, folder: Path) -> dict[str, Listening]:
+    path, port = str(folder / "vsock"), free_port()
+    backlog = socat_listen_options(ctx)
+    socat = ctx.tools["socat"]
+    return {
+        "host": Listening([socat, f"TCP-LISTEN:{port},fork,reuseaddr{backlog}", f"UNIX-CONNECT:{path}"],
+                          ("127.0.0.1", port)),
+        "enclave": Listening([socat, f"UNIX-LISTEN:{path},fork{backlog}", f"TCP:127.0.0.1:{free_port()}"], path),
+    }
+
+
+def time_start(scope: Scope, half: Listening, log: Path) -> float:
+    """Milliseconds from just before exec to the first connect() its listener accepts (polled every 1 ms)."""
+    started = time.perf_counter()
+    process = scope.spawn(half.argv, log, half.env)
+    try:
+        ready = wait_until(lambda: try_connect(half.address), process, " ".join(half.argv[:3]), interval=0.001)
+    finally:
+        scope.stop(process, signal.SIGKILL)
+    return (ready - started) * 1000
+
+
+def run_startup(ctx: Context, scope: Scope) -> dict:
+    kinds = {"qproxy": walkthrough_halves}
+    if "socat" in ctx.tools:
+        kinds["socat"] = socat_halves
+    times: dict[str, dict[str, list]] = {"host": {}, "enclave": {}}
+    for name, halves in kinds.items():
+        for role in ("host", "enclave"):
+            runs = []
+            for attempt in range(ctx.settings.starts + 1):  # the first one warms the page cache
+                folder = scope.folder(f"start-{name}")
+                runs.append(time_start(scope, halves(ctx, folder)[role], folder / f"{role}.log"))
+            times[role][name] = runs[1:]
+    return {f"startup_{role}": make_figure(
+        f"start-up, {role} half", "ms", times[role], "< 150 ms", lambda f: f["qproxy"]["median"] < 150)
+        for role in ("host", "enclave")}
+
+
+def idle_once(ctx: Context, halves: Callable[[Context, Path], dict[str, Listening]], name: str) -> dict[str, float]:
+    """VmRSS (MB) of each half started alone with no traffic, after it has settled."""
+    with Scope() as scope:
+        folder = scope.folder(f"idle-{name}")
+        processes = {}
+        for role, half in sorted(halves(ctx, folder).items(), reverse=True):  # the enclave half first
+            processes[role] = scope.spawn(half.argv, folder / f"{role}.out", half.env)
+            wait_until(lambda: is_listening(half.address), processes[role], f"{name} {role}")
+        time.sleep(ctx.settings.settle)  # the enclave half has dialled the control port by now
+        return {role: proc_status(process.pid)["VmRSS"] / 1024 for role, process in processes.items()}
+
+
+def run_idle(ctx: Context, scope: Scope) -> dict:
+    kinds = {"qproxy": walkthrough_halves}
+    if "socat" in ctx.tools:
+        kinds["socat"] = socat_halves
+    rss: dict[str, dict[str, list]] = {"host": {}, "enclave": {}}
+    for name, halves in kinds.items():
+        runs = [idle_once(ctx, halves, name) for _ in range(ctx.settings.runs)]
+        for role in rss:
+            rss[role][name] = [run[role] for run in runs]
+    return {f"idle_{role}_rss": make_figure(
+        f"idle RSS, {role} half", "MB", rss[role], "< 20 MB", lambda f: f["qproxy"]["median"] < 20)
+        for role in ("host", "enclave")}
+
+
+RUNNERS: dict[str, Callable[[Context, Scope], dict]] = {
+    "startup": run_startup,
+    "idle": run_idle,
+    "conns": run_conns,
+    "throughput": run_throughput,
+    "keepalive": run_keepalive,
+    "churn": run_churn,
+}
+
+
+# ---------------------------------------------------------------------------
+# Tools: found, installed, or the one command that installs them
+# ---------------------------------------------------------------------------
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+
+
+def find_tools(workloads: list[str], install: bool) -> dict[str, str]:
+    """Every tool the chosen workloads need, installing from Debian's packages if allowed."""
+    needed = {tool for workload in workloads for tool in NEEDS[workload]}
+    missing = sorted(tool for tool in needed if not find_tool(tool))
+    ci_as_root = os.geteuid() == 0 and bool(os.environ.get("CI"))
+    if missing and (install or ci_as_root):
+        print(f"bench: installing {', '.join(missing)}: {INSTALL_COMMAND}", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        if subprocess.run(INSTALL_COMMAND.split(), env=env).returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env)
+            subprocess.run(INSTALL_COMMAND.split(), env=env)
+        missing = sorted(tool for tool in needed if not find_tool(tool))
+    if missing:
+        print(f"bench: missing {', '.join(missing)}; install them with:\n    {INSTALL_COMMAND}\n"
+              "(or run this again with --install, as root)", file=sys.stderr)
+        raise SystemExit(1)
+    return {tool: path for tool in PACKAGES if (path := find_tool(tool))}
+
+
+# ---------------------------------------------------------------------------
+# Output: header, table, JSON
+# ---------------------------------------------------------------------------
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Percentage of all CPUs busy over a short look, before anything of ours runs."""
+    def sample() -> tuple[int, int]:
+        fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # total, idle + iowait
+
+    total, idle = sample()
+    time.sleep(seconds)
+    total2, idle2 = sample()
+    return 100.0 * (1 - (idle2 - idle) / max(1, total2 - total))
+
+
+@contextlib.contextmanager
+def one_bench_at_a_time(wait: bool):
+    """Two benchmarks on one machine spoil each other's figures: the second waits for the first."""
+    with open(Path(tempfile.gettempdir()) / "qproxy-bench.lock", "a") as lock:
+        if wait:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print("bench: another bench run is measuring; waiting for it to finish", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def output_of(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (done.stdout or done.stderr).strip() or "?"
+
+
+def describe_run(ctx: Context, source: Path, quick: bool) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": output_of([ctx.python, "-c", "import sys; print(sys.version.split()[0])"]),
+        "python_path": ctx.python,
+        "qproxy": str(source),
+        "qproxy_sha256": hashlib.sha256(ctx.qproxy.read_bytes()).hexdigest(),
+        "qproxy_version": output_of([ctx.python, str(ctx.qproxy), "--version"]).replace("qproxy ", ""),
+        "mode": "quick" if quick else "full",
+        "settings": dataclasses.asdict(ctx.settings),
+        "socat_backlog": ctx.socat_backlog or "default (5)",
+        "tools": ctx.tools,
+        "cpu_busy_before_pct": round(cpu_busy(), 1),
+    }
+
+
+def format_value(value: float | None, decimals: int) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{decimals}f}"
+
+
+def format_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def table(figures: dict) -> str:
+    header = ("figure", "direct", "socat", "qproxy", "q/socat", "q/direct", "target", "met?")
+    rows = [header]
+    for figure in figures.values():
+        label = f"{figure['label']} ({figure['unit']})" if figure["unit"] else figure["label"]
+        cells = [format_value(median_of(figure, chain), figure["decimals"]) for chain in CHAINS]
+        if figure["label"].endswith("freed") and figure["qproxy"] and None in figure["qproxy"]["runs"]:
+            cells[2] = "NOT FREED"
+        met = {True: "yes", False: "NO", None: ""}[figure["met"]]
+        rows.append((label, *cells, format_ratio(figure["qproxy_socat"]), format_ratio(figure["qproxy_direct"]),
+                     figure["target"], met))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:6], widths[1:6])]
+        cells += [row[6].ljust(widths[6]), row[7]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def headline(meta: dict) -> str:
+    s = meta["settings"]
+    return (
+        f"qproxy bench ({meta['mode']}) {meta['date']}: {meta['cpu']}, {meta['cores']} cores, Linux {meta['kernel']}, "
+        f"Python {meta['python']}, qproxy {meta['qproxy_version']} (sha256 {meta['qproxy_sha256'][:12]})\n"
+        f"medians of {s['runs']} runs of {s['seconds']} s after a {s['warmup']} s warm-up "
+        f"({s['starts']} starts for start-up); listen backlog 1024 for qproxy, nginx and "
+        f"socat (socat backlog: {meta['socat_backlog']})"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs: under two minutes")
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help=f"comma-separated workloads to run (default: all of {','.join(WORKLOADS)})")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results ({DEFAULT_JSON})")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs qproxy.py (default: this one)")
+    parser.add_argument("--qproxy", type=Path, default=ROOT / "qproxy.py", help="the qproxy.py to measure")
+    parser.add_argument("--runs", type=int, help="measured runs per workload (at least 3 for medians that mean much)")
+    parser.add_argument("--seconds", type=int, help="length of each iperf3/wrk run")
+    parser.add_argument("--socat-backlog", type=int, default=1024,
+                        help="backlog= of socat's listeners, like qproxy's 1024 (0: socat's default, 5)")
+    parser.add_argument("--no-lock", action="store_true",
+                        help="do not wait for another bench run on this machine to finish first")
+    parser.add_argument("--install", action="store_true", help=f"install missing tools: {INSTALL_COMMAND}")
+    args = parser.parse_args(argv)
+    args.workloads = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in args.workloads if name not in WORKLOADS]
+    if unknown or not args.workloads:
+        parser.error(f"--only: unknown workload {', '.join(unknown) or '(none)'}; choose from {', '.join(WORKLOADS)}")
+    if not args.qproxy.is_file():
+        parser.error(f"--qproxy: no file {args.qproxy}")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    settings = dataclasses.replace(QUICK if args.quick else FULL)
+    if args.runs:
+        settings.runs = args.runs
+    if args.seconds:
+        settings.seconds = args.seconds
+    return settings
+
+
+def on_sigterm(number: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through every Scope, which stops and removes what it holds
+
+
+def run_workload(ctx: Context, name: str, errors: dict[str, str]) -> dict:
+    """One workload's figures, its processes and folders gone afterwards; a failure noted in errors."""
+    print(f"  {name}...", end="", flush=True)
+    began = time.monotonic()
+    try:
+        with Scope() as scope:
+            figures = RUNNERS[name](ctx, scope)
+    except BenchError as error:
+        errors[name] = str(error)
+        print(f" FAILED: {error}", flush=True)
+        return {}
+    print(f" {time.monotonic() - began:.0f} s", flush=True)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    workloads = [name for name in WORKLOADS if name in args.workloads]  # the quiet ones first
+    tools = find_tools(workloads, args.install)
+    raise_fd_limit()
+    figures: dict = {}
+    errors: dict[str, str] = {}
+    try:
+        with one_bench_at_a_time(not args.no_lock), Scope() as outer:
+            # Measure a copy: qproxy.py edited during the run must not mix two versions in one table.
+            snapshot = outer.folder("snapshot") / "qproxy.py"
+            shutil.copyfile(args.qproxy, snapshot)
+            ctx = Context(python=args.python, qproxy=snapshot, settings=settings_from(args),
+                          socat_backlog=args.socat_backlog, tools=tools)
+            meta = describe_run(ctx, args.qproxy.resolve(), args.quick)
+            print(headline(meta), flush=True)
+            if meta["cpu_busy_before_pct"] > 10:
+                print(f"warning: the CPUs were {meta['cpu_busy_before_pct']:.0f} % busy before the run started: "
+                      "figures will be noisy", flush=True)
+            for name in workloads:
+                figures.update(run_workload(ctx, name, errors))
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; everything started has been stopped", file=sys.stderr)
+        return 130
+    missed = [figure["label"] for figure in figures.values() if figure["met"] is False]
+    print()
+    print(table(figures))
+    print()
+    print(f"targets missed: {', '.join(missed)}" if missed else "every target measured was met")
+    for name, figure in figures.items():
+        if any(sum(runs) for runs in figure.get("errors", {}).values()):
+            print(f"note: wrk socket errors or non-2xx replies, per run: {figure['errors']} ({figure['label']})")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(
+        {"meta": meta, "figures": figures, "targets_missed": missed, "errors": errors}, indent=2) + "\n")
+    print(f"results: {args.json}")
+    if errors:
+        print(f"bench: {len(errors)} workload(s) failed: {', '.join(errors)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
