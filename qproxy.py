@@ -834,6 +834,32 @@ class Reactor(threading.Thread):
 # ---------------------------------------------------------------------------
 
 
+class Throttle:
+    """At most one warning a while for a recurring problem, counting the ones held back."""
+
+    INTERVAL = 10.0  # seconds
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter = collections.Counter()
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if key in self.last and now - self.last[key] < self.INTERVAL:
+                self.held[key] += 1
+                return
+            self.last[key] = now
+            held = self.held.pop(key, 0)
+        if held:
+            message += f" ({held} more since the last report)"
+        log.warning(message, *args)
+
+
+throttled = Throttle()
+
+
 class ConnectionSlots:
     """How many connections this process may relay at once (-t/--threads)."""
 
@@ -937,6 +963,10 @@ class Workers:
                 self.idle += 1
 
 
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_PAUSE = 0.1  # seconds the accept loop rests when the process or system is out of descriptors
+
+
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A listening socket of any family whose connections are each set up by a worker thread."""
 
@@ -950,6 +980,19 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.slots = slots
         self.workers = workers
         super().__init__(address, None)
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        """accept(), pausing when no descriptor is left: a pending connection would make the loop spin."""
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in OUT_OF_RESOURCES:
+                throttled.warning(
+                    "accept", "cannot accept on %s: %s; pausing %.1f s (raise the open-files limit?)",
+                    self.server_address, error.strerror, ACCEPT_PAUSE,
+                )
+                time.sleep(ACCEPT_PAUSE)
+            raise  # socketserver drops the attempt; the connection waits in the listen queue
 
     def process_request(self, request: socket.socket, client_address: object) -> None:
         """ThreadingMixIn's thread per connection, taken from the workers."""
