@@ -971,6 +971,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A listening socket of any family whose connections are each set up by a worker thread."""
 
     request_queue_size = LISTEN_BACKLOG
+    peer_cid: int | None = None  # on AF_VSOCK, accept connections from this CID only
 
     def __init__(self, family: int, address: object, serve: Callable, slots: ConnectionSlots | None,
                  workers: Workers):
@@ -993,6 +994,18 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 )
                 time.sleep(ACCEPT_PAUSE)
             raise  # socketserver drops the attempt; the connection waits in the listen queue
+
+    def verify_request(self, request: socket.socket, client_address: object) -> bool:
+        """On real vsock, only the other half's CID may connect: the host's vsock ports
+        are reachable from every VM on the machine, the enclave's from its parent."""
+        if self.address_family != getattr(socket, "AF_VSOCK", None) or client_address[0] == self.peer_cid:
+            return True
+        throttled.warning(
+            "peer", "refused a vsock connection to port %d from CID %d: only CID %d may connect",
+            self.server_address[1], client_address[0], self.peer_cid,
+        )
+        request.close()  # socketserver's own cleanup, shutdown_request(), leaves requests to their handler
+        return False
 
     def process_request(self, request: socket.socket, client_address: object) -> None:
         """ThreadingMixIn's thread per connection, taken from the workers."""
@@ -1276,9 +1289,10 @@ def raise_fd_limit() -> None:
 class Half:
     """One running half: its listeners, its open connections, and how it stops."""
 
-    def __init__(self, role: str, vsock: Vsock, dialer: Dialer, max_connections: int):
+    def __init__(self, role: str, vsock: Vsock, dialer: Dialer, max_connections: int, peer_cid: int):
         self.role = role
         self.vsock = vsock
+        self.peer_cid = peer_cid  # the only CID whose vsock connections this half accepts
         self.stopping = threading.Event()
         self.connections = OpenConnections()
         self.slots = ConnectionSlots(max_connections, self.stopping)
@@ -1298,7 +1312,9 @@ class Half:
         self.stopping.set()
 
     def listen(self, endpoint: Endpoint, serve: Callable, limited: bool = True) -> None:
-        self.listeners.append(open_listener(endpoint, self.vsock, serve, self.slots if limited else None, self.workers))
+        listener = open_listener(endpoint, self.vsock, serve, self.slots if limited else None, self.workers)
+        listener.peer_cid = self.peer_cid
+        self.listeners.append(listener)
 
     def add_route(self, route: Route) -> None:
         self.listen(route.listen, self.relayer.handler(route))
@@ -1328,6 +1344,10 @@ class Half:
             log.warning("grace period over: cutting %d open connections", self.connections.cut_all())
             self.connections.wait_empty(1.0)
         log.info("%s half stopped", self.role)
+        # What is left is the interpreter's own exit, which puts back the default
+        # handlers: a late signal must not turn this clean stop into death by signal.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return EXIT_OK
 
 
@@ -1336,7 +1356,7 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     check_literals_match_family(config, family)
     vsock.check_available()
     raise_fd_limit()
-    half = Half("host", vsock, Dialer(vsock, family), args.threads)
+    half = Half("host", vsock, Dialer(vsock, family), args.threads, peer_cid=args.cid)
     try:
         for route in host_routes(config, str(args.cid)):
             half.add_route(route)
@@ -1362,7 +1382,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     ensure_loopback_up()
     vsock.check_available()
     raise_fd_limit()
-    half = Half("enclave", vsock, Dialer(vsock), args.threads)
+    half = Half("enclave", vsock, Dialer(vsock), args.threads, peer_cid=args.parent_cid)
     for warning in loop_warnings(config):
         log.warning("%s", warning)
     try:

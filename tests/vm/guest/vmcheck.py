@@ -250,15 +250,15 @@ class Box:
         env["RUST_LOG"] = "debug"
         return env
 
-    def host_half(self, config: Path, name: str = "host half", extra: list[str] = ()) -> Process:
-        argv = [sys.executable, str(QPROXY), "host", "--config", str(config), *extra, str(LOCAL_CID)]
+    def host_half(self, config: Path, name: str = "host half", extra: list[str] = (), cid: int = LOCAL_CID) -> Process:
+        argv = [sys.executable, str(QPROXY), "host", "--config", str(config), *extra, str(cid)]
         half = self.spawn(name, argv, self.half_env())
         self.halves.append(half)
         return half
 
     def enclave_half(self, config: Path, enclave: Enclave, name: str = "enclave half",
-                     uid: int | None = None) -> Process:
-        argv = [sys.executable, str(QPROXY), "enclave", "--config", str(config), "--parent-cid", str(LOCAL_CID)]
+                     uid: int | None = None, parent_cid: int = LOCAL_CID) -> Process:
+        argv = [sys.executable, str(QPROXY), "enclave", "--config", str(config), "--parent-cid", str(parent_cid)]
         half = self.spawn(name, enclave.command(argv, uid), self.half_env())
         self.halves.append(half)
         return half
