@@ -1139,7 +1139,8 @@ def reason(error: BaseException) -> str:
 
 CONTROL_PROTOCOL = 1
 CONTROL_MAX_MESSAGE = 64 * 1024
-CONTROL_HELLO_TIMEOUT = 10.0
+CONTROL_HELLO_TIMEOUT = 10.0  # seconds for a whole hello, however slowly its bytes come
+CONTROL_MAX_UNGREETED = 8  # control connections that have not said hello yet, at once
 CONTROL_RETRY_MAX = 5.0
 
 
@@ -1147,17 +1148,33 @@ def send_message(sock: socket.socket, message: dict) -> None:
     sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
 
-def read_message(reader) -> dict | None:
-    """The next message, or None at EOF; ValueError for anything that is not one."""
-    line = reader.readline(CONTROL_MAX_MESSAGE + 1)
-    if not line:
-        return None
-    if len(line) > CONTROL_MAX_MESSAGE or not line.endswith(b"\n"):
-        raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes or cut short")
-    message = json.loads(line)
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise ValueError("a message without a type")
-    return message
+class MessageReader:
+    """Reads the control protocol's messages: JSON objects with a type, one a line, each bounded."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.pending = b""
+
+    def read(self, deadline: float | None = None) -> dict | None:
+        """The next message, or None at EOF; ValueError for anything that is not one,
+        socket.timeout when the deadline (a time.monotonic() value) passes first."""
+        while b"\n" not in self.pending:
+            if len(self.pending) > CONTROL_MAX_MESSAGE:
+                raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
+            self.sock.settimeout(None if deadline is None else max(deadline - time.monotonic(), 0.001))
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                if self.pending:
+                    raise ValueError("a message cut short")
+                return None
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        if len(line) > CONTROL_MAX_MESSAGE:
+            raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
+        message = json.loads(line)  # json.JSONDecodeError is a ValueError
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise ValueError("a message without a type")
+        return message
 
 
 def hello(role: str) -> dict:
@@ -1165,35 +1182,68 @@ def hello(role: str) -> dict:
 
 
 class ControlServer:
-    """The host half's side of the control port: greets the enclave half, notices when it leaves."""
+    """The host half's side of the control port: greets the enclave half, notices when it leaves.
+
+    One enclave half at a time: a new one that says hello replaces the one
+    before (a restarted enclave half, or a stale connection).  Connections that
+    have not said hello get CONTROL_HELLO_TIMEOUT in all and CONTROL_MAX_UNGREETED
+    places, so garbage, trickles and floods cost little and never touch the data path.
+    """
+
+    def __init__(self):
+        self.ungreeted = threading.BoundedSemaphore(CONTROL_MAX_UNGREETED)
+        self.lock = threading.Lock()
+        self.enclave: socket.socket | None = None
 
     def serve(self, sock: socket.socket, address: object) -> None:
         peer = describe_peer(sock.family, address)
         with sock:
-            self.talk(sock, peer)
+            if not self.ungreeted.acquire(blocking=False):
+                throttled.warning("control-flood", "control: too many connections without a hello; closing %s", peer)
+                return
+            try:
+                reader, greeting = self.greet(sock, peer)
+            finally:
+                self.ungreeted.release()
+            if greeting is not None:
+                self.follow(sock, peer, reader, greeting)
 
-    def talk(self, sock: socket.socket, peer: str) -> None:
+    def greet(self, sock: socket.socket, peer: str) -> tuple[MessageReader, dict | None]:
+        reader = MessageReader(sock)
         try:
-            sock.settimeout(CONTROL_HELLO_TIMEOUT)
-            with sock.makefile("rb") as reader:
-                greeting = read_message(reader)
-                if not greeting or greeting.get("type") != "hello" or greeting.get("role") != "enclave":
-                    log.warning("control: %s did not introduce itself as an enclave half; closing", peer)
-                    return
-                if greeting.get("protocol") != CONTROL_PROTOCOL:
-                    log.error(
-                        "control: the enclave half speaks control protocol %r, this host half %d; upgrade one",
-                        greeting.get("protocol"), CONTROL_PROTOCOL,
-                    )
-                send_message(sock, hello("host"))
-                log.info("control: enclave half connected from %s (qproxy %s)", peer, greeting.get("version"))
-                sock.settimeout(None)
-                while read_message(reader) is not None:
-                    pass  # later protocol versions add messages; this one has none after hello
+            greeting = reader.read(deadline=time.monotonic() + CONTROL_HELLO_TIMEOUT)
         except (OSError, ValueError) as error:
-            log.warning("control: connection from %s failed: %s", peer, error)
-            return
-        log.warning("control: the enclave half (%s) disconnected", peer)
+            throttled.warning("control-hello", "control: no valid hello from %s: %s", peer, reason(error))
+            return reader, None
+        if not greeting or greeting.get("type") != "hello" or greeting.get("role") != "enclave":
+            throttled.warning("control-hello", "control: %s did not introduce itself as an enclave half", peer)
+            return reader, None
+        return reader, greeting
+
+    def follow(self, sock: socket.socket, peer: str, reader: MessageReader, greeting: dict) -> None:
+        """Answer the hello, then hold the connection until the enclave half leaves or is replaced."""
+        if greeting.get("protocol") != CONTROL_PROTOCOL:
+            log.error(
+                "control: the enclave half speaks control protocol %r, this host half %d; upgrade one",
+                greeting.get("protocol"), CONTROL_PROTOCOL,
+            )
+        with self.lock:
+            previous, self.enclave = self.enclave, sock
+        if previous is not None:
+            log.warning("control: a new enclave half replaces the one connected before")
+            previous.shutdown(socket.SHUT_RDWR)
+        try:
+            send_message(sock, hello("host"))
+            log.info("control: enclave half connected from %s (qproxy %s)", peer, greeting.get("version"))
+            while reader.read() is not None:
+                pass  # later protocol versions add messages; this one has none after hello
+        except (OSError, ValueError) as error:
+            log.warning("control: the enclave half (%s) failed: %s", peer, reason(error))
+        else:
+            log.warning("control: the enclave half (%s) disconnected", peer)
+        with self.lock:
+            if self.enclave is sock:
+                self.enclave = None
 
 
 class ControlClient(threading.Thread):
@@ -1221,15 +1271,14 @@ class ControlClient(threading.Thread):
         with sock:
             try:
                 send_message(sock, hello("enclave"))
-                with sock.makefile("rb") as reader:
-                    answer = read_message(reader)
-                    if not answer or answer.get("type") != "hello":
-                        log.warning("control: the host half at vsock %d:%d did not answer hello", self.parent_cid, self.port)
-                        return
-                    log.info("control: connected to the host half (qproxy %s)", answer.get("version"))
-                    sock.settimeout(None)
-                    while read_message(reader) is not None:
-                        pass
+                reader = MessageReader(sock)
+                answer = reader.read(deadline=time.monotonic() + CONTROL_HELLO_TIMEOUT)
+                if not answer or answer.get("type") != "hello":
+                    log.warning("control: the host half at vsock %d:%d did not answer hello", self.parent_cid, self.port)
+                    return
+                log.info("control: connected to the host half (qproxy %s)", answer.get("version"))
+                while reader.read() is not None:
+                    pass
             except (OSError, ValueError) as error:
                 log.warning("control: connection to the host half failed: %s", error)
                 return
