@@ -59,6 +59,7 @@ class InboundConnection(TypedDict):
     host_port: int
     enclave_port: int
     vsock_port: int
+    bind_address: NotRequired[str]  # extension; default: "0.0.0.0"
 
 
 class OutboundConnection(TypedDict):
@@ -103,6 +104,7 @@ OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4_PATTERN = rf"^({OCTET}\.){{3}}{OCTET}$"
 IPV6_SHAPE = r"^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*$"  # the characters of an IPv6 address; "format" does the rest
 
+IP_ADDRESS_SCHEMA = {"anyOf": [{"pattern": IPV4_PATTERN, "format": "ipv4"}, {"pattern": IPV6_SHAPE, "format": "ipv6"}]}
 HOSTNAME_SCHEMA = {
     "anyOf": [
         {
@@ -114,8 +116,7 @@ HOSTNAME_SCHEMA = {
                 {"maxLength": qproxy.HOSTNAME_MAX_LENGTH + 1, "pattern": r"\.$"},
             ],
         },
-        {"pattern": IPV4_PATTERN, "format": "ipv4"},
-        {"pattern": IPV6_SHAPE, "format": "ipv6"},
+        *IP_ADDRESS_SCHEMA["anyOf"],
     ],
 }
 
@@ -127,6 +128,8 @@ def field_schema(field: qproxy.Field) -> dict:
         schema = {"type": "integer", "minimum": low, "maximum": high}
     elif field.kind == "hostname":
         schema = {"type": "string", **HOSTNAME_SCHEMA}
+    elif field.kind == "ip_address":
+        schema = {"type": "string", **IP_ADDRESS_SCHEMA}
     elif field.kind == "log_level":
         schema = {"type": "string", "enum": list(qproxy.LOG_LEVELS)}
     elif field.kind == "text":

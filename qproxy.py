@@ -149,7 +149,7 @@ HOSTNAME_MAX_LENGTH = 253
 class Field(collections.namedtuple("Field", "kind description default same_as extension", defaults=(None, None, False))):
     """One key of a configuration table.
 
-    kind: "tcp_port", "vsock_port", "hostname", "log_level" or "text".
+    kind: "tcp_port", "vsock_port", "hostname", "ip_address", "log_level" or "text".
     default: the value when the key is absent; with neither default nor
     same_as (the other key of the entry whose value it takes) the key is
     required.  extension: not in the vendor's format.
@@ -177,6 +177,13 @@ TABLES = {
             ),
             "vsock_port": Field(
                 "vsock_port", "Vsock port the enclave half listens on for this entry; unique in the file."
+            ),
+            "bind_address": Field(
+                "ip_address",
+                "Address the host half listens on for host_port: keep an entry on an internal interface"
+                " or on loopback.",
+                default="0.0.0.0",
+                extension=True,
             ),
         },
     ),
@@ -213,7 +220,7 @@ TABLES = {
 
 
 # A checked configuration: a tuple of Inbound, a tuple of Outbound, a LogLocation or None.
-Inbound = collections.namedtuple("Inbound", "host_port enclave_port vsock_port")
+Inbound = collections.namedtuple("Inbound", "host_port enclave_port vsock_port bind_address")
 Outbound = collections.namedtuple("Outbound", "hostname vsock_port tcp_port enclave_port")
 LogLocation = collections.namedtuple("LogLocation", "host_log enclave_log log_level host_log_dir enclave_log_dir")
 Config = collections.namedtuple("Config", "inbound outbound log_location", defaults=((), (), None))
@@ -250,6 +257,8 @@ def check_value(field: Field, value: object) -> str | None:
         return f"expected a string, found {describe(value)}"
     if field.kind == "hostname" and not is_hostname(value):
         return f"expected a DNS name or an IP address, found {describe(value)}"
+    if field.kind == "ip_address" and not is_ip_literal(value):
+        return f"expected an IPv4 or IPv6 address, found {describe(value)}"
     if field.kind == "log_level" and value not in LOG_LEVELS:
         return f"expected one of {', '.join(LOG_LEVELS)}, found {describe(value)}"
     if field.kind == "text" and (not value or "\0" in value):
@@ -357,7 +366,7 @@ def cross_check(entries: dict[str, list[dict]], control_port: int) -> list[str]:
         ports("inbound_connections", "vsock_port") + ports("outbound_connections", "vsock_port"),
         {control_port: "the control port"},
     )
-    unique("host_port", ports("inbound_connections", "host_port"), {})
+    unique("host_port", ports("inbound_connections", "host_port"), {})  # even on two bind addresses: keep it simple
     unique(
         "enclave-side listening port (outbound enclave_port, by default tcp_port)",
         ports("outbound_connections", "enclave_port"),
@@ -1066,7 +1075,7 @@ Route = collections.namedtuple("Route", "listen target")
 
 def host_routes(config: Config, enclave_cid: str) -> list[Route]:
     routes = [
-        Route(Endpoint("tcp", "0.0.0.0", entry.host_port), Endpoint("vsock", enclave_cid, entry.vsock_port))
+        Route(Endpoint("tcp", entry.bind_address, entry.host_port), Endpoint("vsock", enclave_cid, entry.vsock_port))
         for entry in config.inbound
     ]
     routes += [
@@ -1261,28 +1270,36 @@ class ControlClient(threading.Thread):
                 sock = self.vsock.connect(self.parent_cid, self.port, CONTROL_HELLO_TIMEOUT)
             except OSError as error:
                 log.debug("control: host half not reachable at vsock %d:%d (%s)", self.parent_cid, self.port, reason(error))
-                self.stopping.wait(delay)
-                delay = min(delay * 2, CONTROL_RETRY_MAX)
-                continue
-            delay = 0.1
-            self.talk(sock)
+            else:
+                if self.talk(sock):
+                    delay = 0.1  # back-off starts afresh only after a real conversation
+            # Wait even after a connection: one the host half closes at once must not become a busy loop.
+            self.stopping.wait(delay)
+            delay = min(delay * 2, CONTROL_RETRY_MAX)
 
-    def talk(self, sock: socket.socket) -> None:
+    def talk(self, sock: socket.socket) -> bool:
+        """Say hello and hold the connection until it ends; True if the host half answered."""
+        answered = False
         with sock:
             try:
                 send_message(sock, hello("enclave"))
                 reader = MessageReader(sock)
                 answer = reader.read(deadline=time.monotonic() + CONTROL_HELLO_TIMEOUT)
                 if not answer or answer.get("type") != "hello":
-                    log.warning("control: the host half at vsock %d:%d did not answer hello", self.parent_cid, self.port)
-                    return
+                    throttled.warning(
+                        "control-answer", "control: the host half at vsock %d:%d did not answer hello",
+                        self.parent_cid, self.port,
+                    )
+                    return False
+                answered = True
                 log.info("control: connected to the host half (qproxy %s)", answer.get("version"))
                 while reader.read() is not None:
                     pass
             except (OSError, ValueError) as error:
-                log.warning("control: connection to the host half failed: %s", error)
-                return
+                throttled.warning("control-failed", "control: connection to the host half failed: %s", reason(error))
+                return answered
             log.warning("control: the host half went away; reconnecting")
+            return True
 
 
 # ---------------------------------------------------------------------------

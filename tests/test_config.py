@@ -252,7 +252,9 @@ def test_check_config_empty_file_and_no_log_table(check_config, tmp_path):
 
 # The kind of each key, as the vendor documents it (ports u16, vsock ports u32, the rest strings).
 KINDS = {
-    "inbound_connections": {"host_port": "tcp_port", "enclave_port": "tcp_port", "vsock_port": "vsock_port"},
+    "inbound_connections": {
+        "host_port": "tcp_port", "enclave_port": "tcp_port", "vsock_port": "vsock_port", "bind_address": "ip_address",
+    },
     "outbound_connections": {
         "hostname": "hostname", "vsock_port": "vsock_port", "tcp_port": "tcp_port", "enclave_port": "tcp_port",
     },
@@ -273,6 +275,7 @@ VALID = {
         "a-b.c-d", "123abc.example", "example.123a", "a" * 63 + ".com", LONGEST_NAME, LONGEST_NAME + ".",
         "1.2.3.4", "0.0.0.0", "255.255.255.255", "::1", "2001:db8::1", "FE80::1", "::ffff:192.0.2.1",
     ],
+    "ip_address": ["0.0.0.0", "127.0.0.1", "10.1.2.3", "::", "::1", "2001:db8::1"],
     "log_level": list(qproxy.LOG_LEVELS),
     "text": ["x", "日志.log", "/var/log/with space", "a" * 300],
 }
@@ -285,6 +288,7 @@ INVALID = {
         "a.-b.com", "a" * 64 + ".com", LONGEST_NAME + "c", "a" * 300, "bücher.de", "exa mple.com", "a.com\n",
         "a\0b", "[::1]", "::1:::", "host:80", "1.2.3.4:80", "a/b", "*.example.com", 8080, True, ["a.com"],
     ],
+    "ip_address": ["", "localhost", "eth0", "1.2.3", "256.1.1.1", "[::1]", "1.2.3.4:80", "fe80::1%eth0", 0, True],
     "log_level": ["INFO", "Warn", "WARN", "warning", "none", "", " info", 3, True, ["info"]],
     "text": ["", "a\0b", 1, True, 1.5, ["host.log"], {"name": "host.log"}],
 }
@@ -294,6 +298,7 @@ EXPECTED = {
     "tcp_port": "expected an integer from 1 to 65535, found ",
     "vsock_port": "expected an integer from 1 to 4294967294, found ",
     "hostname": "expected a ",  # a DNS name or an IP address / a string
+    "ip_address": "expected a",  # an IPv4 or IPv6 address / a string
     "log_level": "expected ",  # one of ... / a string
     "text": "expected a ",
 }

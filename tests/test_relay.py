@@ -453,3 +453,14 @@ def test_out_of_descriptors_the_host_backs_off_and_recovers(proxy, echo_server):
 
     wait_for(served, "the host half to serve again once descriptors are free")
     assert host.process.poll() is None
+
+
+def test_bind_address_keeps_an_inbound_entry_on_one_address(proxy, echo_server):
+    host_port = free_port()
+    proxy.write_config(inbound(host_port, echo_server.port) + 'bind_address = "127.0.0.1"\n')
+    proxy.start("enclave")
+    host = proxy.start("host")
+    host.wait_log(rf"listening on tcp 127\.0\.0\.1:{host_port} -> vsock 4:9000")
+    assert exchange(host_port, b"on loopback") == b"on loopback"
+    with pytest.raises(ConnectionRefusedError):  # another loopback address: nothing listens there
+        connect(host_port, "127.0.0.2").close()

@@ -81,11 +81,13 @@ GOOD = {
         st.from_regex(qproxy.HOSTNAME_PATTERN, fullmatch=True).filter(lambda text: not text.rstrip(".").isdigit()),
         st.ip_addresses().map(str),
     ).filter(lambda text: "\n" not in text),
+    "ip_address": st.ip_addresses().map(str),
     "log_level": st.sampled_from(qproxy.LOG_LEVELS),
     "text": st.text(min_size=1, max_size=8).filter(lambda text: "\0" not in text),
 }
 BAD = {
     "hostname": hostnames,  # about half of these are bad
+    "ip_address": hostnames,  # most of these are bad
     "log_level": st.one_of(st.sampled_from(["INFO", "Warn", "warning", ""]), texts),
     "text": texts,
 }
@@ -215,7 +217,7 @@ def test_vendor_examples_fit_the_schema(example):
 # (b) The TypedDicts match the table
 # ---------------------------------------------------------------------------
 
-PYTHON_TYPES = {"tcp_port": int, "vsock_port": int, "hostname": str, "text": str}
+PYTHON_TYPES = {"tcp_port": int, "vsock_port": int, "hostname": str, "ip_address": str, "text": str}
 
 
 def typed_dicts() -> dict:
