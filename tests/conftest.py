@@ -48,6 +48,19 @@ def run_qproxy(*args: str, env: dict | None = None, timeout: float = 30, cwd=Non
     )
 
 
+def inbound(host_port: int, enclave_port: int, vsock_port: int = 9000) -> str:
+    """One [[inbound_connections]] entry, as TOML."""
+    return f"[[inbound_connections]]\nhost_port = {host_port}\nenclave_port = {enclave_port}\nvsock_port = {vsock_port}\n"
+
+
+def outbound(hostname: str, tcp_port: int, enclave_port: int, vsock_port: int = 7000) -> str:
+    """One [[outbound_connections]] entry, as TOML, with the enclave_port extension."""
+    return (
+        f'[[outbound_connections]]\nhostname = "{hostname}"\nvsock_port = {vsock_port}\n'
+        f"tcp_port = {tcp_port}\nenclave_port = {enclave_port}\n"
+    )
+
+
 class Half:
     """A running half of qproxy: a subprocess whose stderr goes to a log file."""
 

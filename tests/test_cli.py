@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import qproxy
-from conftest import DEADLINE, QPROXY, ROOT, Half, free_port, recv_all, wait_for
+from conftest import DEADLINE, QPROXY, ROOT, Half, free_port, inbound, outbound, recv_all, wait_for
 
 CLI_VARIABLES = ("QPROXY_LISTEN_CID", "QPROXY_PARENT_CID", "QPROXY_CONTROL_PORT", "TOKIO_WORKER_THREADS", "RUST_LOG")
 
@@ -141,15 +141,11 @@ def unix_echo(path: Path, payload: bytes) -> bytes:
         return recv_all(sock)
 
 
-def inbound_config(host_port: int, enclave_port: int, vsock_port: int = 9000) -> str:
-    return f"[[inbound_connections]]\nhost_port = {host_port}\nenclave_port = {enclave_port}\nvsock_port = {vsock_port}\n"
+inbound_config = inbound
 
 
 def outbound_config(hostname: str, tcp_port: int, enclave_port: int, vsock_port: int = 7777) -> str:
-    return (
-        f'[[outbound_connections]]\nhostname = "{hostname}"\nvsock_port = {vsock_port}\n'
-        f"tcp_port = {tcp_port}\nenclave_port = {enclave_port}\n"
-    )
+    return outbound(hostname, tcp_port, enclave_port, vsock_port)
 
 
 # ---------------------------------------------------------------------------

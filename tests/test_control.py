@@ -14,8 +14,8 @@ import threading
 import time
 
 import qproxy
-from conftest import DEADLINE, free_port, recv_all, wait_for
-from test_relay import exchange, inbound
+from conftest import DEADLINE, free_port, inbound, recv_all, wait_for
+from test_relay import exchange
 
 
 def start(proxy, echo_server):

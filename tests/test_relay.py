@@ -15,18 +15,7 @@ import time
 
 import pytest
 
-from conftest import DEADLINE, QPROXY, ThreadedServer, free_port, recv_all, wait_for
-
-
-def inbound(host_port: int, enclave_port: int, vsock_port: int = 9000) -> str:
-    return f"[[inbound_connections]]\nhost_port = {host_port}\nenclave_port = {enclave_port}\nvsock_port = {vsock_port}\n"
-
-
-def outbound(hostname: str, tcp_port: int, enclave_port: int, vsock_port: int = 7000) -> str:
-    return (
-        f'[[outbound_connections]]\nhostname = "{hostname}"\nvsock_port = {vsock_port}\n'
-        f"tcp_port = {tcp_port}\nenclave_port = {enclave_port}\n"
-    )
+from conftest import DEADLINE, QPROXY, ThreadedServer, free_port, inbound, outbound, recv_all, wait_for
 
 
 def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
