@@ -980,15 +980,15 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A listening socket of any family whose connections are each set up by a worker thread."""
 
     request_queue_size = LISTEN_BACKLOG
-    peer_cid: int | None = None  # on AF_VSOCK, accept connections from this CID only
 
     def __init__(self, family: int, address: object, serve: Callable, slots: ConnectionSlots | None,
-                 workers: Workers):
+                 workers: Workers, peer_cid: int):
         self.address_family = family
         self.allow_reuse_address = family in (socket.AF_INET, socket.AF_INET6)
         self.serve = serve
         self.slots = slots
         self.workers = workers
+        self.peer_cid = peer_cid  # on AF_VSOCK, the one CID whose connections are accepted
         super().__init__(address, None)
 
     def get_request(self) -> tuple[socket.socket, object]:
@@ -1040,7 +1040,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: ConnectionSlots | None,
-                  workers: Workers) -> Listener:
+                  workers: Workers, peer_cid: int) -> Listener:
     """Bind and listen, turning the usual failures into a StartError that says what to do."""
     if endpoint.kind == "tcp":
         family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
@@ -1051,7 +1051,7 @@ def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: Conn
         address = vsock.listen_address(endpoint.port)
         what = f"vsock port {endpoint.port}"
     try:
-        return Listener(family, address, serve, slots, workers)
+        return Listener(family, address, serve, slots, workers, peer_cid)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise StartError(f"{what} is already in use: stop what holds it or choose another port") from None
@@ -1378,9 +1378,8 @@ class Half:
         self.stopping.set()
 
     def listen(self, endpoint: Endpoint, serve: Callable, limited: bool = True) -> None:
-        listener = open_listener(endpoint, self.vsock, serve, self.slots if limited else None, self.workers)
-        listener.peer_cid = self.peer_cid
-        self.listeners.append(listener)
+        slots = self.slots if limited else None
+        self.listeners.append(open_listener(endpoint, self.vsock, serve, slots, self.workers, self.peer_cid))
 
     def add_route(self, route: Route) -> None:
         self.listen(route.listen, self.relayer.handler(route))
