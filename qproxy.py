@@ -29,11 +29,12 @@ Design, in the order the data meets it:
   inside DIR.  Only the socket factory (``Vsock``) differs; everything above
   it is the same code on both transports.
 * Data path.  Raw bytes, no framing, so either half also works against a
-  plain relay such as socat.  socketserver accepts; each accepted connection
-  gets a thread of its own to dial the far side, which may block on DNS or a
-  slow connect.  Once both sockets are open the thread hands them to the
-  reactor and ends: one thread per process that moves the bytes of every
-  established connection with non-blocking sockets and a selector.  A
+  plain relay such as socat.  socketserver accepts; a worker thread dials the
+  far side of each accepted connection, which may block on DNS or a slow
+  connect.  Once both sockets are open the worker hands them to the reactor
+  and is free for the next connection: the reactor, one thread per process,
+  moves the bytes of every established connection with non-blocking sockets
+  and a selector.  A
   direction holds a buffer only while its destination has not taken all of
   it, so memory is bounded by construction, backpressure comes from the
   sockets, and an idle connection costs two descriptors and no thread.
