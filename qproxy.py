@@ -763,8 +763,8 @@ class Reactor(threading.Thread):
     """The one thread that moves the bytes of every established connection of this process.
 
     Setting up a connection may block (DNS, a slow connect), so that happens
-    in the connection's own thread; once both sockets are open the connection
-    is handed over here.  One thread polling every socket does no GIL
+    in a worker thread; once both sockets are open the connection is handed
+    over here.  One thread polling every socket does no GIL
     hand-offs between connections, which is what made many small exchanges
     slow when each connection had threads of its own.
     """
@@ -816,7 +816,10 @@ class Reactor(threading.Thread):
             pass
         while self.arrivals:
             connection = self.arrivals.popleft()
-            self.watch(connection)
+            try:
+                self.watch(connection)
+            except Exception as error:  # a socket the selector refuses: end this connection, not the reactor
+                self.finish(connection, error)
 
     def watch(self, connection: Connection) -> None:
         """Bring the selector in line with what the connection now waits for."""
@@ -840,7 +843,7 @@ class Reactor(threading.Thread):
 
 
 # ---------------------------------------------------------------------------
-# Listeners: socketserver, one thread per connection, a bound on how many
+# Listeners: socketserver, worker threads for setup, a bound on connections
 # ---------------------------------------------------------------------------
 
 
