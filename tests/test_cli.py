@@ -10,7 +10,6 @@ emulated vsock, through conftest's Proxy.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal

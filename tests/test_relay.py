@@ -239,22 +239,24 @@ needs_mount_namespace = pytest.mark.skipif(
 )
 
 
-def host_with_hosts_file(proxy, hosts_file, *args):
-    """A host half that reads hosts_file as /etc/hosts, in a mount namespace of its own."""
-    return proxy.start("host", *args, wrapper=[
+def outbound_by_name(proxy, hosts_file, hosts: str, name: str, port: int, *host_args: str) -> int:
+    """Both halves for one outbound entry to name:port, the host half reading hosts as its
+    /etc/hosts (hosts_file, bind-mounted in a mount namespace of its own); the app's port."""
+    hosts_file.write_text(hosts)
+    app_port = free_port()
+    proxy.write_config(outbound(name, port, app_port))
+    proxy.start("enclave")
+    proxy.start("host", *host_args, wrapper=[
         "unshare", "-m", "sh", "-c", f'mount --bind "{hosts_file}" /etc/hosts && exec "$0" "$@"',
     ])
+    return app_port
 
 
 @needs_mount_namespace
 def test_every_address_is_tried_when_the_first_is_dead(proxy, tmp_path):
     outside = ThreadedServer(reply_after_eof, "127.0.0.3")  # 127.0.0.1 on that port is dead
-    hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 upstream.test\n127.0.0.3 upstream.test\n")
-    app_port = free_port()
-    proxy.write_config(outbound("upstream.test", outside.port, app_port))
-    proxy.start("enclave")
-    host_with_hosts_file(proxy, hosts)
+    app_port = outbound_by_name(proxy, tmp_path / "hosts", "127.0.0.1 upstream.test\n127.0.0.3 upstream.test\n",
+                                "upstream.test", outside.port)
     assert exchange(app_port, b"abc").startswith(b"got 3 bytes")
     outside.stop()
 
@@ -264,11 +266,7 @@ def test_the_name_is_resolved_again_for_each_connection(proxy, tmp_path):
     first = ThreadedServer(reply_after_eof, "127.0.0.2")
     second = ThreadedServer(reply_after_eof, "127.0.0.3", first.port)
     hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.2 moving.test\n")
-    app_port = free_port()
-    proxy.write_config(outbound("moving.test", first.port, app_port))
-    proxy.start("enclave")
-    host_with_hosts_file(proxy, hosts)
+    app_port = outbound_by_name(proxy, hosts, "127.0.0.2 moving.test\n", "moving.test", first.port)
     exchange(app_port, b"1")
     with open(hosts, "r+") as file:  # same inode, so the bind mount sees the change
         file.write("127.0.0.3 moving.test\n")
@@ -280,13 +278,9 @@ def test_the_name_is_resolved_again_for_each_connection(proxy, tmp_path):
 @pytest.mark.parametrize("flag, works", [("--ipv4", False), ("--ipv6", True), (None, True)])
 def test_ipv4_and_ipv6_flags_choose_the_family(proxy, tmp_path, flag, works):
     six = ThreadedServer(reply_after_eof, "::1")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 dual.test\n::1 dual.test\n")
-    app_port = free_port()
     # nothing listens on 127.0.0.1 at six.port: only the IPv6 address answers
-    proxy.write_config(outbound("dual.test", six.port, app_port))
-    proxy.start("enclave")
-    host_with_hosts_file(proxy, hosts, *([flag] if flag else []))
+    app_port = outbound_by_name(proxy, tmp_path / "hosts", "127.0.0.1 dual.test\n::1 dual.test\n",
+                                "dual.test", six.port, *([flag] if flag else []))
     if works:
         assert exchange(app_port, b"v6").startswith(b"got 2 bytes")
     else:
