@@ -81,12 +81,21 @@ class LogLocation(TypedDict, total=False):
     enclave_log_dir: str
 
 
+class Limits(TypedDict, total=False):
+    """The [limits] table (extension); every key has a default."""
+
+    connections_per_listener: int
+    connect_timeout: float  # seconds; an int is a float to a type checker
+    idle_timeout: float
+
+
 class QproxyConfig(TypedDict, total=False):
     """A whole configuration file, as tomllib.load returns it."""
 
     inbound_connections: List[InboundConnection]
     outbound_connections: List[OutboundConnection]
     log_location: LogLocation
+    limits: Limits
 
 
 # ---------------------------------------------------------------------------
@@ -123,9 +132,12 @@ HOSTNAME_SCHEMA = {
 
 def field_schema(field: qproxy.Field) -> dict:
     """The JSON Schema of one key, from its kind, range and default."""
-    if field.kind in ("tcp_port", "vsock_port"):
-        low, high = qproxy.TCP_PORT_RANGE if field.kind == "tcp_port" else qproxy.VSOCK_PORT_RANGE
+    if field.kind in qproxy.INTEGER_RANGES:
+        low, high = qproxy.INTEGER_RANGES[field.kind]
         schema = {"type": "integer", "minimum": low, "maximum": high}
+    elif field.kind == "seconds":
+        low, high = qproxy.SECONDS_RANGE
+        schema = {"type": "number", "minimum": low, "maximum": high}
     elif field.kind == "hostname":
         schema = {"type": "string", **HOSTNAME_SCHEMA}
     elif field.kind == "ip_address":

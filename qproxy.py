@@ -43,8 +43,11 @@ Design, in the order the data meets it:
   see, so a far side that ends without sending a byte while the client is
   still talking (the other half could not reach its target) is passed on to
   a TCP client as a reset.
-* Limits.  ``-t N`` bounds the connections a process relays at once; the
-  accept loop waits for a free slot, so the excess queues in the kernel.
+* Limits.  ``-t N`` bounds the connections a half relays at once, and
+  ``[limits] connections_per_listener`` those of each listener: the accept
+  loop leaves a listener at its limit alone, so its excess queues in the
+  kernel while other listeners go on.  Dialing has a timeout; the reactor can
+  cut connections that stay idle.
 * Control.  The enclave half dials the host half's control port and says
   hello with a versioned, line-delimited JSON message; each half logs when
   the other arrives and leaves.  Nothing else crosses it yet.
@@ -95,7 +98,6 @@ EXIT_USAGE = 2
 DEFAULT_PARENT_CID = 3
 DEFAULT_CONTROL_PORT = 6666
 DEFAULT_MAX_CONNECTIONS = 1024
-CONNECT_TIMEOUT = 10.0  # seconds to reach the far side of a new connection
 GRACE_PERIOD = 5.0  # seconds open connections may finish after SIGTERM
 BUFFER_SIZE = 256 * 1024  # per direction of a connection, allocated on first use
 LISTEN_BACKLOG = 1024
@@ -128,6 +130,9 @@ TCP_PORT_RANGE = (1, 65535)
 VSOCK_PORT_RANGE = (1, 0xFFFFFFFE)
 # CID 0 is the hypervisor and 0xFFFFFFFF is VMADDR_CID_ANY; 1 is local loopback.
 CID_RANGE = (1, 0xFFFFFFFE)
+COUNT_RANGE = (1, 1_000_000)  # connections
+SECONDS_RANGE = (0, 86400)  # a timeout; 0 turns it off
+INTEGER_RANGES = {"tcp_port": TCP_PORT_RANGE, "vsock_port": VSOCK_PORT_RANGE, "count": COUNT_RANGE}
 LOG_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
 
 # A DNS name: dot-separated labels of letters, digits, '_' and '-', neither
@@ -150,7 +155,8 @@ HOSTNAME_MAX_LENGTH = 253
 class Field(collections.namedtuple("Field", "kind description default same_as extension", defaults=(None, None, False))):
     """One key of a configuration table.
 
-    kind: "tcp_port", "vsock_port", "hostname", "ip_address", "log_level" or "text".
+    kind: "tcp_port", "vsock_port", "count", "seconds", "hostname", "ip_address",
+    "log_level" or "text".
     default: the value when the key is absent; with neither default nor
     same_as (the other key of the entry whose value it takes) the key is
     required.  extension: not in the vendor's format.
@@ -217,14 +223,42 @@ TABLES = {
             "enclave_log_dir": Field("text", "Folder of the enclave half's log.", default="/var/log/qproxy"),
         },
     ),
+    "limits": Table(
+        array=False,
+        description="What one connection may cost each half; without this table the defaults apply.",
+        fields={
+            "connections_per_listener": Field(
+                "count",
+                "Most connections one listener relays at once; more wait in its listen queue, and other"
+                " listeners go on. -t/--threads bounds the whole half.",
+                default=512,
+                extension=True,
+            ),
+            "connect_timeout": Field(
+                "seconds",
+                "Seconds the far side of a new connection has to answer, for each address tried;"
+                " 0: as long as the system tries.",
+                default=10,
+                extension=True,
+            ),
+            "idle_timeout": Field(
+                "seconds",
+                "Seconds a connection may move no byte either way before it is cut; 0: never.",
+                default=0,
+                extension=True,
+            ),
+        },
+    ),
 }
 
 
-# A checked configuration: a tuple of Inbound, a tuple of Outbound, a LogLocation or None.
+# A checked configuration: a tuple of Inbound, a tuple of Outbound, a LogLocation or None, Limits.
 Inbound = collections.namedtuple("Inbound", "host_port enclave_port vsock_port bind_address")
 Outbound = collections.namedtuple("Outbound", "hostname vsock_port tcp_port enclave_port")
 LogLocation = collections.namedtuple("LogLocation", "host_log enclave_log log_level host_log_dir enclave_log_dir")
-Config = collections.namedtuple("Config", "inbound outbound log_location", defaults=((), (), None))
+Limits = collections.namedtuple("Limits", "connections_per_listener connect_timeout idle_timeout")
+DEFAULT_LIMITS = Limits(**{key: field.default for key, field in TABLES["limits"].fields.items()})
+Config = collections.namedtuple("Config", "inbound outbound log_location limits", defaults=((), (), None, DEFAULT_LIMITS))
 
 
 def is_ip_literal(text: str) -> bool:
@@ -249,11 +283,16 @@ def is_hostname(text: str) -> bool:
 
 def check_value(field: Field, value: object) -> str | None:
     """Why value does not fit field, or None when it does."""
-    if field.kind in ("tcp_port", "vsock_port"):
-        low, high = TCP_PORT_RANGE if field.kind == "tcp_port" else VSOCK_PORT_RANGE
+    if field.kind in INTEGER_RANGES:
+        low, high = INTEGER_RANGES[field.kind]
         if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
             return None
         return f"expected an integer from {low} to {high}, found {describe(value)}"
+    if field.kind == "seconds":
+        low, high = SECONDS_RANGE
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+            return None  # NaN fails the comparison too
+        return f"expected a number of seconds from {low} to {high}, found {describe(value)}"
     if not isinstance(value, str):
         return f"expected a string, found {describe(value)}"
     if field.kind == "hostname" and not is_hostname(value):
@@ -343,6 +382,7 @@ def check_document(document: dict, control_port: int) -> tuple[Config, list[str]
         inbound=tuple(Inbound(**e) for e in entries["inbound_connections"] if e),
         outbound=tuple(Outbound(**e) for e in entries["outbound_connections"] if e),
         log_location=next((LogLocation(**e) for e in entries["log_location"] if e), None),
+        limits=next((Limits(**e) for e in entries["limits"] if e), DEFAULT_LIMITS),
     )
     return config, problems
 
@@ -565,7 +605,7 @@ class Vsock:
             os.unlink(path)  # left by a process that died: its lock died with it
         return path
 
-    def connect(self, cid: int, port: int, timeout: float) -> socket.socket:
+    def connect(self, cid: int, port: int, timeout: float | None) -> socket.socket:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -579,13 +619,14 @@ class Vsock:
 class Dialer:
     """Opens the far side of a connection: vsock by CID, TCP by resolving per connection."""
 
-    def __init__(self, vsock: Vsock, family: int = socket.AF_UNSPEC):
+    def __init__(self, vsock: Vsock, timeout: float, family: int = socket.AF_UNSPEC):
         self.vsock = vsock
+        self.timeout = timeout or None  # [limits] connect_timeout; 0 leaves it to the system
         self.family = family  # AF_INET or AF_INET6 when --ipv4 or --ipv6 was given
 
     def connect(self, target: Endpoint) -> socket.socket:
         if target.kind == "vsock":
-            return self.vsock.connect(int(target.host), target.port, CONNECT_TIMEOUT)
+            return self.vsock.connect(int(target.host), target.port, self.timeout)
         return self.connect_tcp(target.host, target.port)
 
     def connect_tcp(self, host: str, port: int) -> socket.socket:
@@ -596,7 +637,7 @@ class Dialer:
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
             try:
-                sock.settimeout(CONNECT_TIMEOUT)
+                sock.settimeout(self.timeout)
                 sock.connect(address)
             except OSError as error:
                 sock.close()
@@ -630,6 +671,28 @@ def reset(sock: socket.socket) -> None:
 # ---------------------------------------------------------------------------
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class Wakeup:
+    """Wakes a thread that waits in a selector, from any other thread: register ``reader``."""
+
+    def __init__(self):
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self.writer.send(b"\0")
+        except BlockingIOError:
+            pass  # wake-ups are pending already
+
+    def clear(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
 
 
 class Buffers:
@@ -702,6 +765,10 @@ class FarSideRefused(Exception):
     """The far side ended before sending anything while the client was still talking."""
 
 
+class IdleTimeout(Exception):
+    """No byte moved either way for [limits] idle_timeout seconds."""
+
+
 class Connection:
     """An established connection: a client, the far side dialed for it, a flow each way."""
 
@@ -713,6 +780,7 @@ class Connection:
         self.started = time.monotonic()
         self.up, self.down = Flow(client, far), Flow(far, client)
         self.interest = {client: 0, far: 0}  # what the reactor is asked to watch, per socket
+        self.last_active = self.started  # when the reactor last moved something for it
 
     def wants(self) -> dict[socket.socket, int]:
         wanted = {self.client: 0, self.far: 0}
@@ -744,6 +812,10 @@ class Connection:
         if isinstance(error, FarSideRefused):
             outcome = f"refused by {self.target} (the far side ended at once)"
             reset(self.client)
+        elif isinstance(error, IdleTimeout):
+            outcome = f"cut after {error} s idle"
+            reset(self.client)
+            reset(self.far)
         elif error is not None:
             outcome = f"reset ({reason(error)})"
             reset(self.client)
@@ -767,37 +839,43 @@ class Reactor(threading.Thread):
     over here.  One thread polling every socket does no GIL
     hand-offs between connections, which is what made many small exchanges
     slow when each connection had threads of its own.
+
+    With an idle timeout the reactor also looks over its connections a few
+    times per timeout and cuts those that moved nothing for that long.
     """
 
-    def __init__(self):
+    def __init__(self, idle_timeout: float):
         super().__init__(name="reactor", daemon=True)
         self.selector = selectors.DefaultSelector()
         self.buffers = Buffers()
+        self.connections: set[Connection] = set()
         self.arrivals: collections.deque[Connection] = collections.deque()
-        self.wake_reader, self.wake_writer = socket.socketpair()
-        self.wake_reader.setblocking(False)
-        self.wake_writer.setblocking(False)
-        self.selector.register(self.wake_reader, READ)
+        self.wakeup = Wakeup()
+        self.selector.register(self.wakeup.reader, READ)
+        self.idle_timeout = idle_timeout  # 0: never
+        # A connection is cut between idle_timeout and idle_timeout + sweep_interval after its last byte.
+        self.sweep_interval = min(idle_timeout / 4, 1.0) if idle_timeout else None
 
     def add(self, connection: Connection) -> None:
         """Take over an established connection (from any thread)."""
         connection.client.setblocking(False)
         connection.far.setblocking(False)
         self.arrivals.append(connection)
-        try:
-            self.wake_writer.send(b"\0")
-        except BlockingIOError:
-            pass  # the reactor has wake-ups pending already
+        self.wakeup.wake()
 
     def run(self) -> None:
+        next_sweep = time.monotonic()
         while True:
-            for key, events in self.selector.select():
-                if key.fileobj is self.wake_reader:
+            ready = self.selector.select(self.sweep_interval)
+            now = time.monotonic()
+            for key, events in ready:
+                if key.fileobj is self.wakeup.reader:
                     self.take_arrivals()
                     continue
                 connection = key.data
                 if connection.client.fileno() < 0:
                     continue  # closed earlier in this same round
+                connection.last_active = now
                 try:
                     if connection.step(key.fileobj, events, self.buffers):
                         self.finish(connection)
@@ -807,19 +885,24 @@ class Reactor(threading.Thread):
                     if not isinstance(error, (OSError, FarSideRefused)):
                         log.error("conn %d: unexpected error", connection.conn_id, exc_info=True)
                     self.finish(connection, error)
+            if self.idle_timeout and now >= next_sweep:
+                self.cut_idle(now)
+                next_sweep = now + self.sweep_interval
 
     def take_arrivals(self) -> None:
-        try:
-            while self.wake_reader.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self.wakeup.clear()
         while self.arrivals:
             connection = self.arrivals.popleft()
+            self.connections.add(connection)
             try:
                 self.watch(connection)
             except Exception as error:  # a socket the selector refuses: end this connection, not the reactor
                 self.finish(connection, error)
+
+    def cut_idle(self, now: float) -> None:
+        idle = IdleTimeout(f"{self.idle_timeout:g}")
+        for connection in [c for c in self.connections if now - c.last_active >= self.idle_timeout]:
+            self.finish(connection, idle)
 
     def watch(self, connection: Connection) -> None:
         """Bring the selector in line with what the connection now waits for."""
@@ -835,6 +918,7 @@ class Reactor(threading.Thread):
             connection.interest[sock] = events
 
     def finish(self, connection: Connection, error: BaseException | None = None) -> None:
+        self.connections.discard(connection)
         for sock, events in connection.interest.items():
             if events:
                 self.selector.unregister(sock)
@@ -873,32 +957,64 @@ class Throttle:
 throttled = Throttle()
 
 
-class ConnectionSlots:
-    """How many connections this process may relay at once (-t/--threads)."""
+class ConnectionCount:
+    """Connections relayed at once by one listener, or by the whole half, against a limit."""
 
-    def __init__(self, limit: int, stopping: threading.Event):
+    def __init__(self, limit: int, what: str):
         self.limit = limit
-        self.stopping = stopping
-        self.free = threading.BoundedSemaphore(limit)
-        self.at_limit = False
+        self.what = what  # names the limit and what it bounds, for the log
+        self.count = 0
 
-    def acquire(self) -> bool:
-        """Wait for a free slot; False when the process is stopping instead."""
-        if self.free.acquire(blocking=False):
-            return True
-        if not self.at_limit:
-            self.at_limit = True
-            log.warning("connection limit reached (%d at once, -t/--threads); new connections wait", self.limit)
-        while not self.free.acquire(timeout=0.2):
-            if self.stopping.is_set():
-                return False
-        return True
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
 
-    def release(self) -> None:
-        self.free.release()
-        if self.at_limit:
-            self.at_limit = False
-            log.info("below the connection limit again")
+    def add(self) -> None:
+        self.count += 1
+        if self.full:
+            log.warning("%s: %d connections at once, the limit; new ones wait in the listen queue",
+                        self.what, self.limit)
+
+    def remove(self) -> bool:
+        """Count one connection less; True when that takes the count off its limit."""
+        was_full = self.full
+        self.count -= 1
+        if was_full:
+            log.info("%s: below the limit again", self.what)
+        return was_full
+
+
+class Admission:
+    """Which listeners may accept now: each within its own limit, and all within the half's (-t).
+
+    A listener at a limit is left out of the accept loop, so its new connections
+    wait in the kernel's listen queue while the other listeners go on.  Only the
+    accept loop adds connections; any thread may end one, and wakes the loop
+    when that frees room.
+    """
+
+    def __init__(self, half_limit: int):
+        self.lock = threading.Lock()
+        self.half = ConnectionCount(half_limit, "this half (-t/--threads)")
+        self.wakeup = Wakeup()
+
+    def room(self, count: ConnectionCount | None) -> bool:
+        """Whether a listener counted by count may accept; an uncounted one always may."""
+        return count is None or not (self.half.full or count.full)
+
+    def add(self, count: ConnectionCount | None) -> None:
+        if count is not None:
+            with self.lock:
+                self.half.add()
+                count.add()
+
+    def remove(self, count: ConnectionCount | None) -> None:
+        if count is None:
+            return
+        with self.lock:
+            freed = self.half.remove() | count.remove()  # both, even when the first frees room
+        if freed:
+            self.wakeup.wake()
 
 
 class OpenConnections:
@@ -985,12 +1101,13 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, family: int, address: object, serve: Callable, slots: ConnectionSlots | None,
-                 workers: Workers, peer_cid: int):
+    def __init__(self, family: int, address: object, serve: Callable, count: ConnectionCount | None,
+                 admission: Admission, workers: Workers, peer_cid: int):
         self.address_family = family
         self.allow_reuse_address = family in (socket.AF_INET, socket.AF_INET6)
         self.serve = serve
-        self.slots = slots
+        self.count = count  # None: not limited (the control port, which bounds itself)
+        self.admission = admission
         self.workers = workers
         self.peer_cid = peer_cid  # on AF_VSOCK, the one CID whose connections are accepted
         super().__init__(address, None)
@@ -1021,16 +1138,13 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return False
 
     def process_request(self, request: socket.socket, client_address: object) -> None:
-        """ThreadingMixIn's thread per connection, taken from the workers."""
-        if self.slots is not None and not self.slots.acquire():
-            request.close()
-            return
+        """ThreadingMixIn's thread per connection, taken from the workers; the accept loop saw room for it."""
+        self.admission.add(self.count)
         try:
             self.workers.run(self.process_request_thread, request, client_address)
         except BaseException:
             request.close()
-            if self.slots is not None:
-                self.slots.release()
+            self.admission.remove(self.count)
             raise
 
     def finish_request(self, request: socket.socket, client_address: object) -> None:
@@ -1043,8 +1157,8 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         log.error("unexpected error on a connection from %s", client_address, exc_info=True)
 
 
-def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: ConnectionSlots | None,
-                  workers: Workers, peer_cid: int) -> Listener:
+def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, count: ConnectionCount | None,
+                  admission: Admission, workers: Workers, peer_cid: int) -> Listener:
     """Bind and listen, turning the usual failures into a StartError that says what to do."""
     if endpoint.kind == "tcp":
         family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
@@ -1055,7 +1169,7 @@ def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, slots: Conn
         address = vsock.listen_address(endpoint.port)
         what = f"vsock port {endpoint.port}"
     try:
-        return Listener(family, address, serve, slots, workers, peer_cid)
+        return Listener(family, address, serve, count, admission, workers, peer_cid)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise StartError(f"{what} is already in use: stop what holds it or choose another port") from None
@@ -1104,18 +1218,18 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
 class Relayer:
     """Sets up each accepted connection: dial the far side, then hand both sockets to the reactor."""
 
-    def __init__(self, dialer: Dialer, connections: OpenConnections, slots: ConnectionSlots):
+    def __init__(self, dialer: Dialer, connections: OpenConnections, admission: Admission, idle_timeout: float):
         self.dialer = dialer
         self.connections = connections
-        self.slots = slots  # taken by the listener at accept, given back when the connection ends
-        self.reactor = Reactor()
+        self.admission = admission  # counted in by the listener at accept, out here when the connection ends
+        self.reactor = Reactor(idle_timeout)
         self.reactor.start()
         self.ids = itertools.count(1)
 
-    def handler(self, route: Route) -> Callable:
-        return lambda client, address: self.serve(route, client, address)
+    def handler(self, route: Route, count: ConnectionCount) -> Callable:
+        return lambda client, address: self.serve(route, count, client, address)
 
-    def serve(self, route: Route, client: socket.socket, address: object) -> None:
+    def serve(self, route: Route, count: ConnectionCount, client: socket.socket, address: object) -> None:
         conn_id = next(self.ids)
         path = f"{describe_peer(client.family, address)} -> {route.listen} -> {route.target}"
         log.info("conn %d opened: %s", conn_id, path)
@@ -1125,17 +1239,17 @@ class Relayer:
             far = self.dialer.connect(route.target)
         except BaseException as error:
             reset(client)
-            self.slots.release()
+            self.admission.remove(count)
             if not isinstance(error, OSError):
                 raise
             log.warning("conn %d: cannot reach %s: %s; resetting the client", conn_id, route.target, reason(error))
             return
         self.connections.add(conn_id, client, far)
-        self.reactor.add(Connection(conn_id, client, far, path, route.target, self.ended))
+        self.reactor.add(Connection(conn_id, client, far, path, route.target, lambda _: self.ended(conn_id, count)))
 
-    def ended(self, connection: Connection) -> None:
-        self.connections.remove(connection.conn_id)
-        self.slots.release()
+    def ended(self, conn_id: int, count: ConnectionCount) -> None:
+        self.connections.remove(conn_id)
+        self.admission.remove(count)
 
 
 def reason(error: BaseException) -> str:
@@ -1359,14 +1473,16 @@ def raise_fd_limit() -> None:
 class Half:
     """One running half: its listeners, its open connections, and how it stops."""
 
-    def __init__(self, role: str, vsock: Vsock, dialer: Dialer, max_connections: int, peer_cid: int):
+    def __init__(self, role: str, vsock: Vsock, family: int, max_connections: int, limits: Limits, peer_cid: int):
         self.role = role
         self.vsock = vsock
+        self.limits = limits
         self.peer_cid = peer_cid  # the only CID whose vsock connections this half accepts
         self.stopping = threading.Event()
         self.connections = OpenConnections()
-        self.slots = ConnectionSlots(max_connections, self.stopping)
-        self.relayer = Relayer(dialer, self.connections, self.slots)
+        self.admission = Admission(max_connections)
+        dialer = Dialer(vsock, limits.connect_timeout, family)
+        self.relayer = Relayer(dialer, self.connections, self.admission, limits.idle_timeout)
         self.listeners: list[Listener] = []
         self.workers = Workers()
         # From here on a signal stops the half, even one that arrives while it is still starting.
@@ -1381,13 +1497,23 @@ class Half:
         log.warning("%s: stopping", signal.Signals(number).name)
         self.stopping.set()
 
-    def listen(self, endpoint: Endpoint, serve: Callable, limited: bool = True) -> None:
-        slots = self.slots if limited else None
-        self.listeners.append(open_listener(endpoint, self.vsock, serve, slots, self.workers, self.peer_cid))
+    def listen(self, endpoint: Endpoint, serve: Callable, count: ConnectionCount | None) -> None:
+        self.listeners.append(
+            open_listener(endpoint, self.vsock, serve, count, self.admission, self.workers, self.peer_cid)
+        )
 
     def add_route(self, route: Route) -> None:
-        self.listen(route.listen, self.relayer.handler(route))
+        count = ConnectionCount(self.limits.connections_per_listener, f"{route.listen} ([limits] connections_per_listener)")
+        self.listen(route.listen, self.relayer.handler(route, count), count)
         log.info("listening on %s -> %s", route.listen, route.target)
+
+    def watch_listeners_with_room(self, selector: selectors.BaseSelector) -> None:
+        for listener in self.listeners:
+            watched = listener in selector.get_map()
+            if self.admission.room(listener.count) and not watched:
+                selector.register(listener, READ)
+            elif watched and not self.admission.room(listener.count):
+                selector.unregister(listener)
 
     def close_listeners(self) -> None:
         for listener in self.listeners:
@@ -1403,11 +1529,14 @@ class Half:
         """
         log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
         with selectors.DefaultSelector() as selector:
-            for listener in self.listeners:
-                selector.register(listener, READ)
+            selector.register(self.admission.wakeup.reader, READ)
             while not self.stopping.is_set():
+                self.watch_listeners_with_room(selector)
                 for key, _ in selector.select(0.2):  # the timeout bounds how long a signal waits to be seen
-                    key.fileobj.handle_request()
+                    if key.fileobj is self.admission.wakeup.reader:
+                        self.admission.wakeup.clear()
+                    elif self.admission.room(key.fileobj.count):  # an earlier listener may have taken the last
+                        key.fileobj.handle_request()
         self.close_listeners()
         if not self.connections.wait_empty(GRACE_PERIOD):
             log.warning("grace period over: cutting %d open connections", self.connections.cut_all())
@@ -1425,11 +1554,11 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     check_literals_match_family(config, family)
     vsock.check_available()
     raise_fd_limit()
-    half = Half("host", vsock, Dialer(vsock, family), args.threads, peer_cid=args.cid)
+    half = Half("host", vsock, family, args.threads, config.limits, peer_cid=args.cid)
     try:
         for route in host_routes(config, str(args.cid)):
             half.add_route(route)
-        half.listen(Endpoint("vsock", "", args.control_port), ControlServer().serve, limited=False)
+        half.listen(Endpoint("vsock", "", args.control_port), ControlServer().serve, count=None)
     except StartError:
         half.close_listeners()  # all or nothing: leave no socket file behind
         raise
@@ -1451,7 +1580,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     ensure_loopback_up()
     vsock.check_available()
     raise_fd_limit()
-    half = Half("enclave", vsock, Dialer(vsock), args.threads, peer_cid=args.parent_cid)
+    half = Half("enclave", vsock, socket.AF_UNSPEC, args.threads, config.limits, peer_cid=args.parent_cid)
     for warning in loop_warnings(config):
         log.warning("%s", warning)
     try:
@@ -1486,6 +1615,12 @@ def describe_config(path: str, config: Config, parent_cid: int, control_port: in
         )
     else:
         lines.append("log: both halves to stderr")
+    limits = config.limits
+    lines.append(
+        f"limits: {limits.connections_per_listener} connections per listener, connect timeout "
+        + (f"{limits.connect_timeout:g} s" if limits.connect_timeout else "the system's")
+        + ", idle timeout " + (f"{limits.idle_timeout:g} s" if limits.idle_timeout else "none")
+    )
     return lines
 
 
@@ -1621,7 +1756,7 @@ def number_in(low: int, high: int, what: str) -> Callable[[str], int]:
 
 parse_cid = number_in(*CID_RANGE, "a CID")
 parse_port = number_in(*TCP_PORT_RANGE, "a port")
-parse_threads = number_in(1, 1_000_000, "the connection limit")
+parse_threads = number_in(*COUNT_RANGE, "the connection limit")
 
 
 def from_environment(args: argparse.Namespace, name: str, variable: str, parse: Callable, default: object) -> None:

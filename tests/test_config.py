@@ -192,6 +192,7 @@ def test_vendor_walkthrough_config_is_valid(tmp_path, clean_env):
         "enclave: listen vsock :9994 -> tcp 127.0.0.1:5443",
         "enclave: dial vsock 3:6666 for the control connection",
         "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
+        "limits: 512 connections per listener, connect timeout 10 s, idle timeout none",
     ]
 
 
@@ -224,7 +225,15 @@ def test_check_config_describes_every_route(check_config, tmp_path):
         "enclave: listen tcp 127.0.0.1:5555 -> vsock 7:7778",
         "enclave: dial vsock 7:7000 for the control connection",
         "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
+        "limits: 512 connections per listener, connect timeout 10 s, idle timeout none",
     ]
+
+
+def test_check_config_shows_the_limits(check_config, tmp_path):
+    path = write(tmp_path, "[limits]\nconnections_per_listener = 64\nconnect_timeout = 0\nidle_timeout = 2.5\n")
+    code, out, err = check_config(path)
+    assert (code, err) == (0, [])
+    assert out[-1] == "limits: 64 connections per listener, connect timeout the system's, idle timeout 2.5 s"
 
 
 def test_check_config_outbound_enclave_port_extension(check_config, tmp_path):
@@ -243,7 +252,7 @@ def test_check_config_empty_file_and_no_log_table(check_config, tmp_path):
     code, out, err = check_config(write(tmp_path, ""))
     assert (code, err) == (0, [])
     assert "no connections configured: the halves will only talk to each other" in out
-    assert out[-1] == "log: both halves to stderr"
+    assert out[-2] == "log: both halves to stderr"
 
 
 # ---------------------------------------------------------------------------
@@ -262,6 +271,7 @@ KINDS = {
         "host_log": "text", "enclave_log": "text", "log_level": "log_level",
         "host_log_dir": "text", "enclave_log_dir": "text",
     },
+    "limits": {"connections_per_listener": "count", "connect_timeout": "seconds", "idle_timeout": "seconds"},
 }
 
 LONGEST_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters
@@ -270,6 +280,8 @@ assert len(LONGEST_NAME) == 253
 VALID = {
     "tcp_port": [1, 80, 65535],
     "vsock_port": [1, 65536, 0xFFFFFFFE],
+    "count": [1, 512, 1_000_000],
+    "seconds": [0, 0.5, 10, 2.5, 86400, 86400.0],
     "hostname": [
         "api.myservice.com", "localhost", "a", "host.example.", "_service._tcp.example.com", "xn--bcher-kva.example",
         "a-b.c-d", "123abc.example", "example.123a", "a" * 63 + ".com", LONGEST_NAME, LONGEST_NAME + ".",
@@ -283,6 +295,8 @@ VALID = {
 INVALID = {
     "tcp_port": [0, -1, 65536, 2**70, True, False, 80.0, 80.5, "80", [80], {"port": 80}],
     "vsock_port": [0, -1, 0xFFFFFFFF, 2**32, 2**64, True, 9000.0, "9000", [9000]],
+    "count": [0, -1, 1_000_001, 2**64, True, 10.0, "10", [10]],
+    "seconds": [-1, -0.5, 86401, 86400.5, float("inf"), float("-inf"), float("nan"), True, "10", "10s", [10]],
     "hostname": [
         "", "1.2.3", "1.2.3.4.", "256.1.1.1", "01.2.3.4", "10.0.0.1.5", "-bad.com", "bad-.com", "a..b", ".a",
         "a.-b.com", "a" * 64 + ".com", LONGEST_NAME + "c", "a" * 300, "bücher.de", "exa mple.com", "a.com\n",
@@ -297,6 +311,8 @@ LEVEL_CHOICES = ", ".join(qproxy.LOG_LEVELS)
 EXPECTED = {
     "tcp_port": "expected an integer from 1 to 65535, found ",
     "vsock_port": "expected an integer from 1 to 4294967294, found ",
+    "count": "expected an integer from 1 to 1000000, found ",
+    "seconds": "expected a number of seconds from 0 to 86400, found ",
     "hostname": "expected a ",  # a DNS name or an IP address / a string
     "ip_address": "expected a",  # an IPv4 or IPv6 address / a string
     "log_level": "expected ",  # one of ... / a string
@@ -319,6 +335,7 @@ def valid_document() -> dict:
             "host_log": "host.log", "enclave_log": "enclave.log", "log_level": "info",
             "host_log_dir": "/var/log/qproxy", "enclave_log_dir": "/var/log/qproxy",
         },
+        "limits": {"connections_per_listener": 100, "connect_timeout": 3, "idle_timeout": 600},
     }
 
 
@@ -337,7 +354,7 @@ def where(table: str) -> str:
 
 def loaded(config: qproxy.Config, table: str, key: str) -> object:
     entry = {"inbound_connections": config.inbound[1:2], "outbound_connections": config.outbound[1:2],
-             "log_location": (config.log_location,)}[table][0]
+             "log_location": (config.log_location,), "limits": (config.limits,)}[table][0]
     return getattr(entry, key)
 
 
@@ -398,6 +415,7 @@ def test_required_keys_are_the_vendors():
         "inbound_connections": ["host_port", "enclave_port", "vsock_port"],
         "outbound_connections": ["hostname", "vsock_port", "tcp_port"],
         "log_location": [],
+        "limits": [],
     }
 
 
@@ -408,6 +426,12 @@ def test_log_location_defaults(tmp_path):
         host_log_dir="/var/log/qproxy", enclave_log_dir="/var/log/qproxy",
     )
     assert qproxy.load_config(write(tmp_path, ""), qproxy.DEFAULT_CONTROL_PORT).log_location is None
+
+
+def test_limits_defaults(tmp_path):
+    expected = qproxy.Limits(connections_per_listener=512, connect_timeout=10, idle_timeout=0)
+    assert qproxy.load_config(write(tmp_path, "[limits]\n"), qproxy.DEFAULT_CONTROL_PORT).limits == expected
+    assert qproxy.load_config(write(tmp_path, ""), qproxy.DEFAULT_CONTROL_PORT).limits == expected
 
 
 def test_outbound_enclave_port_defaults_to_tcp_port(tmp_path):

@@ -81,9 +81,11 @@ def test_rows_match_fields(name):
             assert (kind, default) == ("same as", field.same_as), key
         else:
             assert (kind, default) == ("value", field.default), key
-        if field.kind in ("tcp_port", "vsock_port"):
-            low, high = qproxy.TCP_PORT_RANGE if field.kind == "tcp_port" else qproxy.VSOCK_PORT_RANGE
-            assert row[1].startswith("integer") and str(low) in row[1] and str(high) in row[1], row
+        if field.kind in qproxy.INTEGER_RANGES:
+            low, high = qproxy.INTEGER_RANGES[field.kind]
+            assert row[1] == f"integer, {low} to {high}", row
+        elif field.kind == "seconds":
+            assert row[1] == "number of seconds, {} to {}".format(*qproxy.SECONDS_RANGE), row
         else:
             assert row[1].startswith("string"), row
         if field.kind == "log_level":

@@ -40,14 +40,16 @@ CONTROL_PORT = qproxy.DEFAULT_CONTROL_PORT
 # (a) Schema and validator agree
 # ---------------------------------------------------------------------------
 
-RANGES = {"tcp_port": qproxy.TCP_PORT_RANGE, "vsock_port": qproxy.VSOCK_PORT_RANGE}
+RANGES = {"tcp_port": qproxy.TCP_PORT_RANGE, "vsock_port": qproxy.VSOCK_PORT_RANGE, "count": qproxy.COUNT_RANGE}
 
 # Values of the wrong type.  Not 80.0: JSON has one number type, so to a JSON
 # Schema validator 80.0 *is* the integer 80, while qproxy rightly refuses TOML's
-# float 80.0 as a port.  That one difference is documented in config_schema.py.
+# float 80.0 as a port.  Not NaN either: a JSON Schema range cannot exclude it, so
+# an editor takes TOML's nan for a number of seconds, and qproxy does not.  Both
+# differences are documented in config_schema.py.
 wrong_types = st.one_of(
     st.booleans(),
-    st.floats().filter(lambda x: not x.is_integer()),
+    st.floats(allow_nan=False).filter(lambda x: not x.is_integer()),
     st.lists(st.integers(0, 9), max_size=2),
     st.dictionaries(st.sampled_from(["a", "port"]), st.integers(0, 9), max_size=2),
     st.dates(),
@@ -84,12 +86,18 @@ GOOD = {
     "ip_address": st.ip_addresses().map(str),
     "log_level": st.sampled_from(qproxy.LOG_LEVELS),
     "text": st.text(min_size=1, max_size=8).filter(lambda text: "\0" not in text),
+    "seconds": st.one_of(st.integers(*qproxy.SECONDS_RANGE), st.floats(*qproxy.SECONDS_RANGE)),
 }
 BAD = {
     "hostname": hostnames,  # about half of these are bad
     "ip_address": hostnames,  # most of these are bad
     "log_level": st.one_of(st.sampled_from(["INFO", "Warn", "warning", ""]), texts),
     "text": texts,
+    "seconds": st.one_of(
+        st.integers(max_value=qproxy.SECONDS_RANGE[0] - 1), st.integers(min_value=qproxy.SECONDS_RANGE[1] + 1),
+        st.floats(allow_nan=False).filter(lambda x: not qproxy.SECONDS_RANGE[0] <= x <= qproxy.SECONDS_RANGE[1]),
+        texts, st.booleans(),
+    ),
 }
 UNKNOWN_KEYS = ["host_prot", "hostnames", "extra", "Log_Level", ""]
 
@@ -133,7 +141,7 @@ def entries(draw, table: qproxy.Table, used: dict) -> object:
 
 @st.composite
 def documents(draw) -> dict:
-    used = {"tcp_port": set(), "vsock_port": {CONTROL_PORT}}
+    used = {"tcp_port": set(), "vsock_port": {CONTROL_PORT}, "count": set()}
     document = {}
     for name, table in qproxy.TABLES.items():
         if draw(st.booleans()):
@@ -161,7 +169,7 @@ def test_schema_accepts_exactly_what_qproxy_accepts(document):
 
 def comparable(value: object) -> bool:
     """Whether schema and validator are meant to agree on value (see wrong_types and hostnames above)."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and (value.is_integer() or value != value):
         return False
     return not (isinstance(value, str) and ("\n" in value or "%" in value))
 
@@ -217,7 +225,9 @@ def test_vendor_examples_fit_the_schema(example):
 # (b) The TypedDicts match the table
 # ---------------------------------------------------------------------------
 
-PYTHON_TYPES = {"tcp_port": int, "vsock_port": int, "hostname": str, "ip_address": str, "text": str}
+PYTHON_TYPES = {
+    "tcp_port": int, "vsock_port": int, "count": int, "seconds": float, "hostname": str, "ip_address": str, "text": str,
+}
 
 
 def typed_dicts() -> dict:
@@ -294,6 +304,8 @@ def test_printed_schema_is_derived_from_the_table(printed):
             assert prop.get("default") == field.default
             if field.kind in RANGES:
                 assert (prop["type"], prop["minimum"], prop["maximum"]) == ("integer", *RANGES[field.kind])
+            elif field.kind == "seconds":
+                assert (prop["type"], prop["minimum"], prop["maximum"]) == ("number", *qproxy.SECONDS_RANGE)
             else:
                 assert prop["type"] == "string"
             if field.kind == "log_level":

@@ -1,0 +1,193 @@
+"""The settable limits of [limits]: connections per listener, connect timeout, idle timeout.
+
+Both halves run as subprocesses over emulated vsock; the far sides are real
+TCP servers on loopback.  -t/--threads, the bound on a whole half, is tested
+in test_cli.py with the other command-line options.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+
+from conftest import DEADLINE, ThreadedServer, echo, free_port, inbound, outbound, wait_for
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+
+
+def limits(**values: object) -> str:
+    return "[limits]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+
+
+def assert_no_reply_yet(sock: socket.socket) -> None:
+    """A negative check: nothing comes back for 0.5 s, ample for a relay on loopback."""
+    sock.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        sock.recv(100)
+    sock.settimeout(DEADLINE)
+
+
+def read_to_the_end(sock: socket.socket) -> bytes:
+    """Everything sock receives until its peer ends the connection, by FIN or by reset."""
+    received = b""
+    sock.settimeout(DEADLINE)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return received
+            received += data
+    except ConnectionResetError:
+        return received
+
+
+def test_a_listener_at_its_limit_waits_while_the_others_serve(proxy):
+    busy, other = ThreadedServer(echo), ThreadedServer(echo)
+    busy_port, other_port = free_port(), free_port()
+    host, _ = proxy.start_both(
+        inbound(busy_port, busy.port, 9000) + inbound(other_port, other.port, 9001)
+        + limits(connections_per_listener=2)
+    )
+    held = [connect(busy_port) for _ in range(2)]
+    waiting = None
+    try:
+        for sock in held:
+            sock.sendall(b"held")
+            assert sock.recv(100) == b"held"
+        host.wait_log(r"WARN  qproxy::host tcp 0\.0\.0\.0:%d \(\[limits\] connections_per_listener\): "
+                      r"2 connections at once, the limit" % busy_port)
+        waiting = connect(busy_port)  # the kernel accepts it into the listen queue
+        waiting.sendall(b"third")
+        assert_no_reply_yet(waiting)
+        with connect(other_port) as sock:  # another listener is not held up
+            sock.sendall(b"other")
+            assert sock.recv(100) == b"other"
+        assert busy.accepted == 2
+        held.pop().close()
+        assert waiting.recv(100) == b"third"
+        host.wait_log(r"INFO  qproxy::host tcp 0\.0\.0\.0:%d .*: below the limit again" % busy_port)
+    finally:
+        for sock in held + [waiting]:
+            if sock is not None:
+                sock.close()
+        busy.stop()
+        other.stop()
+
+
+def test_the_enclave_half_keeps_its_listeners_within_the_limit_too(proxy):
+    """Outbound: the enclave's 127.0.0.1 listener holds the third app connection back."""
+    upstream = ThreadedServer(echo)
+    enclave_port = free_port()
+    _, enclave = proxy.start_both(outbound("127.0.0.1", upstream.port, enclave_port) + limits(connections_per_listener=2))
+    held = [connect(enclave_port) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(b"held")
+            assert sock.recv(100) == b"held"
+        enclave.wait_log(r"WARN  qproxy::enclave tcp 127\.0\.0\.1:%d .*: 2 connections at once, the limit" % enclave_port)
+        held.append(connect(enclave_port))
+        held[-1].sendall(b"third")
+        assert_no_reply_yet(held[-1])
+        held.pop(0).close()
+        assert held[-1].recv(100) == b"third"
+    finally:
+        for sock in held:
+            sock.close()
+        upstream.stop()
+
+
+class SilentListener:
+    """A TCP port that never completes another handshake: its listen queue (backlog 0) is full."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers = []
+        for _ in range(8):  # the kernel may queue one or two beyond the backlog; stop at the first that hangs
+            filler = socket.socket()
+            filler.settimeout(0.5)
+            try:
+                filler.connect(("127.0.0.1", self.port))
+            except socket.timeout:
+                filler.close()
+                return
+            self.fillers.append(filler)
+        raise AssertionError("the listen queue never filled: cannot make a port that does not answer")
+
+    def close(self):
+        for sock in self.fillers:
+            sock.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_listener():
+    listener = SilentListener()
+    yield listener
+    listener.close()
+
+
+def test_connect_timeout_resets_the_app_after_the_configured_time(proxy, silent_listener):
+    enclave_port = free_port()
+    host, _ = proxy.start_both(outbound("127.0.0.1", silent_listener.port, enclave_port) + limits(connect_timeout=1))
+    started = time.monotonic()
+    with connect(enclave_port) as sock:
+        sock.sendall(b"hello?")
+        with pytest.raises(ConnectionResetError):
+            sock.recv(100)
+    took = time.monotonic() - started
+    host.wait_log(r"WARN  qproxy::host conn \d+: cannot reach tcp 127\.0\.0\.1:%d: timed out" % silent_listener.port)
+    assert 1.0 <= took < 5.0, f"reset after {took:.2f} s with connect_timeout = 1"
+
+
+def test_idle_timeout_cuts_a_quiet_connection_and_spares_a_busy_one(proxy):
+    service = ThreadedServer(echo)
+    host_port = free_port()
+    host, enclave = proxy.start_both(inbound(host_port, service.port) + limits(idle_timeout=1))
+    try:
+        quiet, busy = connect(host_port), connect(host_port)
+        for sock in (quiet, busy):
+            sock.sendall(b"hi")
+            assert sock.recv(100) == b"hi"
+        started = time.monotonic()
+        # The busy connection moves a byte every 0.25 s for 2 s, twice the idle timeout: it must survive.
+        while time.monotonic() - started < 2.0:
+            busy.sendall(b".")
+            assert busy.recv(100) == b"."
+            time.sleep(0.25)  # the pace of a client, not a wait for qproxy
+        # Both halves keep the timeout; whichever cuts first, the client sees the end (a reset from the
+        # host half, or an orderly end passed on from the enclave half's cut across vsock).
+        assert read_to_the_end(quiet) == b""
+        wait_for(lambda: re.search(r"INFO  qproxy::\w+ conn \d+ cut after 1 s idle", host.log() + enclave.log()),
+                 "a half to log the cut")
+        busy.sendall(b"still")
+        assert busy.recv(100) == b"still"
+    finally:
+        quiet.close()
+        busy.close()
+        service.stop()
+
+
+def test_idle_timeout_frees_a_connection_whose_upstream_stalls(proxy):
+    """An upstream that accepts and then neither reads nor writes nor closes holds nothing for long."""
+    stalled = []
+    upstream = ThreadedServer(lambda sock: stalled.append(sock) or time.sleep(DEADLINE))
+    enclave_port = free_port()
+    host, _ = proxy.start_both(outbound("127.0.0.1", upstream.port, enclave_port) + limits(idle_timeout=0.5))
+    try:
+        with connect(enclave_port) as app:
+            app.sendall(b"anyone?")
+            wait_for(lambda: stalled, "the upstream to accept")
+            app.shutdown(socket.SHUT_WR)  # the app is done talking and waits: only the timeout ends this
+            assert read_to_the_end(app) == b""
+        host.wait_log(r"INFO  qproxy::host conn \d+ cut after 0\.5 s idle")
+        assert read_to_the_end(stalled[0]) == b"anyone?"
+    finally:
+        upstream.stop()
