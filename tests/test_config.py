@@ -688,6 +688,9 @@ def test_invalid_config_exit_2_one_line_per_problem(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("[[inbound_connections]\n", "invalid TOML: "),
     ("a = 1\na = 2\n", "invalid TOML: "),
+    ("[log_location]\n[log_location]\n", "invalid TOML: "),  # a table twice
+    ("[limits]\nidle_timeout = 1\n[limits]\nidle_timeout = 2\n", "invalid TOML: "),
+    ("[[inbound_connections]]\nhost_port = 1\nhost_port = 2\n", "invalid TOML: "),  # a key twice in an entry
     ("x = " + "[" * 5000 + "]" * 5000, "invalid TOML: "),  # deeper than the parser's recursion
     (b"log_level = '\xff'\n", "invalid TOML: the file is not UTF-8"),
 ])

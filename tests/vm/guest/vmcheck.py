@@ -85,6 +85,23 @@ def recv_all(sock: socket.socket, timeout: float = DEADLINE) -> bytes:
             raise Failed(f"no EOF within {timeout:.0f} s")
 
 
+def read_to_end(sock: socket.socket, timeout: float = DEADLINE) -> tuple[bytes, str]:
+    """Read until the peer ends the stream: the bytes, and "EOF" or "reset" for how it ended."""
+    data = bytearray()
+    end = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(end - time.monotonic(), 0.001))
+        try:
+            chunk = sock.recv(256 * 1024)
+        except ConnectionResetError:
+            return bytes(data), "reset"
+        except socket.timeout:
+            raise Failed(f"the stream did not end within {timeout:.0f} s ({len(data)} bytes read)") from None
+        if not chunk:
+            return bytes(data), "EOF"
+        data += chunk
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -107,6 +124,10 @@ class Process:
         """User plus system CPU time so far (while it runs), from /proc/PID/stat."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def fds(self) -> int:
+        """How many file descriptors it holds open (from /proc/PID/fd)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -287,6 +308,20 @@ class Box:
         sock.settimeout(timeout)
         sock.connect(("127.0.0.1", port))
         return sock
+
+    def vsock(self, port: int, cid: int = LOCAL_CID, timeout: float = DEADLINE) -> socket.socket:
+        """An AF_VSOCK client to cid:port; from this guest, its CID is LOCAL_CID too."""
+        sock = self.keep(socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
+        sock.settimeout(timeout)
+        sock.connect((cid, port))
+        return sock
+
+    def exchange(self, port: int, request: bytes, enclave: Enclave | None = None) -> bytes:
+        """Send request through port, end our side, and return the whole reply."""
+        with self.connect(port, enclave) as client:
+            client.sendall(request)
+            client.shutdown(socket.SHUT_WR)
+            return recv_all(client)
 
     def server(self, port: int, handler: Callable[[socket.socket], None], enclave: Enclave | None = None) -> None:
         """A TCP service on 127.0.0.1:port, a thread per connection, inside the enclave or outside."""
