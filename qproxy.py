@@ -49,8 +49,11 @@ Design, in the order the data meets it:
   kernel while other listeners go on.  Dialing has a timeout; the reactor can
   cut connections that stay idle.
 * Control.  The enclave half dials the host half's control port and says
-  hello with a versioned, line-delimited JSON message; each half logs when
-  the other arrives and leaves.  Nothing else crosses it yet.
+  hello with a versioned, line-delimited JSON message carrying its entries;
+  the host half logs every way they differ from its own.  Then both send
+  heartbeats and log when the other falls silent, and the enclave half sends
+  its log records, which the host half writes next to its own log: an
+  operator with only the parent VM reads both.  The data path never needs it.
 * Lifecycle.  SIGTERM or SIGINT closes the listeners, lets open connections
   finish for a grace period, then cuts what is left and exits 0.  Exit 1
   means the process could not start, exit 2 a usage or configuration error;
@@ -501,23 +504,31 @@ def setup_logging(role: str, config: Config, environ: dict) -> None:
         level = "warn"
     logging.addLevelName(TRACE, "TRACE")
     logging.addLevelName(logging.WARNING, "WARN")
+    log.handlers[:] = [log_handler(role, log_path(config, role, role))]
+    log.setLevel(LEVEL_NUMBERS[level])
+    log.propagate = False
+
+
+def log_path(config: Config, folder_of: str, file_of: str) -> str | None:
+    """The log file [log_location] names: in folder_of's folder ("host" or "enclave"), file_of's file name."""
+    where = config.log_location
+    if not where:
+        return None
+    return os.path.join(getattr(where, f"{folder_of}_log_dir"), getattr(where, f"{file_of}_log"))
+
+
+def log_handler(role: str, path: str | None) -> logging.Handler:
+    """A handler writing role's records to the file at path, or to stderr when there is none or it cannot be written."""
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    if config.log_location:
-        where = config.log_location
-        folder, name = (
-            (where.host_log_dir, where.host_log) if role == "host" else (where.enclave_log_dir, where.enclave_log)
-        )
-        path = os.path.join(folder, name)
+    if path:
         try:
-            os.makedirs(folder, mode=0o750, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
             handler = logging.FileHandler(path, encoding="utf-8")
         except OSError as error:
             print(f"qproxy: cannot write the log file {path} ({error.strerror}); logging to stderr", file=sys.stderr)
     handler.setFormatter(UTCFormatter(f"%(asctime)s %(levelname)-5s qproxy::{role} %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(LEVEL_NUMBERS[level])
-    log.propagate = False
+    return handler
 
 
 class UTCFormatter(logging.Formatter):
@@ -525,6 +536,9 @@ class UTCFormatter(logging.Formatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+TIME_FORMAT = UTCFormatter()  # a record's time as every log line shows it
 
 
 # ---------------------------------------------------------------------------
@@ -1261,14 +1275,19 @@ def reason(error: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Control channel: the enclave half dials the host half and says hello
+# Control channel: hello, heartbeats, the enclave's log records
 # ---------------------------------------------------------------------------
 
-CONTROL_PROTOCOL = 1
+CONTROL_PROTOCOL = 2
 CONTROL_MAX_MESSAGE = 64 * 1024
 CONTROL_HELLO_TIMEOUT = 10.0  # seconds for a whole hello, however slowly its bytes come
 CONTROL_MAX_UNGREETED = 8  # control connections that have not said hello yet, at once
 CONTROL_RETRY_MAX = 5.0
+HEARTBEAT_INTERVAL = 5.0  # seconds between the heartbeats a half sends; announced in its hello
+HEARTBEAT_RANGE = (0.1, 3600.0)  # what a half accepts as the other's announced interval
+SILENT_AFTER = 3  # heartbeat intervals without a word before the other half counts as silent
+LOG_BACKLOG = 1000  # enclave log records kept while no host half listens; older ones are dropped
+LOG_MESSAGE_MAX = 16 * 1024  # characters of one forwarded log message; the rest is cut
 
 
 def send_message(sock: socket.socket, message: dict) -> None:
@@ -1282,19 +1301,33 @@ class MessageReader:
         self.sock = sock
         self.pending = b""
 
-    def read(self, deadline: float | None = None) -> dict | None:
+    def read(self, deadline: float) -> dict | None:
         """The next message, or None at EOF; ValueError for anything that is not one,
         socket.timeout when the deadline (a time.monotonic() value) passes first."""
         while b"\n" not in self.pending:
-            if len(self.pending) > CONTROL_MAX_MESSAGE:
-                raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
-            self.sock.settimeout(None if deadline is None else max(deadline - time.monotonic(), 0.001))
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                if self.pending:
-                    raise ValueError("a message cut short")
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            if not self.receive():
                 return None
-            self.pending += chunk
+        return self.next_message()
+
+    def receive(self) -> bool:
+        """Take what one recv() gives; False at EOF."""
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            if self.pending:
+                raise ValueError("a message cut short")
+            return False
+        self.pending += chunk
+        if b"\n" not in self.pending and len(self.pending) > CONTROL_MAX_MESSAGE:
+            raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
+        return True
+
+    def messages(self) -> Iterator[dict]:
+        """Every whole message received so far."""
+        while b"\n" in self.pending:
+            yield self.next_message()
+
+    def next_message(self) -> dict:
         line, _, self.pending = self.pending.partition(b"\n")
         if len(line) > CONTROL_MAX_MESSAGE:
             raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
@@ -1304,23 +1337,252 @@ class MessageReader:
         return message
 
 
-def hello(role: str) -> dict:
-    return {"type": "hello", "protocol": CONTROL_PROTOCOL, "role": role, "version": __version__}
+def hello(role: str, **more: object) -> dict:
+    return {"type": "hello", "protocol": CONTROL_PROTOCOL, "role": role, "version": __version__,
+            "heartbeat": HEARTBEAT_INTERVAL, **more}
 
 
-class ControlServer:
-    """The host half's side of the control port: greets the enclave half, notices when it leaves.
+def announced_heartbeat(greeting: dict) -> float | None:
+    """The interval the other half promised to speak at, or None (an older qproxy promises none)."""
+    value = greeting.get("heartbeat")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        return min(max(value, HEARTBEAT_RANGE[0]), HEARTBEAT_RANGE[1])
+    return None
 
-    One enclave half at a time: a new one that says hello replaces the one
-    before (a restarted enclave half, or a stale connection).  Connections that
-    have not said hello get CONTROL_HELLO_TIMEOUT in all and CONTROL_MAX_UNGREETED
-    places, so garbage, trickles and floods cost little and never touch the data path.
+
+class ControlLink:
+    """A greeted control connection, either side: heartbeats both ways, silence noticed.
+
+    Every message received goes to on_message; with an outbox (the enclave
+    half's log records) what it holds is sent as it comes.  run() returns when
+    the other half closes and raises OSError or ValueError when the link fails.
+    """
+
+    def __init__(self, sock: socket.socket, reader: MessageReader, other: str, other_heartbeat: float | None,
+                 on_message: Callable[[dict], None], outbox: LogOutbox | None = None):
+        self.sock, self.reader = sock, reader
+        self.other = other  # "host" or "enclave", for the log
+        self.other_heartbeat = other_heartbeat
+        self.on_message = on_message
+        self.outbox = outbox
+
+    def run(self) -> None:
+        # A send that the other half does not take in this long fails, as silence would.
+        self.sock.settimeout(SILENT_AFTER * HEARTBEAT_INTERVAL)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, READ)
+            if self.outbox:
+                selector.register(self.outbox.wakeup.reader, READ)
+            now = heard = time.monotonic()
+            next_beat, silent = now + HEARTBEAT_INTERVAL, False
+            while True:
+                if self.outbox:
+                    self.outbox.send(self.sock)
+                wake_at = next_beat if silent or not self.other_heartbeat else min(
+                    next_beat, heard + SILENT_AFTER * self.other_heartbeat)
+                ready = selector.select(max(wake_at - now, 0))
+                now = time.monotonic()
+                for key, _ in ready:
+                    if key.fileobj is not self.sock:
+                        self.outbox.wakeup.clear()
+                        continue
+                    if not self.reader.receive():
+                        return
+                    heard = now
+                    if silent:
+                        silent = False
+                        log.warning("control: the %s half is heard from again", self.other)
+                    for message in self.reader.messages():
+                        self.on_message(message)
+                if now >= next_beat:
+                    send_message(self.sock, {"type": "heartbeat"})
+                    next_beat = now + HEARTBEAT_INTERVAL
+                if self.other_heartbeat and not silent and now - heard >= SILENT_AFTER * self.other_heartbeat:
+                    silent = True
+                    log.warning("control: the %s half has said nothing for %.1f s (it promised a heartbeat every %g s)",
+                                self.other, now - heard, self.other_heartbeat)
+
+
+# What the enclave half tells the host half about its configuration, and how the host compares it.
+
+ENTRY_KEYS = {
+    "inbound": {"vsock_port": int, "host_port": int, "enclave_port": int},
+    "outbound": {"vsock_port": int, "hostname": str, "tcp_port": int, "enclave_port": int},
+}
+
+
+def entries_of(config: Config) -> dict:
+    """A config's connection entries, as the enclave half's hello carries them."""
+    return {
+        "inbound": [{key: getattr(entry, key) for key in ENTRY_KEYS["inbound"]} for entry in config.inbound],
+        "outbound": [{key: getattr(entry, key) for key in ENTRY_KEYS["outbound"]} for entry in config.outbound],
+    }
+
+
+def by_vsock_port(entries: object) -> dict[str, dict[int, dict]]:
+    """Entries as sent in a hello, per direction and vsock port; ValueError when they are not."""
+    if not isinstance(entries, dict):
+        raise ValueError("entries is not an object")
+    found: dict[str, dict[int, dict]] = {}
+    for direction, keys in ENTRY_KEYS.items():
+        listed = entries.get(direction)
+        if not isinstance(listed, list):
+            raise ValueError(f"entries.{direction} is not a list")
+        found[direction] = {}
+        for entry in listed:
+            # type() is, not isinstance(): true is no port.  A name that is no hostname could carry
+            # a line break into the host half's log.
+            if not (isinstance(entry, dict) and all(type(entry.get(key)) is kind for key, kind in keys.items())
+                    and is_hostname(entry.get("hostname", "localhost"))):
+                raise ValueError(f"an entry of entries.{direction} that is not one ({', '.join(keys)})")
+            found[direction][entry["vsock_port"]] = entry
+    return found
+
+
+# What each half does with an entry, in the words of the mismatch messages: (host half, enclave half).
+ENTRY_USES = {
+    "inbound": (
+        lambda entry: f"forwards tcp port {entry['host_port']} to vsock port {entry['vsock_port']}",
+        lambda entry: f"serves vsock port {entry['vsock_port']} (for 127.0.0.1:{entry['enclave_port']})",
+    ),
+    "outbound": (
+        lambda entry: f"forwards vsock port {entry['vsock_port']} to {entry['hostname']}:{entry['tcp_port']}",
+        lambda entry: f"forwards 127.0.0.1:{entry['enclave_port']} to vsock port {entry['vsock_port']}",
+    ),
+}
+
+
+def config_mismatches(host: dict, enclave: dict) -> list[str]:
+    """Every way the enclave half's entries and the host half's disagree, in plain words.
+
+    Both are as entries_of() gives them.  Entries meet by direction and vsock port;
+    the data path depends only on the vsock ports, the other keys tell that
+    the two files were written for each other.
+    """
+    ours_by_port, theirs_by_port = by_vsock_port(host), by_vsock_port(enclave)
+    problems = []
+    for direction, (host_use, enclave_use) in ENTRY_USES.items():
+        ours, theirs = ours_by_port[direction], theirs_by_port[direction]
+        for port in sorted(ours.keys() | theirs.keys()):
+            if port not in theirs:
+                problems.append(f"the host half {host_use(ours[port])}, but the enclave half has no {direction}"
+                                f" entry for vsock port {port}")
+            elif port not in ours:
+                problems.append(f"the enclave half {enclave_use(theirs[port])}, but the host half has no {direction}"
+                                f" entry for vsock port {port}")
+            else:
+                problems += [
+                    f"{direction} vsock port {port}: the host half's {key} is {ours[port][key]},"
+                    f" the enclave half's {theirs[port][key]}"
+                    for key in ENTRY_KEYS[direction]
+                    if ours[port][key] != theirs[port][key]
+                ]
+    return problems
+
+
+# The enclave half's log, forwarded: kept in the enclave while no host half listens, written on the host.
+
+LOG_ESCAPES = {**{code: f"\\x{code:02x}" for code in (*range(32), 127, 0x85)}, 0x2028: "\\u2028", 0x2029: "\\u2029",
+               ord("\n"): "\\n", ord("\t"): "\\t"}
+
+
+def told(value: object) -> str:
+    """Something the other half said, fit for one line of this half's log."""
+    return str(value).translate(LOG_ESCAPES)[:100]
+
+
+class LogOutbox(logging.Handler):
+    """The enclave half's log records on their way to the host half.
+
+    It holds the newest LOG_BACKLOG records while no host half listens, and
+    counts those it drops, so a host half that comes late still learns how
+    the enclave half started.
     """
 
     def __init__(self):
+        super().__init__()
+        self.records: collections.deque[dict] = collections.deque(maxlen=LOG_BACKLOG)
+        self.lost = 0
+        self.wakeup = Wakeup()
+
+    def emit(self, record: logging.LogRecord) -> None:  # logging holds self.lock here
+        if len(self.records) == LOG_BACKLOG:
+            self.lost += 1
+        elif not self.records:
+            self.wakeup.wake()
+        self.records.append({
+            "type": "log", "time": TIME_FORMAT.formatTime(record), "level": record.levelname,
+            "message": self.format(record)[:LOG_MESSAGE_MAX],
+        })
+
+    def send(self, sock: socket.socket) -> None:
+        """Send what is held; a record that could not be sent goes back to be sent on the next link."""
+        while True:
+            with self.lock:
+                if not self.records:
+                    break
+                record = self.records.popleft()
+            try:
+                send_message(sock, record)
+            except BaseException:
+                with self.lock:
+                    if len(self.records) == LOG_BACKLOG:
+                        self.lost += 1  # appendleft drops the newest
+                    self.records.appendleft(record)
+                raise
+        with self.lock:
+            lost, self.lost = self.lost, 0
+        if lost:
+            log.warning("control: %d log records were dropped while the host half was away (%d are kept)",
+                        lost, LOG_BACKLOG)
+
+
+class EnclaveLog:
+    """Where the host half writes the enclave half's records: host_log_dir/enclave_log, or its own stderr.
+
+    Each line is as the enclave half writes it in its own log, with its time
+    and level.  Control characters are escaped, so one record is one line and
+    cannot pass for a line of the host's.
+    """
+
+    LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG,
+              "TRACE": TRACE}
+    TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+
+    def __init__(self, handler: logging.Handler):
+        self.handler = handler
+        handler.setFormatter(logging.Formatter("%(enclave_time)s %(levelname)-5s qproxy::enclave %(message)s"))
+
+    def write(self, message: dict) -> bool:
+        """Write one log message; False when it is not a well-formed one."""
+        level, text, when = message.get("level"), message.get("message"), message.get("time")
+        if not (level in self.LEVELS and isinstance(text, str) and isinstance(when, str) and self.TIME.fullmatch(when)):
+            return False
+        record = logging.LogRecord("qproxy.enclave", self.LEVELS[level], "", 0, text.translate(LOG_ESCAPES), None, None)
+        record.enclave_time = when
+        self.handler.handle(record)
+        return True
+
+
+class ControlServer:
+    """The host half's side of the control port: greets the enclave half and follows it.
+
+    On hello it compares the enclave half's entries with its own config and
+    logs every mismatch; then it writes the enclave's log records and notices
+    when the enclave half goes silent or leaves.  One enclave half at a time:
+    a new one that says hello replaces the one before (a restarted enclave
+    half, or a stale connection).  Connections that have not said hello get
+    CONTROL_HELLO_TIMEOUT in all and CONTROL_MAX_UNGREETED places, so garbage,
+    trickles and floods cost little and never touch the data path.
+    """
+
+    def __init__(self, config: Config, enclave_log: EnclaveLog):
+        self.entries = entries_of(config)
+        self.enclave_log = enclave_log
         self.ungreeted = threading.BoundedSemaphore(CONTROL_MAX_UNGREETED)
         self.lock = threading.Lock()
         self.enclave: socket.socket | None = None
+        self.seen = False  # whether an enclave half has connected before
 
     def serve(self, sock: socket.socket, address: object) -> None:
         peer = describe_peer(sock.family, address)
@@ -1349,11 +1611,6 @@ class ControlServer:
 
     def follow(self, sock: socket.socket, peer: str, reader: MessageReader, greeting: dict) -> None:
         """Answer the hello, then hold the connection until the enclave half leaves or is replaced."""
-        if greeting.get("protocol") != CONTROL_PROTOCOL:
-            log.error(
-                "control: the enclave half speaks control protocol %r, this host half %d; upgrade one",
-                greeting.get("protocol"), CONTROL_PROTOCOL,
-            )
         with self.lock:
             previous, self.enclave = self.enclave, sock
         if previous is not None:
@@ -1361,9 +1618,14 @@ class ControlServer:
             previous.shutdown(socket.SHUT_RDWR)
         try:
             send_message(sock, hello("host"))
-            log.info("control: enclave half connected from %s (qproxy %s)", peer, greeting.get("version"))
-            while reader.read() is not None:
-                pass  # later protocol versions add messages; this one has none after hello
+            # At the default level (warn) an operator who saw the enclave half leave must also see it return.
+            log.log(logging.WARNING if self.seen else logging.INFO,
+                    "control: enclave half connected%s from %s (qproxy %s)",
+                    " again" if self.seen else "", peer, told(greeting.get("version")))
+            self.seen = True
+            notify_systemd(f"STATUS=enclave half connected (qproxy {told(greeting.get('version'))})")
+            self.compare(greeting)
+            ControlLink(sock, reader, "enclave", announced_heartbeat(greeting), self.on_message).run()
         except (OSError, ValueError) as error:
             log.warning("control: the enclave half (%s) failed: %s", peer, reason(error))
         else:
@@ -1371,15 +1633,45 @@ class ControlServer:
         with self.lock:
             if self.enclave is sock:
                 self.enclave = None
+                notify_systemd("STATUS=waiting for the enclave half")
+
+    def compare(self, greeting: dict) -> None:
+        """Log how the enclave half differs from this host half: protocol, version, entries."""
+        if greeting.get("protocol") != CONTROL_PROTOCOL:
+            log.warning("control: the enclave half speaks control protocol %r, this host half %d; upgrade the older",
+                        greeting.get("protocol"), CONTROL_PROTOCOL)
+        if greeting.get("version") != __version__:
+            log.warning("control: the enclave half runs qproxy %s, this host half %s", told(greeting.get("version")),
+                        __version__)
+        if "entries" not in greeting:
+            log.warning("control: the enclave half did not send its entries; cannot compare the configurations")
+            return
+        try:
+            mismatches = config_mismatches(self.entries, greeting["entries"])
+        except ValueError as error:
+            log.warning("control: cannot compare the configurations: the enclave half sent %s", error)
+            return
+        for mismatch in mismatches:
+            log.error("control: config mismatch: %s", mismatch)
+        if not mismatches:
+            log.info("control: the enclave half's entries match this host half's")
+
+    def on_message(self, message: dict) -> None:
+        if message["type"] == "log" and not self.enclave_log.write(message):
+            throttled.warning("control-log", "control: dropped a malformed log record from the enclave half")
 
 
 class ControlClient(threading.Thread):
-    """The enclave half's side: dial the host half, retrying with backoff, and say hello."""
+    """The enclave half's side: dial the host half, retrying with backoff; say hello, send the log."""
 
-    def __init__(self, vsock: Vsock, parent_cid: int, port: int, stopping: threading.Event):
+    def __init__(self, vsock: Vsock, parent_cid: int, port: int, config: Config, outbox: LogOutbox,
+                 stopping: threading.Event):
         super().__init__(name="control", daemon=True)
         self.vsock, self.parent_cid, self.port = vsock, parent_cid, port
+        self.greeting = hello("enclave", entries=entries_of(config))
+        self.outbox = outbox
         self.stopping = stopping
+        self.seen = False  # whether a host half has answered before
 
     def run(self) -> None:
         delay = 0.1
@@ -1396,11 +1688,11 @@ class ControlClient(threading.Thread):
             delay = min(delay * 2, CONTROL_RETRY_MAX)
 
     def talk(self, sock: socket.socket) -> bool:
-        """Say hello and hold the connection until it ends; True if the host half answered."""
+        """Say hello and follow the connection until it ends; True if the host half answered."""
         answered = False
         with sock:
             try:
-                send_message(sock, hello("enclave"))
+                send_message(sock, self.greeting)
                 reader = MessageReader(sock)
                 answer = reader.read(deadline=time.monotonic() + CONTROL_HELLO_TIMEOUT)
                 if not answer or answer.get("type") != "hello":
@@ -1410,9 +1702,11 @@ class ControlClient(threading.Thread):
                     )
                     return False
                 answered = True
-                log.info("control: connected to the host half (qproxy %s)", answer.get("version"))
-                while reader.read() is not None:
-                    pass
+                log.log(logging.WARNING if self.seen else logging.INFO,
+                        "control: connected%s to the host half (qproxy %s)",
+                        " again" if self.seen else "", told(answer.get("version")))
+                self.seen = True
+                ControlLink(sock, reader, "host", announced_heartbeat(answer), lambda message: None, self.outbox).run()
             except (OSError, ValueError) as error:
                 throttled.warning("control-failed", "control: connection to the host half failed: %s", reason(error))
                 return answered
@@ -1470,6 +1764,21 @@ def raise_fd_limit() -> None:
             pass
 
 
+def notify_systemd(state: str) -> None:
+    """Tell systemd how the half is doing (a Type=notify unit sets NOTIFY_SOCKET); nothing otherwise."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(state.encode())
+    except OSError as error:
+        throttled.warning("notify", "cannot tell systemd %s at NOTIFY_SOCKET=%s: %s", state, path, reason(error))
+
+
 class Half:
     """One running half: its listeners, its open connections, and how it stops."""
 
@@ -1503,7 +1812,8 @@ class Half:
         )
 
     def add_route(self, route: Route) -> None:
-        count = ConnectionCount(self.limits.connections_per_listener, f"{route.listen} ([limits] connections_per_listener)")
+        limit = self.limits.connections_per_listener
+        count = ConnectionCount(limit, f"{route.listen} ([limits] connections_per_listener)")
         self.listen(route.listen, self.relayer.handler(route, count), count)
         log.info("listening on %s -> %s", route.listen, route.target)
 
@@ -1528,6 +1838,7 @@ class Half:
         serve_forever() in a thread each: a half has as few threads as it can.
         """
         log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
+        notify_systemd("READY=1")
         with selectors.DefaultSelector() as selector:
             selector.register(self.admission.wakeup.reader, READ)
             while not self.stopping.is_set():
@@ -1537,6 +1848,7 @@ class Half:
                         self.admission.wakeup.clear()
                     elif self.admission.room(key.fileobj.count):  # an earlier listener may have taken the last
                         key.fileobj.handle_request()
+        notify_systemd("STOPPING=1")
         self.close_listeners()
         if not self.connections.wait_empty(GRACE_PERIOD):
             log.warning("grace period over: cutting %d open connections", self.connections.cut_all())
@@ -1555,10 +1867,12 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     vsock.check_available()
     raise_fd_limit()
     half = Half("host", vsock, family, args.threads, config.limits, peer_cid=args.cid)
+    # The enclave half's records, which it sends over the control connection, land next to the host's own.
+    enclave_log = EnclaveLog(log_handler("enclave", log_path(config, "host", "enclave")))
     try:
         for route in host_routes(config, str(args.cid)):
             half.add_route(route)
-        half.listen(Endpoint("vsock", "", args.control_port), ControlServer().serve, count=None)
+        half.listen(Endpoint("vsock", "", args.control_port), ControlServer(config, enclave_log).serve, count=None)
     except StartError:
         half.close_listeners()  # all or nothing: leave no socket file behind
         raise
@@ -1577,6 +1891,8 @@ def check_literals_match_family(config: Config, family: int) -> None:
 
 
 def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
+    outbox = LogOutbox()  # from the first record on, for the host half
+    log.addHandler(outbox)
     ensure_loopback_up()
     vsock.check_available()
     raise_fd_limit()
@@ -1589,7 +1905,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     except StartError:
         half.close_listeners()
         raise
-    ControlClient(vsock, args.parent_cid, args.control_port, half.stopping).start()
+    ControlClient(vsock, args.parent_cid, args.control_port, config, outbox, half.stopping).start()
     return half.run()
 
 
@@ -1598,14 +1914,19 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
 # ---------------------------------------------------------------------------
 
 
-def describe_config(path: str, config: Config, parent_cid: int, control_port: int) -> list[str]:
+def describe_config(path: str, config: Config, parent_cid: int, control_port: int,
+                    enclave_config: Config | None = None) -> list[str]:
+    """What each half does with config; the enclave half's lines from enclave_config when it has its own."""
     lines = [f"{path}: valid"]
     lines += [f"warning: {warning}" for warning in loop_warnings(config)]
     if not (config.inbound or config.outbound):
         lines.append("no connections configured: the halves will only talk to each other")
     lines += [f"host: listen {route.listen} -> {route.target}" for route in host_routes(config, "<enclave CID>")]
     lines.append(f"host: listen vsock :{control_port} for the enclave half's control connection")
-    lines += [f"enclave: listen {route.listen} -> {route.target}" for route in enclave_routes(config, str(parent_cid))]
+    lines += [
+        f"enclave: listen {route.listen} -> {route.target}"
+        for route in enclave_routes(enclave_config or config, str(parent_cid))
+    ]
     lines.append(f"enclave: dial vsock {parent_cid}:{control_port} for the control connection")
     where = config.log_location
     if where:
@@ -1806,6 +2127,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("path", nargs="?", metavar="PATH", help="Path to the configuration file")
     check.add_argument("--config", dest="config_option", metavar="CONFIG", help="Path to the configuration file")
+    check.add_argument("--enclave-config", metavar="ENCLAVE_CONFIG",
+                       help="The enclave half's configuration file, when it differs: every way it does not"
+                            " match PATH, the host half's, is an error")
     check.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
                        help=f"The parent CID the enclave half dials [env: QPROXY_PARENT_CID] [default: {DEFAULT_PARENT_CID}]")
     check.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
@@ -1863,7 +2187,13 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         if not path:
             raise UsageError("check-config needs a file: qproxy check-config PATH")
         config = load_config(path, args.control_port)
-        print("\n".join(describe_config(path, config, args.parent_cid, args.control_port)))
+        enclave_config = load_config(args.enclave_config, args.control_port) if args.enclave_config else None
+        print("\n".join(describe_config(path, config, args.parent_cid, args.control_port, enclave_config)))
+        if enclave_config:
+            mismatches = config_mismatches(entries_of(config), entries_of(enclave_config))
+            if mismatches:
+                raise ConfigError([f"config mismatch: {mismatch}" for mismatch in mismatches])
+            print(f"{args.enclave_config}: valid, and matches {path}")
         return EXIT_OK
     config = read_config(args.config, args.control_port)
     setup_logging(args.command, config, os.environ)

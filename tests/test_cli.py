@@ -661,7 +661,7 @@ LEVEL_SEEN["trace"] = LEVEL_SEEN["debug"]  # nothing logs at trace yet; trace le
 
 
 def fake_enclave_hello(vsock_dir: Path, control_port: int) -> None:
-    """Greet the host half with a control protocol it does not speak: it logs that at ERROR.
+    """Greet the host half with entries that do not match its own: it logs that at ERROR.
 
     The host half takes it in place of the real enclave half, which dials again and
     takes its place back: the answer may or may not arrive before that, so only the
@@ -670,7 +670,8 @@ def fake_enclave_hello(vsock_dir: Path, control_port: int) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(DEADLINE)
         sock.connect(str(vsock_dir / str(control_port)))
-        hello = {"type": "hello", "protocol": 99, "role": "enclave", "version": "test"}
+        hello = {"type": "hello", "protocol": 2, "role": "enclave", "version": "test",
+                 "entries": {"inbound": [], "outbound": []}}
         sock.sendall(json.dumps(hello).encode() + b"\n")
         with sock.makefile("rb") as reader:
             answer = reader.readline()
@@ -696,7 +697,7 @@ def test_RUST_LOG_decides_what_is_logged(proxy, echo_server, rust_log, level):
     wait_echo(host_port)  # both halves are serving: INFO "conn N opened"
     fake_enclave_hello(proxy.vsock_dir, proxy.control_port)  # ERROR on the host half
     if "ERROR" in LEVEL_SEEN[level]:
-        host.wait_log("control protocol 99")
+        host.wait_log("config mismatch")
     assert enclave.stop() == 0 and host.stop() == 0  # WARN "SIGTERM: stopping"
     logs = host.log() + enclave.log()
     seen = set(re.findall(r"Z (ERROR|WARN|INFO|DEBUG|TRACE) +qproxy::", logs))
@@ -704,7 +705,7 @@ def test_RUST_LOG_decides_what_is_logged(proxy, echo_server, rust_log, level):
     if level == "off":
         assert logs == ""
     expected = {
-        "ERROR": "control protocol 99",
+        "ERROR": "config mismatch",
         "WARN": "SIGTERM: stopping",
         "INFO": "host half ready",
         "DEBUG": unreachable,
@@ -768,8 +769,11 @@ def test_unwritable_log_dir_falls_back_to_stderr(proxy, tmp_path):
     host = proxy.start("host", env={"RUST_LOG": ""}, ready=False)
     host.wait_log("host half ready")  # still runs, and logs to stderr at the file's level
     complaints = [line for line in host.log().splitlines() if "log" in line and str(log_dir) in line]
-    assert len(complaints) == 1, host.log()
-    assert "cannot write" in complaints[0]
+    # One for its own log, one for the enclave half's records that it writes in the same folder.
+    assert [complaint.split(str(log_dir))[1] for complaint in complaints] == [
+        "/host.log (Not a directory); logging to stderr", "/enclave.log (Not a directory); logging to stderr",
+    ], host.log()
+    assert all(complaint.startswith("qproxy: cannot write the log file ") for complaint in complaints)
     assert "Traceback" not in host.log()
     assert (proxy.vsock_dir / str(proxy.control_port)).exists()
     assert host.stop() == 0

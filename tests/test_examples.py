@@ -43,3 +43,4 @@ def test_systemd_unit_runs_the_host_half():
     assert exec_start[1:4] == ["/opt/qproxy/qproxy.py", "host", "--config"]
     assert exec_start[-1].isdigit()  # the enclave's CID
     assert "RestartPreventExitStatus=2" in unit  # a config error is not fixed by restarting
+    assert re.search(r"^Type=notify$", unit, re.M)  # the host half says READY=1 (test_control_link.py)
