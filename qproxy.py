@@ -1331,7 +1331,10 @@ class MessageReader:
         line, _, self.pending = self.pending.partition(b"\n")
         if len(line) > CONTROL_MAX_MESSAGE:
             raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
-        message = json.loads(line)  # json.JSONDecodeError is a ValueError
+        try:
+            message = json.loads(line)  # json.JSONDecodeError is a ValueError
+        except RecursionError:
+            raise ValueError("a message nested too deeply") from None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise ValueError("a message without a type")
         return message
@@ -1375,6 +1378,8 @@ class ControlLink:
                 selector.register(self.outbox.wakeup.reader, READ)
             now = heard = time.monotonic()
             next_beat, silent = now + HEARTBEAT_INTERVAL, False
+            for message in self.reader.messages():  # those that came in one recv() with the hello
+                self.on_message(message)
             while True:
                 if self.outbox:
                     self.outbox.send(self.sock)
@@ -1615,7 +1620,10 @@ class ControlServer:
             previous, self.enclave = self.enclave, sock
         if previous is not None:
             log.warning("control: a new enclave half replaces the one connected before")
-            previous.shutdown(socket.SHUT_RDWR)
+            try:
+                previous.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # it ended on its own meanwhile
         try:
             send_message(sock, hello("host"))
             # At the default level (warn) an operator who saw the enclave half leave must also see it return.
@@ -1630,10 +1638,11 @@ class ControlServer:
             log.warning("control: the enclave half (%s) failed: %s", peer, reason(error))
         else:
             log.warning("control: the enclave half (%s) disconnected", peer)
-        with self.lock:
-            if self.enclave is sock:
-                self.enclave = None
-                notify_systemd("STATUS=waiting for the enclave half")
+        finally:
+            with self.lock:
+                if self.enclave is sock:
+                    self.enclave = None
+                    notify_systemd("STATUS=waiting for the enclave half")
 
     def compare(self, greeting: dict) -> None:
         """Log how the enclave half differs from this host half: protocol, version, entries."""
@@ -1890,9 +1899,7 @@ def check_literals_match_family(config: Config, family: int) -> None:
             raise UsageError(f"[[outbound_connections]] entry {number}: hostname {entry.hostname} cannot be reached with {flag}")
 
 
-def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
-    outbox = LogOutbox()  # from the first record on, for the host half
-    log.addHandler(outbox)
+def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, outbox: LogOutbox) -> int:
     ensure_loopback_up()
     vsock.check_available()
     raise_fd_limit()
@@ -2197,12 +2204,15 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         return EXIT_OK
     config = read_config(args.config, args.control_port)
     setup_logging(args.command, config, os.environ)
+    outbox = LogOutbox() if args.command == "enclave" else None
+    if outbox:
+        log.addHandler(outbox)  # the enclave half's records from the first on, for the host half
     vsock = Vsock(os.environ.get("QPROXY_VSOCK_EMULATION") or None)
     if not (config.inbound or config.outbound):
         log.warning("no connections configured%s", "" if args.config else " (no --config given)")
     if args.command == "host":
         return run_host(args, config, vsock)
-    return run_enclave(args, config, vsock)
+    return run_enclave(args, config, vsock, outbox)
 
 
 def main(argv: list[str] | None = None) -> int:

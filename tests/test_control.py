@@ -128,3 +128,23 @@ def test_a_new_enclave_half_replaces_the_old_connection(proxy, echo_server):
         assert json.loads(newcomer.makefile("rb").readline())["type"] == "hello"
         host.wait_log("control: a new enclave half replaces the one connected before")
         wait_for(lambda: host.log().count("control: enclave half connected") >= 2, "the newcomer to be taken")
+
+
+NESTED = b"[" * 5000 + b"]" * 5000 + b"\n"  # deeper than the JSON parser's recursion
+
+
+def test_deeply_nested_json_is_garbage_before_and_after_the_hello(proxy, echo_server):
+    host, host_port = start(proxy, echo_server)
+    with control(proxy) as sock:
+        sock.sendall(NESTED)
+        assert closed_by_host(sock)
+    host.wait_log(r"control: no valid hello from .*: a message nested too deeply")
+    with control(proxy) as sock:  # a greeted connection that then sends it
+        sock.sendall(hello())
+        assert json.loads(sock.makefile("rb").readline())["type"] == "hello"
+        sock.sendall(NESTED)
+        host.wait_log(r"control: the enclave half \(.*\) failed: a message nested too deeply")
+    # The control port still takes an enclave half: the real one dials again and is answered.
+    wait_for(lambda: host.log().count("control: enclave half connected") >= 3, "the enclave half to be back")
+    assert "Traceback" not in host.log() and "unexpected error" not in host.log()
+    assert exchange(host_port, b"unaffected") == b"unaffected"

@@ -333,8 +333,9 @@ def test_without_log_location_the_enclave_records_go_to_the_hosts_stderr(proxy):
     proxy.write_config("")
     enclave = proxy.start("enclave")
     host = proxy.start("host")
-    line = enclave.wait_log(r".* INFO  qproxy::enclave enclave half ready .*").group(0)
-    host.wait_log(re.escape(line))
+    for record in (r"WARN  qproxy::enclave no connections configured", r"INFO  qproxy::enclave enclave half ready"):
+        line = enclave.wait_log(f".*{record}.*").group(0)  # from the first record on
+        host.wait_log(re.escape(line))
 
 
 # ---------------------------------------------------------------------------
@@ -398,3 +399,15 @@ def test_an_enclave_hostname_that_is_no_hostname_is_refused_not_logged(hostname)
     entries = {"inbound": [], "outbound": [{"vsock_port": 2, "hostname": hostname, "tcp_port": 443, "enclave_port": 443}]}
     with pytest.raises(ValueError):
         qproxy.config_mismatches(qproxy.entries_of(qproxy.Config()), entries)
+
+
+def test_the_enclave_half_survives_a_host_half_that_sends_garbage(proxy, fake_host):
+    proxy.write_config("")
+    enclave = proxy.start("enclave")
+    peer, _ = accept_enclave(fake_host, heartbeat=5)
+    peer.sock.sendall(b"[" * 5000 + b"]" * 5000 + b"\n")
+    enclave.wait_log(r"control: connection to the host half failed: a message nested too deeply")
+    peer.close()
+    again, greeting = accept_enclave(fake_host, heartbeat=5)  # it dials again
+    again.close()
+    assert greeting["type"] == "hello" and "Traceback" not in enclave.log()

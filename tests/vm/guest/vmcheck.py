@@ -95,7 +95,7 @@ def read_to_end(sock: socket.socket, timeout: float = DEADLINE) -> tuple[bytes, 
             chunk = sock.recv(256 * 1024)
         except ConnectionResetError:
             return bytes(data), "reset"
-        except socket.timeout:
+        except TimeoutError:
             raise Failed(f"the stream did not end within {timeout:.0f} s ({len(data)} bytes read)") from None
         if not chunk:
             return bytes(data), "EOF"
@@ -111,6 +111,7 @@ class Process:
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict | None = None):
         self.name = name
+        self.role = None  # "host" or "enclave" for a half of qproxy, whose log lines say qproxy::ROLE
         self.log_path = log_path
         self.log_file = open(log_path, "ab")
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log_file,
@@ -125,9 +126,22 @@ class Process:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def fds(self) -> int:
-        """How many file descriptors it holds open (from /proc/PID/fd)."""
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+    def fds(self) -> list[str]:
+        """What its open file descriptors are ("socket:[1234]", "anon_inode:[eventpoll]", ...), from /proc/PID/fd."""
+        found = []
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                found.append(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+            except OSError:
+                pass  # closed while we looked
+        return found
+
+    def wait_fds(self, count: int, timeout: float = DEADLINE) -> None:
+        """Wait until it holds count descriptors; the failure says which it holds instead."""
+        try:
+            wait_for(lambda: len(self.fds()) == count, f"the {self.name} to hold {count} descriptors", timeout)
+        except Failed as error:
+            raise Failed(f"{error}; it holds {len(self.fds())}: {sorted(self.fds())}") from None
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -274,6 +288,7 @@ class Box:
     def host_half(self, config: Path, name: str = "host half", extra: list[str] = (), cid: int = LOCAL_CID) -> Process:
         argv = [sys.executable, str(QPROXY), "host", "--config", str(config), *extra, str(cid)]
         half = self.spawn(name, argv, self.half_env())
+        half.role = "host"
         self.halves.append(half)
         return half
 
@@ -281,6 +296,7 @@ class Box:
                      uid: int | None = None, parent_cid: int = LOCAL_CID) -> Process:
         argv = [sys.executable, str(QPROXY), "enclave", "--config", str(config), "--parent-cid", str(parent_cid)]
         half = self.spawn(name, enclave.command(argv, uid), self.half_env())
+        half.role = "enclave"
         self.halves.append(half)
         return half
 
