@@ -79,6 +79,7 @@ class LogLocation(TypedDict, total=False):
     log_level: LogLevel
     host_log_dir: str
     enclave_log_dir: str
+    forward_enclave_log: bool  # extension
 
 
 class Limits(TypedDict, total=False):
@@ -135,6 +136,8 @@ def field_schema(field: qproxy.Field) -> dict:
     if field.kind in qproxy.INTEGER_RANGES:
         low, high = qproxy.INTEGER_RANGES[field.kind]
         schema = {"type": "integer", "minimum": low, "maximum": high}
+    elif field.kind == "boolean":
+        schema = {"type": "boolean"}
     elif field.kind == "seconds":
         low, high = qproxy.SECONDS_RANGE
         schema = {"type": "number", "minimum": low, "maximum": high}

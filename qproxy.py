@@ -133,7 +133,7 @@ TCP_PORT_RANGE = (1, 65535)
 VSOCK_PORT_RANGE = (1, 0xFFFFFFFE)
 # CID 0 is the hypervisor and 0xFFFFFFFF is VMADDR_CID_ANY; 1 is local loopback.
 CID_RANGE = (1, 0xFFFFFFFE)
-COUNT_RANGE = (1, 1_000_000)  # connections
+COUNT_RANGE = (0, 1_000_000)  # connections; 0: no bound of this kind
 SECONDS_RANGE = (0, 86400)  # a timeout; 0 turns it off
 INTEGER_RANGES = {"tcp_port": TCP_PORT_RANGE, "vsock_port": VSOCK_PORT_RANGE, "count": COUNT_RANGE}
 LOG_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
@@ -158,8 +158,8 @@ HOSTNAME_MAX_LENGTH = 253
 class Field(collections.namedtuple("Field", "kind description default same_as extension", defaults=(None, None, False))):
     """One key of a configuration table.
 
-    kind: "tcp_port", "vsock_port", "count", "seconds", "hostname", "ip_address",
-    "log_level" or "text".
+    kind: "tcp_port", "vsock_port", "count", "seconds", "boolean", "hostname",
+    "ip_address", "log_level" or "text".
     default: the value when the key is absent; with neither default nor
     same_as (the other key of the entry whose value it takes) the key is
     required.  extension: not in the vendor's format.
@@ -224,6 +224,13 @@ TABLES = {
             "log_level": Field("log_level", "Least severe level logged; RUST_LOG overrides it.", default="warn"),
             "host_log_dir": Field("text", "Folder of the host half's log.", default="/var/log/qproxy"),
             "enclave_log_dir": Field("text", "Folder of the enclave half's log.", default="/var/log/qproxy"),
+            "forward_enclave_log": Field(
+                "boolean",
+                "Whether the enclave half sends its log records to the host half, which writes them to"
+                " host_log_dir/enclave_log. They never hold payload, but do name hosts and ports.",
+                default=True,
+                extension=True,
+            ),
         },
     ),
     "limits": Table(
@@ -233,8 +240,8 @@ TABLES = {
             "connections_per_listener": Field(
                 "count",
                 "Most connections one listener relays at once; more wait in its listen queue, and other"
-                " listeners go on. -t/--threads bounds the whole half.",
-                default=512,
+                " listeners go on. 0: no bound of its own; -t/--threads bounds the whole half.",
+                default=0,
                 extension=True,
             ),
             "connect_timeout": Field(
@@ -258,7 +265,9 @@ TABLES = {
 # A checked configuration: a tuple of Inbound, a tuple of Outbound, a LogLocation or None, Limits.
 Inbound = collections.namedtuple("Inbound", "host_port enclave_port vsock_port bind_address")
 Outbound = collections.namedtuple("Outbound", "hostname vsock_port tcp_port enclave_port")
-LogLocation = collections.namedtuple("LogLocation", "host_log enclave_log log_level host_log_dir enclave_log_dir")
+LogLocation = collections.namedtuple(
+    "LogLocation", "host_log enclave_log log_level host_log_dir enclave_log_dir forward_enclave_log"
+)
 Limits = collections.namedtuple("Limits", "connections_per_listener connect_timeout idle_timeout")
 DEFAULT_LIMITS = Limits(**{key: field.default for key, field in TABLES["limits"].fields.items()})
 Config = collections.namedtuple("Config", "inbound outbound log_location limits", defaults=((), (), None, DEFAULT_LIMITS))
@@ -296,6 +305,8 @@ def check_value(field: Field, value: object) -> str | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
             return None  # NaN fails the comparison too
         return f"expected a number of seconds from {low} to {high}, found {describe(value)}"
+    if field.kind == "boolean":
+        return None if isinstance(value, bool) else f"expected true or false, found {describe(value)}"
     if not isinstance(value, str):
         return f"expected a string, found {describe(value)}"
     if field.kind == "hostname" and not is_hostname(value):
@@ -868,7 +879,7 @@ class Reactor(threading.Thread):
         self.selector.register(self.wakeup.reader, READ)
         self.idle_timeout = idle_timeout  # 0: never
         # A connection is cut between idle_timeout and idle_timeout + sweep_interval after its last byte.
-        self.sweep_interval = min(idle_timeout / 4, 1.0) if idle_timeout else None
+        self.sweep_interval = min(max(idle_timeout / 4, 0.05), 1.0) if idle_timeout else None
 
     def add(self, connection: Connection) -> None:
         """Take over an established connection (from any thread)."""
@@ -972,7 +983,7 @@ throttled = Throttle()
 
 
 class ConnectionCount:
-    """Connections relayed at once by one listener, or by the whole half, against a limit."""
+    """Connections relayed at once by one listener, or by the whole half, against a limit (0: none)."""
 
     def __init__(self, limit: int, what: str):
         self.limit = limit
@@ -981,13 +992,13 @@ class ConnectionCount:
 
     @property
     def full(self) -> bool:
-        return self.count >= self.limit
+        return 0 < self.limit <= self.count
 
     def add(self) -> None:
         self.count += 1
-        if self.full:
-            log.warning("%s: %d connections at once, the limit; new ones wait in the listen queue",
-                        self.what, self.limit)
+        if self.full:  # throttled: anyone who can connect can make a listener reach its limit
+            throttled.warning(f"limit {self.what}", "%s: %d connections at once, the limit; more wait in the"
+                              " listen queue", self.what, self.limit)
 
     def remove(self) -> bool:
         """Count one connection less; True when that takes the count off its limit."""
@@ -1087,9 +1098,9 @@ class Workers:
             start = self.idle == 0
             if not start:
                 self.idle -= 1
-        self.jobs.put((job, args))
         if start:
-            _thread.start_new_thread(self.work, ())
+            _thread.start_new_thread(self.work, ())  # when this fails, nothing is queued: the caller cleans up
+        self.jobs.put((job, args))
 
     def work(self) -> None:
         while True:
@@ -1284,10 +1295,15 @@ CONTROL_HELLO_TIMEOUT = 10.0  # seconds for a whole hello, however slowly its by
 CONTROL_MAX_UNGREETED = 8  # control connections that have not said hello yet, at once
 CONTROL_RETRY_MAX = 5.0
 HEARTBEAT_INTERVAL = 5.0  # seconds between the heartbeats a half sends; announced in its hello
-HEARTBEAT_RANGE = (0.1, 3600.0)  # what a half accepts as the other's announced interval
+HEARTBEAT_RANGE = (1.0, 3600.0)  # the other's announced interval, kept within this: no log-flooding flaps
 SILENT_AFTER = 3  # heartbeat intervals without a word before the other half counts as silent
 LOG_BACKLOG = 1000  # enclave log records kept while no host half listens; older ones are dropped
-LOG_MESSAGE_MAX = 16 * 1024  # characters of one forwarded log message; the rest is cut
+# Characters of one forwarded log message; the rest is cut.  JSON spends at most
+# 12 bytes on a character (an escaped surrogate pair), so a record stays well
+# within CONTROL_MAX_MESSAGE.
+LOG_MESSAGE_MAX = 4096
+# Enclave log records a second the host half writes (a whole backlog at once); more are counted and dropped.
+LOG_RATE = 2 * LOG_BACKLOG
 
 
 def send_message(sock: socket.socket, message: dict) -> None:
@@ -1383,6 +1399,7 @@ class ControlLink:
             while True:
                 if self.outbox:
                     self.outbox.send(self.sock)
+                    now = time.monotonic()
                 wake_at = next_beat if silent or not self.other_heartbeat else min(
                     next_beat, heard + SILENT_AFTER * self.other_heartbeat)
                 ready = selector.select(max(wake_at - now, 0))
@@ -1438,7 +1455,7 @@ def by_vsock_port(entries: object) -> dict[str, dict[int, dict]]:
             # type() is, not isinstance(): true is no port.  A name that is no hostname could carry
             # a line break into the host half's log.
             if not (isinstance(entry, dict) and all(type(entry.get(key)) is kind for key, kind in keys.items())
-                    and is_hostname(entry.get("hostname", "localhost"))):
+                    and ("hostname" not in keys or is_hostname(entry["hostname"]))):
                 raise ValueError(f"an entry of entries.{direction} that is not one ({', '.join(keys)})")
             found[direction][entry["vsock_port"]] = entry
     return found
@@ -1487,21 +1504,29 @@ def config_mismatches(host: dict, enclave: dict) -> list[str]:
 
 # The enclave half's log, forwarded: kept in the enclave while no host half listens, written on the host.
 
-LOG_ESCAPES = {**{code: f"\\x{code:02x}" for code in (*range(32), 127, 0x85)}, 0x2028: "\\u2028", 0x2029: "\\u2029",
-               ord("\n"): "\\n", ord("\t"): "\\t"}
+def one_line(text: str) -> str:
+    """text with the backslash and every character that is not printable escaped, as Python
+    writes them ("\\n", "\\x1b", "\\u2028"): whatever the other half sends stays one line of
+    this half's log and cannot pass for a line of its own."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(
+        char if char.isprintable() and char != "\\" else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
 
 
 def told(value: object) -> str:
-    """Something the other half said, fit for one line of this half's log."""
-    return str(value).translate(LOG_ESCAPES)[:100]
+    """Something the other half said, short and fit for one line of this half's log."""
+    return one_line(str(value)[:100])
 
 
 class LogOutbox(logging.Handler):
     """The enclave half's log records on their way to the host half.
 
     It holds the newest LOG_BACKLOG records while no host half listens, and
-    counts those it drops, so a host half that comes late still learns how
-    the enclave half started.
+    counts those it drops: a host half that comes late gets the recent past
+    and learns how much it missed.
     """
 
     def __init__(self):
@@ -1509,22 +1534,27 @@ class LogOutbox(logging.Handler):
         self.records: collections.deque[dict] = collections.deque(maxlen=LOG_BACKLOG)
         self.lost = 0
         self.wakeup = Wakeup()
+        self.emptied = threading.Condition(self.lock)
 
     def emit(self, record: logging.LogRecord) -> None:  # logging holds self.lock here
+        try:
+            entry = {"type": "log", "time": TIME_FORMAT.formatTime(record), "level": record.levelname,
+                     "message": self.format(record)[:LOG_MESSAGE_MAX]}
+        except Exception:
+            self.handleError(record)  # as logging's own handlers do: never into the thread that logs
+            return
         if len(self.records) == LOG_BACKLOG:
             self.lost += 1
         elif not self.records:
             self.wakeup.wake()
-        self.records.append({
-            "type": "log", "time": TIME_FORMAT.formatTime(record), "level": record.levelname,
-            "message": self.format(record)[:LOG_MESSAGE_MAX],
-        })
+        self.records.append(entry)
 
     def send(self, sock: socket.socket) -> None:
         """Send what is held; a record that could not be sent goes back to be sent on the next link."""
         while True:
             with self.lock:
                 if not self.records:
+                    self.emptied.notify_all()
                     break
                 record = self.records.popleft()
             try:
@@ -1541,13 +1571,18 @@ class LogOutbox(logging.Handler):
             log.warning("control: %d log records were dropped while the host half was away (%d are kept)",
                         lost, LOG_BACKLOG)
 
+    def wait_sent(self, timeout: float) -> None:
+        """Give a connected host half up to timeout seconds to receive what is held: the last records at a stop."""
+        with self.emptied:
+            self.emptied.wait_for(lambda: not self.records, timeout)
+
 
 class EnclaveLog:
     """Where the host half writes the enclave half's records: host_log_dir/enclave_log, or its own stderr.
 
     Each line is as the enclave half writes it in its own log, with its time
-    and level.  Control characters are escaped, so one record is one line and
-    cannot pass for a line of the host's.
+    and level, escaped by one_line().  At most LOG_RATE records a second are
+    written, so whatever can dial the control port cannot fill the parent's disk fast.
     """
 
     LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG,
@@ -1557,15 +1592,32 @@ class EnclaveLog:
     def __init__(self, handler: logging.Handler):
         self.handler = handler
         handler.setFormatter(logging.Formatter("%(enclave_time)s %(levelname)-5s qproxy::enclave %(message)s"))
+        self.second = 0  # the second of time.monotonic() whose records are being counted
+        self.written = self.dropped = 0
 
     def write(self, message: dict) -> bool:
         """Write one log message; False when it is not a well-formed one."""
         level, text, when = message.get("level"), message.get("message"), message.get("time")
-        if not (level in self.LEVELS and isinstance(text, str) and isinstance(when, str) and self.TIME.fullmatch(when)):
+        if not (isinstance(level, str) and level in self.LEVELS and isinstance(text, str)
+                and isinstance(when, str) and self.TIME.fullmatch(when)):
             return False
-        record = logging.LogRecord("qproxy.enclave", self.LEVELS[level], "", 0, text.translate(LOG_ESCAPES), None, None)
-        record.enclave_time = when
-        self.handler.handle(record)
+        if self.within_rate():
+            record = logging.LogRecord("qproxy.enclave", self.LEVELS[level], "", 0, one_line(text), None, None)
+            record.enclave_time = when
+            self.handler.handle(record)
+        return True
+
+    def within_rate(self) -> bool:
+        second = int(time.monotonic())
+        if second != self.second:
+            if self.dropped:
+                log.warning("control: dropped %d log records of the enclave half, more than %d a second",
+                            self.dropped, LOG_RATE)
+            self.second, self.written, self.dropped = second, 0, 0
+        if self.written >= LOG_RATE:
+            self.dropped += 1
+            return False
+        self.written += 1
         return True
 
 
@@ -1588,6 +1640,7 @@ class ControlServer:
         self.lock = threading.Lock()
         self.enclave: socket.socket | None = None
         self.seen = False  # whether an enclave half has connected before
+        self.reported: list[str] = []  # the mismatches logged last, not repeated for every hello
 
     def serve(self, sock: socket.socket, address: object) -> None:
         peer = describe_peer(sock.family, address)
@@ -1619,7 +1672,7 @@ class ControlServer:
         with self.lock:
             previous, self.enclave = self.enclave, sock
         if previous is not None:
-            log.warning("control: a new enclave half replaces the one connected before")
+            throttled.warning("control-replace", "control: a new enclave half replaces the one connected before")
             try:
                 previous.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -1636,6 +1689,9 @@ class ControlServer:
             ControlLink(sock, reader, "enclave", announced_heartbeat(greeting), self.on_message).run()
         except (OSError, ValueError) as error:
             log.warning("control: the enclave half (%s) failed: %s", peer, reason(error))
+        except Exception as error:  # a bug, not the peer's doing: end this link, keep the control port
+            log.error("control: unexpected error on the enclave half's link (%s): %s", peer, reason(error))
+            log.debug("control: traceback", exc_info=True)
         else:
             log.warning("control: the enclave half (%s) disconnected", peer)
         finally:
@@ -1647,8 +1703,8 @@ class ControlServer:
     def compare(self, greeting: dict) -> None:
         """Log how the enclave half differs from this host half: protocol, version, entries."""
         if greeting.get("protocol") != CONTROL_PROTOCOL:
-            log.warning("control: the enclave half speaks control protocol %r, this host half %d; upgrade the older",
-                        greeting.get("protocol"), CONTROL_PROTOCOL)
+            log.warning("control: the enclave half speaks control protocol %s, this host half %d; upgrade the older",
+                        told(greeting.get("protocol")), CONTROL_PROTOCOL)
         if greeting.get("version") != __version__:
             log.warning("control: the enclave half runs qproxy %s, this host half %s", told(greeting.get("version")),
                         __version__)
@@ -1660,10 +1716,15 @@ class ControlServer:
         except ValueError as error:
             log.warning("control: cannot compare the configurations: the enclave half sent %s", error)
             return
-        for mismatch in mismatches:
-            log.error("control: config mismatch: %s", mismatch)
         if not mismatches:
             log.info("control: the enclave half's entries match this host half's")
+        elif mismatches == self.reported:
+            log.warning("control: the enclave half's entries still differ from this host half's, in the %d ways"
+                        " logged before", len(mismatches))
+        else:
+            for mismatch in mismatches:
+                log.error("control: config mismatch: %s", mismatch)
+        self.reported = mismatches
 
     def on_message(self, message: dict) -> None:
         if message["type"] == "log" and not self.enclave_log.write(message):
@@ -1673,7 +1734,7 @@ class ControlServer:
 class ControlClient(threading.Thread):
     """The enclave half's side: dial the host half, retrying with backoff; say hello, send the log."""
 
-    def __init__(self, vsock: Vsock, parent_cid: int, port: int, config: Config, outbox: LogOutbox,
+    def __init__(self, vsock: Vsock, parent_cid: int, port: int, config: Config, outbox: LogOutbox | None,
                  stopping: threading.Event):
         super().__init__(name="control", daemon=True)
         self.vsock, self.parent_cid, self.port = vsock, parent_cid, port
@@ -1681,6 +1742,7 @@ class ControlClient(threading.Thread):
         self.outbox = outbox
         self.stopping = stopping
         self.seen = False  # whether a host half has answered before
+        self.linked = False  # whether a host half is listening now
 
     def run(self) -> None:
         delay = 0.1
@@ -1690,15 +1752,23 @@ class ControlClient(threading.Thread):
             except OSError as error:
                 log.debug("control: host half not reachable at vsock %d:%d (%s)", self.parent_cid, self.port, reason(error))
             else:
-                if self.talk(sock):
-                    delay = 0.1  # back-off starts afresh only after a real conversation
+                try:
+                    if self.talk(sock):
+                        delay = 0.1  # back-off starts afresh only after a link that lasted
+                except Exception as error:  # a bug, not the peer's doing: log it and dial again
+                    log.error("control: unexpected error on the link to the host half: %s", reason(error))
+                    log.debug("control: traceback", exc_info=True)
             # Wait even after a connection: one the host half closes at once must not become a busy loop.
             self.stopping.wait(delay)
             delay = min(delay * 2, CONTROL_RETRY_MAX)
 
     def talk(self, sock: socket.socket) -> bool:
-        """Say hello and follow the connection until it ends; True if the host half answered."""
-        answered = False
+        """Say hello and follow the connection until it ends.
+
+        True when the link lasted a heartbeat interval: a host half that answers
+        and hangs up at once must meet the back-off, not a dial ten times a second.
+        """
+        linked_at = None
         with sock:
             try:
                 send_message(sock, self.greeting)
@@ -1710,17 +1780,22 @@ class ControlClient(threading.Thread):
                         self.parent_cid, self.port,
                     )
                     return False
-                answered = True
+                linked_at = time.monotonic()
                 log.log(logging.WARNING if self.seen else logging.INFO,
                         "control: connected%s to the host half (qproxy %s)",
                         " again" if self.seen else "", told(answer.get("version")))
                 self.seen = True
-                ControlLink(sock, reader, "host", announced_heartbeat(answer), lambda message: None, self.outbox).run()
+                self.linked = True
+                try:
+                    ControlLink(sock, reader, "host", announced_heartbeat(answer), lambda message: None,
+                                self.outbox).run()
+                finally:
+                    self.linked = False
             except (OSError, ValueError) as error:
                 throttled.warning("control-failed", "control: connection to the host half failed: %s", reason(error))
-                return answered
-            log.warning("control: the host half went away; reconnecting")
-            return True
+            else:
+                log.warning("control: the host half went away; reconnecting")
+        return linked_at is not None and time.monotonic() - linked_at >= HEARTBEAT_INTERVAL
 
 
 # ---------------------------------------------------------------------------
@@ -1840,14 +1915,16 @@ class Half:
             if isinstance(listener.server_address, str):
                 os.unlink(listener.server_address)  # an emulated vsock port's socket file
 
-    def run(self) -> int:
+    def run(self, status: str = "") -> int:
         """Accept on every listener until SIGTERM or SIGINT, then drain the open connections for the grace period.
+
+        status is what systemd is told along with READY=1.
 
         One loop in the main thread serves all listeners, rather than socketserver's
         serve_forever() in a thread each: a half has as few threads as it can.
         """
         log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
-        notify_systemd("READY=1")
+        notify_systemd("READY=1" + (f"\nSTATUS={status}" if status else ""))
         with selectors.DefaultSelector() as selector:
             selector.register(self.admission.wakeup.reader, READ)
             while not self.stopping.is_set():
@@ -1886,7 +1963,7 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
         half.close_listeners()  # all or nothing: leave no socket file behind
         raise
     log.info("listening on vsock :%d for the enclave half's control connection", args.control_port)
-    return half.run()
+    return half.run(status="waiting for the enclave half")
 
 
 def check_literals_match_family(config: Config, family: int) -> None:
@@ -1899,7 +1976,8 @@ def check_literals_match_family(config: Config, family: int) -> None:
             raise UsageError(f"[[outbound_connections]] entry {number}: hostname {entry.hostname} cannot be reached with {flag}")
 
 
-def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, outbox: LogOutbox) -> int:
+def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, outbox: LogOutbox | None) -> int:
+    """outbox: the records for the host half, or None when [log_location] forward_enclave_log is false."""
     ensure_loopback_up()
     vsock.check_available()
     raise_fd_limit()
@@ -1912,8 +1990,12 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, outbox: 
     except StartError:
         half.close_listeners()
         raise
-    ControlClient(vsock, args.parent_cid, args.control_port, config, outbox, half.stopping).start()
-    return half.run()
+    control = ControlClient(vsock, args.parent_cid, args.control_port, config, outbox, half.stopping)
+    control.start()
+    code = half.run()
+    if outbox and control.linked:
+        outbox.wait_sent(1.0)  # the records of the stop itself, for the host half
+    return code
 
 
 # ---------------------------------------------------------------------------
@@ -1945,7 +2027,10 @@ def describe_config(path: str, config: Config, parent_cid: int, control_port: in
         lines.append("log: both halves to stderr")
     limits = config.limits
     lines.append(
-        f"limits: {limits.connections_per_listener} connections per listener, connect timeout "
+        "limits: "
+        + (f"{limits.connections_per_listener} connections per listener" if limits.connections_per_listener
+           else "no connection limit per listener")
+        + ", connect timeout "
         + (f"{limits.connect_timeout:g} s" if limits.connect_timeout else "the system's")
         + ", idle timeout " + (f"{limits.idle_timeout:g} s" if limits.idle_timeout else "none")
     )
@@ -2084,7 +2169,7 @@ def number_in(low: int, high: int, what: str) -> Callable[[str], int]:
 
 parse_cid = number_in(*CID_RANGE, "a CID")
 parse_port = number_in(*TCP_PORT_RANGE, "a port")
-parse_threads = number_in(*COUNT_RANGE, "the connection limit")
+parse_threads = number_in(1, COUNT_RANGE[1], "the connection limit")
 
 
 def from_environment(args: argparse.Namespace, name: str, variable: str, parse: Callable, default: object) -> None:
@@ -2204,7 +2289,8 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         return EXIT_OK
     config = read_config(args.config, args.control_port)
     setup_logging(args.command, config, os.environ)
-    outbox = LogOutbox() if args.command == "enclave" else None
+    forward = config.log_location is None or config.log_location.forward_enclave_log
+    outbox = LogOutbox() if args.command == "enclave" and forward else None
     if outbox:
         log.addHandler(outbox)  # the enclave half's records from the first on, for the host half
     vsock = Vsock(os.environ.get("QPROXY_VSOCK_EMULATION") or None)

@@ -192,7 +192,7 @@ def test_vendor_walkthrough_config_is_valid(tmp_path, clean_env):
         "enclave: listen vsock :9994 -> tcp 127.0.0.1:5443",
         "enclave: dial vsock 3:6666 for the control connection",
         "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
-        "limits: 512 connections per listener, connect timeout 10 s, idle timeout none",
+        "limits: no connection limit per listener, connect timeout 10 s, idle timeout none",
     ]
 
 
@@ -202,7 +202,7 @@ def test_vendor_reference_config_is_valid(tmp_path):
     assert [(o.vsock_port, o.tcp_port, o.enclave_port) for o in config.outbound] == [(7777, 443, 443), (7778, 5555, 5555)]
     assert [(i.host_port, i.enclave_port, i.vsock_port) for i in config.inbound] == [(80, 80, 9000), (443, 443, 9001)]
     assert config.log_location == qproxy.LogLocation(
-        "host.log", "enclave.log", "info", "/var/log/qproxy", "/var/log/qproxy"
+        "host.log", "enclave.log", "info", "/var/log/qproxy", "/var/log/qproxy", True
     )
 
 
@@ -225,7 +225,7 @@ def test_check_config_describes_every_route(check_config, tmp_path):
         "enclave: listen tcp 127.0.0.1:5555 -> vsock 7:7778",
         "enclave: dial vsock 7:7000 for the control connection",
         "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
-        "limits: 512 connections per listener, connect timeout 10 s, idle timeout none",
+        "limits: no connection limit per listener, connect timeout 10 s, idle timeout none",
     ]
 
 
@@ -269,7 +269,7 @@ KINDS = {
     },
     "log_location": {
         "host_log": "text", "enclave_log": "text", "log_level": "log_level",
-        "host_log_dir": "text", "enclave_log_dir": "text",
+        "host_log_dir": "text", "enclave_log_dir": "text", "forward_enclave_log": "boolean",
     },
     "limits": {"connections_per_listener": "count", "connect_timeout": "seconds", "idle_timeout": "seconds"},
 }
@@ -280,8 +280,9 @@ assert len(LONGEST_NAME) == 253
 VALID = {
     "tcp_port": [1, 80, 65535],
     "vsock_port": [1, 65536, 0xFFFFFFFE],
-    "count": [1, 512, 1_000_000],
+    "count": [0, 1, 512, 1_000_000],
     "seconds": [0, 0.5, 10, 2.5, 86400, 86400.0],
+    "boolean": [True, False],
     "hostname": [
         "api.myservice.com", "localhost", "a", "host.example.", "_service._tcp.example.com", "xn--bcher-kva.example",
         "a-b.c-d", "123abc.example", "example.123a", "a" * 63 + ".com", LONGEST_NAME, LONGEST_NAME + ".",
@@ -295,7 +296,8 @@ VALID = {
 INVALID = {
     "tcp_port": [0, -1, 65536, 2**70, True, False, 80.0, 80.5, "80", [80], {"port": 80}],
     "vsock_port": [0, -1, 0xFFFFFFFF, 2**32, 2**64, True, 9000.0, "9000", [9000]],
-    "count": [0, -1, 1_000_001, 2**64, True, 10.0, "10", [10]],
+    "count": [-1, 1_000_001, 2**64, True, 10.0, "10", [10]],
+    "boolean": [0, 1, "true", "yes", [True]],
     "seconds": [-1, -0.5, 86401, 86400.5, float("inf"), float("-inf"), float("nan"), True, "10", "10s", [10]],
     "hostname": [
         "", "1.2.3", "1.2.3.4.", "256.1.1.1", "01.2.3.4", "10.0.0.1.5", "-bad.com", "bad-.com", "a..b", ".a",
@@ -311,8 +313,9 @@ LEVEL_CHOICES = ", ".join(qproxy.LOG_LEVELS)
 EXPECTED = {
     "tcp_port": "expected an integer from 1 to 65535, found ",
     "vsock_port": "expected an integer from 1 to 4294967294, found ",
-    "count": "expected an integer from 1 to 1000000, found ",
+    "count": "expected an integer from 0 to 1000000, found ",
     "seconds": "expected a number of seconds from 0 to 86400, found ",
+    "boolean": "expected true or false, found ",
     "hostname": "expected a ",  # a DNS name or an IP address / a string
     "ip_address": "expected a",  # an IPv4 or IPv6 address / a string
     "log_level": "expected ",  # one of ... / a string
@@ -423,13 +426,13 @@ def test_log_location_defaults(tmp_path):
     config = qproxy.load_config(write(tmp_path, "[log_location]\n"), qproxy.DEFAULT_CONTROL_PORT)
     assert config.log_location == qproxy.LogLocation(
         host_log="host.log", enclave_log="enclave.log", log_level="warn",
-        host_log_dir="/var/log/qproxy", enclave_log_dir="/var/log/qproxy",
+        host_log_dir="/var/log/qproxy", enclave_log_dir="/var/log/qproxy", forward_enclave_log=True,
     )
     assert qproxy.load_config(write(tmp_path, ""), qproxy.DEFAULT_CONTROL_PORT).log_location is None
 
 
 def test_limits_defaults(tmp_path):
-    expected = qproxy.Limits(connections_per_listener=512, connect_timeout=10, idle_timeout=0)
+    expected = qproxy.Limits(connections_per_listener=0, connect_timeout=10, idle_timeout=0)
     assert qproxy.load_config(write(tmp_path, "[limits]\n"), qproxy.DEFAULT_CONTROL_PORT).limits == expected
     assert qproxy.load_config(write(tmp_path, ""), qproxy.DEFAULT_CONTROL_PORT).limits == expected
 

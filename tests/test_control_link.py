@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import socket
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -142,6 +143,17 @@ def test_unusable_entries_are_a_warning_not_a_crash(proxy, entries):
         peer.close()
 
 
+def test_the_same_mismatches_are_logged_once_not_at_every_hello(proxy):
+    proxy.write_config(outbound("a.example", 443, 8443, 8001))
+    host = proxy.start("host")
+    for _ in range(2):
+        peer = as_enclave(proxy, 5, no_entries())
+        peer.close()
+    host.wait_log(r"WARN  qproxy::host control: the enclave half's entries still differ from this host half's, in"
+                  r" the 1 ways logged before")
+    assert host.log().count("config mismatch:") == 1
+
+
 def test_an_enclave_half_without_entries_is_told_apart(proxy):
     proxy.write_config("")
     host = proxy.start("host")
@@ -186,10 +198,10 @@ def test_check_config_compares_the_enclave_file(tmp_path):
 def test_the_host_half_notices_a_silent_enclave_half_and_its_return(proxy):
     proxy.write_config("")
     host = proxy.start("host")
-    peer = as_enclave(proxy, 0.2, no_entries())  # promises a heartbeat every 0.2 s, then sends none
+    peer = as_enclave(proxy, 0.1, no_entries())  # promises a heartbeat every 0.1 s (taken as 1 s), then sends none
     try:
-        host.wait_log(r"WARN  qproxy::host control: the enclave half has said nothing for 0\.[6-9]\d* s"
-                      r" \(it promised a heartbeat every 0\.2 s\)")
+        host.wait_log(r"WARN  qproxy::host control: the enclave half has said nothing for [3-9]\.\d s"
+                      r" \(it promised a heartbeat every 1 s\)")
         peer.send(type="heartbeat")
         host.wait_log(r"WARN  qproxy::host control: the enclave half is heard from again")
         assert host.log().count("has said nothing") == 1  # said once per silence, not at every check
@@ -221,7 +233,7 @@ def test_the_enclave_half_greets_with_its_entries_and_notices_a_silent_host_half
     app_port = free_port()
     proxy.write_config(inbound(free_port(), 8080, 9000) + outbound("api.example.com", 443, app_port, 8001))
     enclave = proxy.start("enclave")
-    peer, greeting = accept_enclave(fake_host, heartbeat=0.2)
+    peer, greeting = accept_enclave(fake_host, heartbeat=1)
     try:
         assert greeting == {
             "type": "hello", "protocol": qproxy.CONTROL_PROTOCOL, "role": "enclave", "version": qproxy.__version__,
@@ -233,7 +245,7 @@ def test_the_enclave_half_greets_with_its_entries_and_notices_a_silent_host_half
                               "enclave_port": app_port}],
             },
         }
-        enclave.wait_log(r"WARN  qproxy::enclave control: the host half has said nothing for 0\.[6-9]")
+        enclave.wait_log(r"WARN  qproxy::enclave control: the host half has said nothing for [3-9]\.")
         peer.send(type="heartbeat")
         enclave.wait_log(r"WARN  qproxy::enclave control: the host half is heard from again")
     finally:
@@ -280,6 +292,7 @@ def test_the_host_half_writes_the_enclave_halfs_log_as_the_enclave_wrote_it(prox
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO  qproxy::enclave ", copy.read_text())
     assert oct(copy.stat().st_mode & 0o777) == "0o640"
     assert enclave.stop() == 0
+    wait_for(lambda: "enclave half stopped" in copy.read_text(), "the enclave half's last record on the host")
 
 
 def test_records_made_while_the_host_half_is_away_wait_and_overflow_is_counted(proxy, tmp_path):
@@ -313,7 +326,7 @@ def test_a_forwarded_record_cannot_forge_a_host_log_line(proxy, tmp_path):
     proxy.start("host", ready=False)
     wait_ready(tmp_path / "logs" / "host" / "host.log", "host")
     peer = as_enclave(proxy, 5, no_entries())
-    forged = "hello\n2026-01-01T00:00:00.000Z ERROR qproxy::host forged\r\x1b[2J\u2028end"
+    forged = "hello\n2026-01-01T00:00:00.000Z ERROR qproxy::host forged\r\x1b[2J\u2028end \\n is a backslash and an n"
     try:
         peer.send(type="log", time="2026-11-27T10:00:00.123Z", level="ERROR", message=forged)
         peer.send(type="log", time="yesterday", level="INFO", message="malformed: dropped")
@@ -322,11 +335,74 @@ def test_a_forwarded_record_cannot_forge_a_host_log_line(proxy, tmp_path):
         wait_for(lambda: copy.exists() and "after" in copy.read_text(), "the records on the host")
         assert copy.read_text().splitlines() == [
             "2026-11-27T10:00:00.123Z ERROR qproxy::enclave hello\\n2026-01-01T00:00:00.000Z ERROR qproxy::host"
-            " forged\\x0d\\x1b[2J\\u2028end",
+            " forged\\r\\x1b[2J\\u2028end \\\\n is a backslash and an n",
             "2026-11-27T10:00:00.124Z INFO  qproxy::enclave after",
         ]
     finally:
         peer.close()
+
+
+@pytest.mark.parametrize("bad", [
+    {"level": [], "time": "2026-11-27T10:00:00.000Z", "message": "unhashable level"},
+    {"level": "LOUD", "time": "2026-11-27T10:00:00.000Z", "message": "no such level"},
+    {"level": "INFO", "time": 1764237600, "message": "a number for a time"},
+    {"level": "INFO", "time": "2026-11-27T10:00:00.000Z", "message": {"not": "text"}},
+])
+def test_a_malformed_log_record_is_dropped_and_the_link_goes_on(proxy, tmp_path, bad):
+    proxy.write_config(log_location(tmp_path / "logs"))
+    proxy.start("host", ready=False)
+    wait_ready(tmp_path / "logs" / "host" / "host.log", "host")
+    peer = as_enclave(proxy, 5, no_entries())
+    try:
+        peer.send(type="log", **bad)
+        peer.send(type="log", time="2026-11-27T10:00:00.001Z", level="INFO", message="after")
+        copy = tmp_path / "logs" / "host" / "enclave.log"
+        wait_for(lambda: copy.exists() and "after" in copy.read_text(), "the good record on the host")
+        assert copy.read_text() == "2026-11-27T10:00:00.001Z INFO  qproxy::enclave after\n"
+        host_log = (tmp_path / "logs" / "host" / "host.log").read_text()
+        assert "control: dropped a malformed log record from the enclave half" in host_log
+        assert "unexpected error" not in host_log and "disconnected" not in host_log
+    finally:
+        peer.close()
+
+
+def test_the_host_half_writes_at_most_log_rate_records_a_second_and_counts_the_rest(proxy, tmp_path):
+    proxy.write_config(log_location(tmp_path / "logs"))
+    proxy.start("host", ready=False)
+    host_log = tmp_path / "logs" / "host" / "host.log"
+    wait_ready(host_log, "host")
+    peer = as_enclave(proxy, 5, no_entries())
+    flood = qproxy.LOG_RATE * 3
+    try:
+        peer.sock.sendall(b"".join(
+            message(type="log", time="2026-11-27T10:00:00.000Z", level="INFO", message=f"record {n}") for n in range(flood)
+        ))
+
+        def counted() -> bool:  # the count is logged when a record comes in a later second
+            peer.send(type="log", time="2026-11-27T10:00:01.000Z", level="INFO", message="later")
+            return "log records of the enclave half, more than" in host_log.read_text()
+
+        wait_for(counted, "the host half to count what it dropped")
+    finally:
+        peer.close()
+    written = (tmp_path / "logs" / "host" / "enclave.log").read_text().count("record ")
+    dropped = sum(int(n) for n in re.findall(r"control: dropped (\d+) log records of the enclave half", host_log.read_text()))
+    assert written <= 2 * qproxy.LOG_RATE  # the flood may straddle two seconds
+    assert written + dropped >= flood  # every record of the flood is written or counted (the "later" ones too)
+
+
+def test_a_long_record_fits_one_control_message_whatever_its_characters():
+    outbox = qproxy.LogOutbox()
+    for text in ("a" * 100_000, "\x01" * 100_000, "\U0001F600" * 100_000):
+        outbox.emit(qproxy.logging.LogRecord("qproxy", qproxy.logging.INFO, "", 0, text, None, None))
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(DEADLINE)
+        reader = qproxy.MessageReader(b)
+        threading.Thread(target=outbox.send, args=(a,), daemon=True).start()
+        for _ in range(3):
+            record = reader.read(deadline=qproxy.time.monotonic() + DEADLINE)  # ValueError if over the bound
+            assert len(record["message"]) == qproxy.LOG_MESSAGE_MAX
 
 
 def test_without_log_location_the_enclave_records_go_to_the_hosts_stderr(proxy):
@@ -353,7 +429,7 @@ def test_the_host_half_tells_systemd_when_it_is_ready_and_stopping(proxy, echo_s
         proxy.write_config(inbound(host_port, echo_server.port))
         notify = "@" + name[1:] if abstract else name
         host = proxy.start("host", env={"NOTIFY_SOCKET": notify}, ready=False)
-        assert systemd.recv(4096) == b"READY=1"
+        assert systemd.recv(4096) == b"READY=1\nSTATUS=waiting for the enclave half"
         socket.create_connection(("127.0.0.1", host_port), timeout=DEADLINE).close()  # listening already
         proxy.start("enclave", env={"NOTIFY_SOCKET": ""})
         assert systemd.recv(4096).startswith(b"STATUS=enclave half connected")
@@ -380,7 +456,7 @@ entries_like = json_values | st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(entries=entries_like)
 def test_any_entries_compare_or_fail_with_a_value_error(entries):
     host = qproxy.entries_of(qproxy.Config(
@@ -411,3 +487,31 @@ def test_the_enclave_half_survives_a_host_half_that_sends_garbage(proxy, fake_ho
     again, greeting = accept_enclave(fake_host, heartbeat=5)  # it dials again
     again.close()
     assert greeting["type"] == "hello" and "Traceback" not in enclave.log()
+
+
+def test_a_host_half_that_hangs_up_at_once_meets_the_back_off(proxy, fake_host):
+    proxy.write_config("")
+    proxy.start("enclave")
+    hellos = 0
+    started = qproxy.time.monotonic()
+    fake_host.settimeout(0.5)
+    while qproxy.time.monotonic() - started < 3.0:  # a window to count dials in, not a wait
+        try:
+            peer, _ = accept_enclave(fake_host, heartbeat=5)
+        except socket.timeout:
+            continue
+        hellos += 1
+        peer.close()  # answered, then gone
+    # Back-off from 0.1 s doubling: 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s fills the window with about five dials.
+    assert 2 <= hellos <= 7, f"{hellos} dials in 3 s"
+
+
+def test_forward_enclave_log_false_keeps_the_enclaves_log_in_the_enclave(proxy, fake_host, tmp_path):
+    proxy.write_config(log_location(tmp_path / "logs") + "forward_enclave_log = false\n")
+    proxy.start("enclave", ready=False)
+    wait_ready(tmp_path / "logs" / "enclave" / "enclave.log", "enclave")
+    peer, _ = accept_enclave(fake_host, heartbeat=5)
+    try:
+        assert peer.receive()["type"] == "heartbeat"  # the first message after the hello: no log record before it
+    finally:
+        peer.close()

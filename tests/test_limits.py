@@ -71,6 +71,12 @@ def test_a_listener_at_its_limit_waits_while_the_others_serve(proxy):
         held.pop().close()
         assert waiting.recv(100) == b"third"
         host.wait_log(r"INFO  qproxy::host tcp 0\.0\.0\.0:%d .*: below the limit again" % busy_port)
+        for round in range(3):  # at the limit again and again: one warning, not one a connection
+            waiting.close()
+            waiting = connect(busy_port)
+            waiting.sendall(b"again")
+            assert waiting.recv(100) == b"again"
+        assert len(re.findall(r"qproxy::host .*connections at once, the limit", host.log())) == 1, host.log()
     finally:
         for sock in held + [waiting]:
             if sock is not None:

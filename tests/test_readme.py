@@ -86,6 +86,8 @@ def test_rows_match_fields(name):
             assert row[1] == f"integer, {low} to {high}", row
         elif field.kind == "seconds":
             assert row[1] == "number of seconds, {} to {}".format(*qproxy.SECONDS_RANGE), row
+        elif field.kind == "boolean":
+            assert row[1] == "boolean", row
         else:
             assert row[1].startswith("string"), row
         if field.kind == "log_level":

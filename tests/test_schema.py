@@ -87,6 +87,7 @@ GOOD = {
     "log_level": st.sampled_from(qproxy.LOG_LEVELS),
     "text": st.text(min_size=1, max_size=8).filter(lambda text: "\0" not in text),
     "seconds": st.one_of(st.integers(*qproxy.SECONDS_RANGE), st.floats(*qproxy.SECONDS_RANGE)),
+    "boolean": st.booleans(),
 }
 BAD = {
     "hostname": hostnames,  # about half of these are bad
@@ -98,6 +99,7 @@ BAD = {
         st.floats(allow_nan=False).filter(lambda x: not qproxy.SECONDS_RANGE[0] <= x <= qproxy.SECONDS_RANGE[1]),
         texts, st.booleans(),
     ),
+    "boolean": st.one_of(st.integers(0, 1), texts),
 }
 UNKNOWN_KEYS = ["host_prot", "hostnames", "extra", "Log_Level", ""]
 
@@ -226,7 +228,8 @@ def test_vendor_examples_fit_the_schema(example):
 # ---------------------------------------------------------------------------
 
 PYTHON_TYPES = {
-    "tcp_port": int, "vsock_port": int, "count": int, "seconds": float, "hostname": str, "ip_address": str, "text": str,
+    "tcp_port": int, "vsock_port": int, "count": int, "seconds": float, "boolean": bool, "hostname": str,
+    "ip_address": str, "text": str,
 }
 
 
@@ -306,6 +309,8 @@ def test_printed_schema_is_derived_from_the_table(printed):
                 assert (prop["type"], prop["minimum"], prop["maximum"]) == ("integer", *RANGES[field.kind])
             elif field.kind == "seconds":
                 assert (prop["type"], prop["minimum"], prop["maximum"]) == ("number", *qproxy.SECONDS_RANGE)
+            elif field.kind == "boolean":
+                assert prop["type"] == "boolean"
             else:
                 assert prop["type"] == "string"
             if field.kind == "log_level":
