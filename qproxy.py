@@ -2007,7 +2007,7 @@ def describe_config(path: str, config: Config, parent_cid: int, control_port: in
                     enclave_config: Config | None = None) -> list[str]:
     """What each half does with config; the enclave half's lines from enclave_config when it has its own."""
     lines = [f"{path}: valid"]
-    lines += [f"warning: {warning}" for warning in loop_warnings(config)]
+    lines += [f"warning: {warning}" for warning in loop_warnings(enclave_config or config)]  # the enclave's own
     if not (config.inbound or config.outbound):
         lines.append("no connections configured: the halves will only talk to each other")
     lines += [f"host: listen {route.listen} -> {route.target}" for route in host_routes(config, "<enclave CID>")]
