@@ -657,7 +657,14 @@ class Dialer:
     def connect_tcp(self, host: str, port: int) -> socket.socket:
         """Try every address the name has, in the resolver's order; literals skip DNS."""
         flags = socket.AI_NUMERICHOST if is_ip_literal(host) else 0
-        addresses = socket.getaddrinfo(host, port, self.family, socket.SOCK_STREAM, 0, flags)
+        try:
+            addresses = socket.getaddrinfo(host, port, self.family, socket.SOCK_STREAM, 0, flags)
+        except socket.gaierror as error:
+            if self.family == socket.AF_UNSPEC:
+                raise
+            # The name may well resolve, to the other family only: say what was asked for.
+            asked = "IPv4 addresses (--ipv4)" if self.family == socket.AF_INET else "IPv6 addresses (--ipv6)"
+            raise socket.gaierror(error.errno, f"{error.strerror}; only {asked} were asked for") from None
         failure: OSError | None = None
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
@@ -790,8 +797,8 @@ class FarSideRefused(Exception):
     """The far side ended before sending anything while the client was still talking."""
 
 
-class IdleTimeout(Exception):
-    """No byte moved either way for [limits] idle_timeout seconds."""
+class Cut(Exception):
+    """The half ends the connection itself: idle too long, or still open when a stop's grace period ends."""
 
 
 class Connection:
@@ -837,8 +844,8 @@ class Connection:
         if isinstance(error, FarSideRefused):
             outcome = f"refused by {self.target} (the far side ended at once)"
             reset(self.client)
-        elif isinstance(error, IdleTimeout):
-            outcome = f"cut after {error} s idle"
+        elif isinstance(error, Cut):
+            outcome = f"cut {error}"
             reset(self.client)
             reset(self.far)
         elif error is not None:
@@ -880,6 +887,7 @@ class Reactor(threading.Thread):
         self.idle_timeout = idle_timeout  # 0: never
         # A connection is cut between idle_timeout and idle_timeout + sweep_interval after its last byte.
         self.sweep_interval = min(max(idle_timeout / 4, 0.05), 1.0) if idle_timeout else None
+        self.cutting = False  # set once, when a stop's grace period ends: every connection is cut
 
     def add(self, connection: Connection) -> None:
         """Take over an established connection (from any thread)."""
@@ -914,6 +922,11 @@ class Reactor(threading.Thread):
                 self.cut_idle(now)
                 next_sweep = now + self.sweep_interval
 
+    def cut_all(self) -> None:
+        """Cut every connection, and those still to arrive (from any thread): TCP peers see a reset."""
+        self.cutting = True
+        self.wakeup.wake()
+
     def take_arrivals(self) -> None:
         self.wakeup.clear()
         while self.arrivals:
@@ -923,9 +936,13 @@ class Reactor(threading.Thread):
                 self.watch(connection)
             except Exception as error:  # a socket the selector refuses: end this connection, not the reactor
                 self.finish(connection, error)
+        if self.cutting:
+            cut = Cut("at the end of the grace period")
+            for connection in list(self.connections):
+                self.finish(connection, cut)
 
     def cut_idle(self, now: float) -> None:
-        idle = IdleTimeout(f"{self.idle_timeout:g}")
+        idle = Cut(f"after {self.idle_timeout:g} s idle")
         for connection in [c for c in self.connections if now - c.last_active >= self.idle_timeout]:
             self.finish(connection, idle)
 
@@ -1043,38 +1060,25 @@ class Admission:
 
 
 class OpenConnections:
-    """The connections being relayed, so that a stop can wait for them or cut them."""
+    """How many connections are being relayed, so that a stop can wait for them."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.sockets: dict[int, tuple[socket.socket, ...]] = {}
-        self.emptied = threading.Condition(self.lock)
+        self.count = 0
+        self.emptied = threading.Condition()
 
-    def add(self, conn_id: int, *sockets: socket.socket) -> None:
-        with self.lock:
-            self.sockets[conn_id] = sockets
+    def add(self) -> None:
+        with self.emptied:
+            self.count += 1
 
-    def remove(self, conn_id: int) -> None:
-        with self.lock:
-            self.sockets.pop(conn_id, None)
-            if not self.sockets:
+    def remove(self) -> None:
+        with self.emptied:
+            self.count -= 1
+            if not self.count:
                 self.emptied.notify_all()
 
     def wait_empty(self, timeout: float) -> bool:
-        with self.lock:
-            return self.emptied.wait_for(lambda: not self.sockets, timeout)
-
-    def cut_all(self) -> int:
-        """Wake every relay with a shutdown; each closes its own sockets."""
-        with self.lock:
-            everything = list(self.sockets.values())
-        for sockets in everything:
-            for sock in sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        return len(everything)
+        with self.emptied:
+            return self.emptied.wait_for(lambda: not self.count, timeout)
 
 
 class Workers:
@@ -1269,11 +1273,11 @@ class Relayer:
                 raise
             log.warning("conn %d: cannot reach %s: %s; resetting the client", conn_id, route.target, reason(error))
             return
-        self.connections.add(conn_id, client, far)
-        self.reactor.add(Connection(conn_id, client, far, path, route.target, lambda _: self.ended(conn_id, count)))
+        self.connections.add()
+        self.reactor.add(Connection(conn_id, client, far, path, route.target, lambda _: self.ended(count)))
 
-    def ended(self, conn_id: int, count: ConnectionCount) -> None:
-        self.connections.remove(conn_id)
+    def ended(self, count: ConnectionCount) -> None:
+        self.connections.remove()
         self.admission.remove(count)
 
 
@@ -1937,7 +1941,8 @@ class Half:
         notify_systemd("STOPPING=1")
         self.close_listeners()
         if not self.connections.wait_empty(GRACE_PERIOD):
-            log.warning("grace period over: cutting %d open connections", self.connections.cut_all())
+            log.warning("grace period over: cutting %d open connections", self.connections.count)
+            self.relayer.reactor.cut_all()
             self.connections.wait_empty(1.0)
         log.info("%s half stopped", self.role)
         # What is left is the interpreter's own exit, which puts back the default
