@@ -32,7 +32,7 @@ def test_dockerfile_copies_what_start_sh_runs():
     for source in copies:
         assert (ROOT / source).exists(), source
     start = (EXAMPLES / "start.sh").read_text()
-    assert "python3 /root/qproxy.py enclave --config /root/config_qproxy.toml" in start
+    assert "cd /root" in start and "python3 -m qproxy enclave --config /root/config_qproxy.toml" in start
     assert {"/root/qproxy.py", "/root/config_qproxy.toml", "/root/app.sh", "/root/start.sh"} <= set(copies.values())
     assert 'CMD ["/root/start.sh"]' in dockerfile  # a shell wrapper, not python3 directly
 

@@ -41,6 +41,15 @@ def test_runs_as_a_lone_file_without_site_packages(tmp_path):
     assert "host" in result.stdout and "enclave" in result.stdout
 
 
+def test_runs_as_a_module_from_its_folder(tmp_path):
+    """python3 -m qproxy, as examples/start.sh runs it: the lone file, imported rather than run as a script."""
+    shutil.copy(QPROXY, tmp_path / "qproxy.py")
+    result = subprocess.run([sys.executable, "-m", "qproxy", "check-config", str(ROOT / "examples" / "config_qproxy.toml")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{ROOT / 'examples' / 'config_qproxy.toml'}: valid")
+
+
 # tomli is the one exception below 3.11; tomllib is the standard library's from 3.11 on.
 ALLOWED = {"__future__", "tomli", "tomllib"}
 
