@@ -138,12 +138,13 @@ def test_deeply_nested_json_is_garbage_before_and_after_the_hello(proxy, echo_se
     with control(proxy) as sock:
         sock.sendall(NESTED)
         assert closed_by_host(sock)
-    host.wait_log(r"control: no valid hello from .*: a message nested too deeply")
+    # Too deep for the JSON parser (Python 3.12 and older), or parsed and then no object (3.13): a bad message.
+    host.wait_log(r"control: no valid hello from .*: a message (nested too deeply|without a type)")
     with control(proxy) as sock:  # a greeted connection that then sends it
         sock.sendall(hello())
         assert json.loads(sock.makefile("rb").readline())["type"] == "hello"
         sock.sendall(NESTED)
-        host.wait_log(r"control: the enclave half \(.*\) failed: a message nested too deeply")
+        host.wait_log(r"control: the enclave half \(.*\) failed: a message (nested too deeply|without a type)")
     # The control port still takes an enclave half: the real one dials again and is answered.
     wait_for(lambda: host.log().count("control: enclave half connected") >= 3, "the enclave half to be back")
     assert "Traceback" not in host.log() and "unexpected error" not in host.log()

@@ -482,7 +482,8 @@ def test_the_enclave_half_survives_a_host_half_that_sends_garbage(proxy, fake_ho
     enclave = proxy.start("enclave")
     peer, _ = accept_enclave(fake_host, heartbeat=5)
     peer.sock.sendall(b"[" * 5000 + b"]" * 5000 + b"\n")
-    enclave.wait_log(r"control: connection to the host half failed: a message nested too deeply")
+    # Too deep for the JSON parser (Python 3.12 and older), or parsed and then no object (3.13): a bad message.
+    enclave.wait_log(r"control: connection to the host half failed: a message (nested too deeply|without a type)")
     peer.close()
     again, greeting = accept_enclave(fake_host, heartbeat=5)  # it dials again
     again.close()
