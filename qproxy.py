@@ -71,6 +71,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -805,7 +806,7 @@ class Connection:
     """An established connection: a client, the far side dialed for it, a flow each way."""
 
     def __init__(self, conn_id: int, client: socket.socket, far: socket.socket, path: str, target: Endpoint,
-                 ended: Callable[[Connection], None]):
+                 ended: Callable[[], None]):
         self.conn_id, self.client, self.far = conn_id, client, far
         self.path, self.target = path, target
         self.ended = ended  # called once, from the reactor, after both sockets are closed
@@ -844,12 +845,8 @@ class Connection:
         if isinstance(error, FarSideRefused):
             outcome = f"refused by {self.target} (the far side ended at once)"
             reset(self.client)
-        elif isinstance(error, Cut):
-            outcome = f"cut {error}"
-            reset(self.client)
-            reset(self.far)
         elif error is not None:
-            outcome = f"reset ({reason(error)})"
+            outcome = f"cut {error}" if isinstance(error, Cut) else f"reset ({reason(error)})"
             reset(self.client)
             reset(self.far)
         else:
@@ -860,7 +857,7 @@ class Connection:
             "conn %d %s: %s, %d bytes up, %d bytes down, %.3f s",
             self.conn_id, outcome, self.path, self.up.total, self.down.total, time.monotonic() - self.started,
         )
-        self.ended(self)
+        self.ended()
 
 
 class Reactor(threading.Thread):
@@ -882,6 +879,8 @@ class Reactor(threading.Thread):
         self.buffers = Buffers()
         self.connections: set[Connection] = set()
         self.arrivals: collections.deque[Connection] = collections.deque()
+        self.open = 0  # connections added and not yet finished, arrivals included: what a stop waits for
+        self.emptied = threading.Condition()
         self.wakeup = Wakeup()
         self.selector.register(self.wakeup.reader, READ)
         self.idle_timeout = idle_timeout  # 0: never
@@ -893,8 +892,15 @@ class Reactor(threading.Thread):
         """Take over an established connection (from any thread)."""
         connection.client.setblocking(False)
         connection.far.setblocking(False)
+        with self.emptied:
+            self.open += 1
         self.arrivals.append(connection)
         self.wakeup.wake()
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait (from any thread) until every connection has ended; False if timeout passes first."""
+        with self.emptied:
+            return self.emptied.wait_for(lambda: not self.open, timeout)
 
     def run(self) -> None:
         next_sweep = time.monotonic()
@@ -966,6 +972,10 @@ class Reactor(threading.Thread):
                 self.selector.unregister(sock)
                 connection.interest[sock] = 0
         connection.close(error)
+        with self.emptied:
+            self.open -= 1
+            if not self.open:
+                self.emptied.notify_all()
 
 
 # ---------------------------------------------------------------------------
@@ -1057,28 +1067,6 @@ class Admission:
             freed = self.half.remove() | count.remove()  # both, even when the first frees room
         if freed:
             self.wakeup.wake()
-
-
-class OpenConnections:
-    """How many connections are being relayed, so that a stop can wait for them."""
-
-    def __init__(self):
-        self.count = 0
-        self.emptied = threading.Condition()
-
-    def add(self) -> None:
-        with self.emptied:
-            self.count += 1
-
-    def remove(self) -> None:
-        with self.emptied:
-            self.count -= 1
-            if not self.count:
-                self.emptied.notify_all()
-
-    def wait_empty(self, timeout: float) -> bool:
-        with self.emptied:
-            return self.emptied.wait_for(lambda: not self.count, timeout)
 
 
 class Workers:
@@ -1247,9 +1235,8 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
 class Relayer:
     """Sets up each accepted connection: dial the far side, then hand both sockets to the reactor."""
 
-    def __init__(self, dialer: Dialer, connections: OpenConnections, admission: Admission, idle_timeout: float):
+    def __init__(self, dialer: Dialer, admission: Admission, idle_timeout: float):
         self.dialer = dialer
-        self.connections = connections
         self.admission = admission  # counted in by the listener at accept, out here when the connection ends
         self.reactor = Reactor(idle_timeout)
         self.reactor.start()
@@ -1273,12 +1260,7 @@ class Relayer:
                 raise
             log.warning("conn %d: cannot reach %s: %s; resetting the client", conn_id, route.target, reason(error))
             return
-        self.connections.add()
-        self.reactor.add(Connection(conn_id, client, far, path, route.target, lambda _: self.ended(count)))
-
-    def ended(self, count: ConnectionCount) -> None:
-        self.connections.remove()
-        self.admission.remove(count)
+        self.reactor.add(Connection(conn_id, client, far, path, route.target, lambda: self.admission.remove(count)))
 
 
 def reason(error: BaseException) -> str:
@@ -1360,6 +1342,15 @@ class MessageReader:
         return message
 
 
+def log_arrival(again: bool, message: str, *args: object) -> None:
+    """Log that the other half arrived: message's first %s is "" or " again".
+
+    At info the first time, a warning after that: at the default level (warn)
+    an operator who saw the other half leave must also see it return.
+    """
+    log.log(logging.WARNING if again else logging.INFO, message, " again" if again else "", *args)
+
+
 def hello(role: str, **more: object) -> dict:
     return {"type": "hello", "protocol": CONTROL_PROTOCOL, "role": role, "version": __version__,
             "heartbeat": HEARTBEAT_INTERVAL, **more}
@@ -1392,76 +1383,91 @@ class ControlLink:
     def run(self) -> None:
         # A send that the other half does not take in this long fails, as silence would.
         self.sock.settimeout(SILENT_AFTER * HEARTBEAT_INTERVAL)
+        self.heard, self.silent = time.monotonic(), False
+        next_beat = self.heard + HEARTBEAT_INTERVAL
+        for message in self.reader.messages():  # those that came in one recv() with the hello
+            self.on_message(message)
         with selectors.DefaultSelector() as selector:
             selector.register(self.sock, READ)
             if self.outbox:
                 selector.register(self.outbox.wakeup.reader, READ)
-            now = heard = time.monotonic()
-            next_beat, silent = now + HEARTBEAT_INTERVAL, False
-            for message in self.reader.messages():  # those that came in one recv() with the hello
-                self.on_message(message)
             while True:
                 if self.outbox:
                     self.outbox.send(self.sock)
-                    now = time.monotonic()
-                wake_at = next_beat if silent or not self.other_heartbeat else min(
-                    next_beat, heard + SILENT_AFTER * self.other_heartbeat)
-                ready = selector.select(max(wake_at - now, 0))
+                ready = selector.select(max(min(next_beat, self.silent_at()) - time.monotonic(), 0))
                 now = time.monotonic()
                 for key, _ in ready:
                     if key.fileobj is not self.sock:
                         self.outbox.wakeup.clear()
-                        continue
-                    if not self.reader.receive():
+                    elif not self.receive(now):
                         return
-                    heard = now
-                    if silent:
-                        silent = False
-                        log.warning("control: the %s half is heard from again", self.other)
-                    for message in self.reader.messages():
-                        self.on_message(message)
                 if now >= next_beat:
                     send_message(self.sock, {"type": "heartbeat"})
                     next_beat = now + HEARTBEAT_INTERVAL
-                if self.other_heartbeat and not silent and now - heard >= SILENT_AFTER * self.other_heartbeat:
-                    silent = True
+                if now >= self.silent_at():
+                    self.silent = True
                     log.warning("control: the %s half has said nothing for %.1f s (it promised a heartbeat every %g s)",
-                                self.other, now - heard, self.other_heartbeat)
+                                self.other, now - self.heard, self.other_heartbeat)
+
+    def silent_at(self) -> float:
+        """When the other half will count as silent; never while it already does or promised no heartbeat."""
+        if self.silent or not self.other_heartbeat:
+            return math.inf
+        return self.heard + SILENT_AFTER * self.other_heartbeat
+
+    def receive(self, now: float) -> bool:
+        """Take what the other half sent and handle its messages; False at its EOF."""
+        if not self.reader.receive():
+            return False
+        self.heard = now
+        if self.silent:
+            self.silent = False
+            log.warning("control: the %s half is heard from again", self.other)
+        for message in self.reader.messages():
+            self.on_message(message)
+        return True
 
 
 # What the enclave half tells the host half about its configuration, and how the host compares it.
 
+# The keys of each direction's entries that the halves compare: every key but the host-only bind_address.
 ENTRY_KEYS = {
-    "inbound": {"vsock_port": int, "host_port": int, "enclave_port": int},
-    "outbound": {"vsock_port": int, "hostname": str, "tcp_port": int, "enclave_port": int},
+    "inbound": ("vsock_port", "host_port", "enclave_port"),
+    "outbound": ("vsock_port", "hostname", "tcp_port", "enclave_port"),
 }
 
 
 def entries_of(config: Config) -> dict:
     """A config's connection entries, as the enclave half's hello carries them."""
     return {
-        "inbound": [{key: getattr(entry, key) for key in ENTRY_KEYS["inbound"]} for entry in config.inbound],
-        "outbound": [{key: getattr(entry, key) for key in ENTRY_KEYS["outbound"]} for entry in config.outbound],
+        direction: [{key: getattr(entry, key) for key in keys} for entry in getattr(config, direction)]
+        for direction, keys in ENTRY_KEYS.items()
     }
 
 
 def by_vsock_port(entries: object) -> dict[str, dict[int, dict]]:
-    """Entries as sent in a hello, per direction and vsock port; ValueError when they are not."""
+    """Entries as sent in a hello, checked as the config file's are, per direction and vsock port.
+
+    ValueError when they are not entries; its text shows what was found as the
+    config's errors do, escaped, fit for a log line.
+    """
     if not isinstance(entries, dict):
         raise ValueError("entries is not an object")
     found: dict[str, dict[int, dict]] = {}
-    for direction, keys in ENTRY_KEYS.items():
+    for direction in ENTRY_KEYS:
         listed = entries.get(direction)
         if not isinstance(listed, list):
             raise ValueError(f"entries.{direction} is not a list")
+        fields = TABLES[f"{direction}_connections"].fields
         found[direction] = {}
         for entry in listed:
-            # type() is, not isinstance(): true is no port.  A name that is no hostname could carry
-            # a line break into the host half's log.
-            if not (isinstance(entry, dict) and all(type(entry.get(key)) is kind for key, kind in keys.items())
-                    and ("hostname" not in keys or is_hostname(entry["hostname"]))):
-                raise ValueError(f"an entry of entries.{direction} that is not one ({', '.join(keys)})")
-            found[direction][entry["vsock_port"]] = entry
+            # Keys a later version may add are not this one's business.
+            known = {key: value for key, value in entry.items() if key in fields} if isinstance(entry, dict) else entry
+            problems: list[str] = []
+            values = check_table(f"entries.{direction}", fields, known, problems)
+            if problems:
+                raise ValueError(problems[0])
+            found[direction][values["vsock_port"]] = values
     return found
 
 
@@ -1683,10 +1689,8 @@ class ControlServer:
                 pass  # it ended on its own meanwhile
         try:
             send_message(sock, hello("host"))
-            # At the default level (warn) an operator who saw the enclave half leave must also see it return.
-            log.log(logging.WARNING if self.seen else logging.INFO,
-                    "control: enclave half connected%s from %s (qproxy %s)",
-                    " again" if self.seen else "", peer, told(greeting.get("version")))
+            log_arrival(self.seen, "control: enclave half connected%s from %s (qproxy %s)", peer,
+                        told(greeting.get("version")))
             self.seen = True
             notify_systemd(f"STATUS=enclave half connected (qproxy {told(greeting.get('version'))})")
             self.compare(greeting)
@@ -1785,9 +1789,7 @@ class ControlClient(threading.Thread):
                     )
                     return False
                 linked_at = time.monotonic()
-                log.log(logging.WARNING if self.seen else logging.INFO,
-                        "control: connected%s to the host half (qproxy %s)",
-                        " again" if self.seen else "", told(answer.get("version")))
+                log_arrival(self.seen, "control: connected%s to the host half (qproxy %s)", told(answer.get("version")))
                 self.seen = True
                 self.linked = True
                 try:
@@ -1876,10 +1878,9 @@ class Half:
         self.limits = limits
         self.peer_cid = peer_cid  # the only CID whose vsock connections this half accepts
         self.stopping = threading.Event()
-        self.connections = OpenConnections()
         self.admission = Admission(max_connections)
         dialer = Dialer(vsock, limits.connect_timeout, family)
-        self.relayer = Relayer(dialer, self.connections, self.admission, limits.idle_timeout)
+        self.relayer = Relayer(dialer, self.admission, limits.idle_timeout)
         self.listeners: list[Listener] = []
         self.workers = Workers()
         # From here on a signal stops the half, even one that arrives while it is still starting.
@@ -1940,10 +1941,11 @@ class Half:
                         key.fileobj.handle_request()
         notify_systemd("STOPPING=1")
         self.close_listeners()
-        if not self.connections.wait_empty(GRACE_PERIOD):
-            log.warning("grace period over: cutting %d open connections", self.connections.count)
-            self.relayer.reactor.cut_all()
-            self.connections.wait_empty(1.0)
+        reactor = self.relayer.reactor
+        if not reactor.wait_empty(GRACE_PERIOD):
+            log.warning("grace period over: cutting %d open connections", reactor.open)
+            reactor.cut_all()
+            reactor.wait_empty(1.0)
         log.info("%s half stopped", self.role)
         # What is left is the interpreter's own exit, which puts back the default
         # handlers: a late signal must not turn this clean stop into death by signal.

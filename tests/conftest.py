@@ -199,3 +199,16 @@ def recv_all(sock: socket.socket) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+
+
+def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
+    """What arrives until the connection ends, and how it ends: "eof" or "reset"."""
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data, "eof"
+            data += chunk
+    except ConnectionResetError:
+        return data, "reset"

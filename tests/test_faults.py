@@ -20,7 +20,7 @@ import time
 import pytest
 
 import qproxy
-from conftest import DEADLINE, ThreadedServer, echo, free_port, inbound, outbound, recv_all, wait_for
+from conftest import DEADLINE, ThreadedServer, echo, free_port, inbound, outbound, read_to_end, recv_all, wait_for
 from test_relay import connect, exchange, process_counts
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count descriptors and threads")
@@ -91,19 +91,6 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
         assert chunk, f"the connection ended after {len(data)} of {size} bytes"
         data += chunk
     return data
-
-
-def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
-    """What arrives until the connection ends, and how it ends: "eof" or "reset"."""
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data, "eof"
-            data += chunk
-    except ConnectionResetError:
-        return data, "reset"
 
 
 def send_until_blocked(sock: socket.socket, limit: int = FLOOD) -> int:

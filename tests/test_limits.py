@@ -13,11 +13,8 @@ import time
 
 import pytest
 
-from conftest import DEADLINE, ThreadedServer, echo, free_port, inbound, outbound, wait_for
-
-
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+from conftest import DEADLINE, ThreadedServer, echo, free_port, inbound, outbound, read_to_end, wait_for
+from test_relay import connect
 
 
 def limits(**values: object) -> str:
@@ -30,20 +27,6 @@ def assert_no_reply_yet(sock: socket.socket) -> None:
     with pytest.raises(socket.timeout):
         sock.recv(100)
     sock.settimeout(DEADLINE)
-
-
-def read_to_the_end(sock: socket.socket) -> bytes:
-    """Everything sock receives until its peer ends the connection, by FIN or by reset."""
-    received = b""
-    sock.settimeout(DEADLINE)
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return received
-            received += data
-    except ConnectionResetError:
-        return received
 
 
 def test_a_listener_at_its_limit_waits_while_the_others_serve(proxy):
@@ -170,7 +153,7 @@ def test_idle_timeout_cuts_a_quiet_connection_and_spares_a_busy_one(proxy):
             time.sleep(0.25)  # the pace of a client, not a wait for qproxy
         # Both halves keep the timeout; whichever cuts first, the client sees the end (a reset from the
         # host half, or an orderly end passed on from the enclave half's cut across vsock).
-        assert read_to_the_end(quiet) == b""
+        assert read_to_end(quiet)[0] == b""
         wait_for(lambda: re.search(r"INFO  qproxy::\w+ conn \d+ cut after 1 s idle", host.log() + enclave.log()),
                  "a half to log the cut")
         busy.sendall(b"still")
@@ -192,8 +175,8 @@ def test_idle_timeout_frees_a_connection_whose_upstream_stalls(proxy):
             app.sendall(b"anyone?")
             wait_for(lambda: stalled, "the upstream to accept")
             app.shutdown(socket.SHUT_WR)  # the app is done talking and waits: only the timeout ends this
-            assert read_to_the_end(app) == b""
+            assert read_to_end(app)[0] == b""
         host.wait_log(r"INFO  qproxy::host conn \d+ cut after 0\.5 s idle")
-        assert read_to_the_end(stalled[0]) == b"anyone?"
+        assert read_to_end(stalled[0])[0] == b"anyone?"
     finally:
         upstream.stop()

@@ -17,7 +17,7 @@ connection when a new host half starts, and outbound works again.
 
 import signal
 
-from vmcheck import Box, Enclave, expect, main, read_to_end, toml_config
+from vmcheck import Box, expect, main, read_to_end, round_trip, start_both_paths
 
 FLOWING = 256 * 1024  # bytes the client reads before the kill: the transfer is under way
 CHUNK = bytes(64 * 1024)
@@ -34,13 +34,6 @@ def service(conn):
             conn.sendall(CHUNK)
     except OSError:
         pass  # the killed half's socket went away under us: what this check does
-
-
-def round_trip(box, enclave, label):
-    for path, port, side in (("inbound", 5050, None), ("outbound", 8443, enclave)):
-        request = f"{path} {label}".encode()
-        answer = box.exchange(port, request, side)
-        expect(answer == request.upper(), f"{path} {label}: got {answer!r}")
 
 
 def killed_mid_stream(box, port, side, victim, what) -> str:
@@ -67,11 +60,7 @@ def ended_in_log(half, vsock_port, count) -> str:
 
 
 def check(box: Box) -> None:
-    config = box.config(toml_config(inbound=[(5050, 5050, 9995)], outbound=[("127.0.0.1", 7777, 8443)]))
-    box.server(8443, service)
-    enclave = Enclave(box)
-    box.server(5050, service, enclave)
-    host, guest = box.start_pair(config, enclave)
+    config, enclave, host, guest = start_both_paths(box, service)
     round_trip(box, enclave, "before")
     host.wait_log(r"qproxy::host conn \d+ closed", count=2)  # the round trip's sockets are closed: a settled baseline
     host_fds = len(host.fds())

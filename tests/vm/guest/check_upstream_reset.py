@@ -17,7 +17,7 @@ import re
 import socket
 import struct
 
-from vmcheck import Box, Enclave, expect, main, read_to_end, toml_config
+from vmcheck import Box, expect, main, read_to_end, round_trip, start_both_paths
 
 FIRST = os.urandom(64 * 1024)
 MORE = os.urandom(192 * 1024)
@@ -71,19 +71,8 @@ def refused(box, port, side, what) -> None:
     expect((data, how) == (b"", "reset"), f"{what}: the client saw {len(data)} bytes and {how}, not a reset")
 
 
-def round_trip(box, enclave, label):
-    for path, port, side in (("inbound", 5050, None), ("outbound", 8443, enclave)):
-        request = f"{path} {label}".encode()
-        answer = box.exchange(port, request, side)
-        expect(answer == request.upper(), f"{path} {label}: got {answer!r}")
-
-
 def check(box: Box) -> None:
-    config = box.config(toml_config(inbound=[(5050, 5050, 9995)], outbound=[("127.0.0.1", 7777, 8443)]))
-    box.server(8443, service)
-    enclave = Enclave(box)
-    box.server(5050, service, enclave)
-    host, guest = box.start_pair(config, enclave)
+    _, enclave, host, guest = start_both_paths(box, service)
     round_trip(box, enclave, "before")
     guest.wait_log(r"control: connected to the host half")
     for half in (host, guest):

@@ -375,6 +375,25 @@ class Box:
             process.kill()
 
 
+def start_both_paths(box: Box, service: Callable[[socket.socket], None]) -> tuple[Path, Enclave, Process, Process]:
+    """The pair relaying both ways, service at each far end: host port 5050 to a service in the
+    enclave, and an app's 127.0.0.1:8443 in the enclave to a server outside.  (config, enclave, host, guest)."""
+    config = box.config(toml_config(inbound=[(5050, 5050, 9995)], outbound=[("127.0.0.1", 7777, 8443)]))
+    box.server(8443, service)
+    enclave = Enclave(box)
+    box.server(5050, service, enclave)
+    host, guest = box.start_pair(config, enclave)
+    return config, enclave, host, guest
+
+
+def round_trip(box: Box, enclave: Enclave, label: str) -> None:
+    """One exchange each way through start_both_paths' pair, whose service answers upper-cased."""
+    for path, port, side in (("inbound", 5050, None), ("outbound", 8443, enclave)):
+        request = f"{path} {label}".encode()
+        answer = box.exchange(port, request, side)
+        expect(answer == request.upper(), f"{path} {label}: got {answer!r}")
+
+
 def main(name: str, body: Callable[[Box], None]) -> None:
     """Run one check: print PASS or FAIL (with detail and the halves' logs), exit 0 or 1."""
     box = Box(name)
