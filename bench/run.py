@@ -197,10 +197,19 @@ def run_tool(argv: list[str], timeout: float) -> str:
 # ---------------------------------------------------------------------------
 
 
+PORTS_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, never the same one twice in a run (the kernel
+    may offer a port it just offered again)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in PORTS_HANDED_OUT:
+            PORTS_HANDED_OUT.add(port)
+            return port
 
 
 def try_connect(address: tuple | str) -> bool:

@@ -20,6 +20,7 @@ QPROXY = ROOT / "qproxy.py"
 sys.path.insert(0, str(ROOT))
 
 DEADLINE = 15.0  # seconds any one wait may take before the test fails
+LOG_LINES_SHOWN = 60  # of each half's log, under a failed test
 
 
 def wait_for(predicate, what: str, timeout: float = DEADLINE):
@@ -34,10 +35,22 @@ def wait_for(predicate, what: str, timeout: float = DEADLINE):
         time.sleep(0.02)
 
 
+_ports_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, never the same one twice in a test run.
+
+    The kernel may offer a port it just offered again, and a test that got
+    one port twice (a listener and a "dead" target) would relay into itself.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
 
 
 def run_qproxy(*args: str, env: dict | None = None, timeout: float = 30, cwd=None) -> subprocess.CompletedProcess:
@@ -144,11 +157,23 @@ class Proxy:
             half.kill()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test, so a fixture can tell that its test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def proxy(tmp_path):
+def proxy(tmp_path, request):
     p = Proxy(tmp_path)
     yield p
     p.close()
+    if getattr(request.node, "report_call", None) and request.node.report_call.failed:
+        for half in p.halves:  # shown under the failure as the teardown's output
+            lines = half.log().splitlines()[-LOG_LINES_SHOWN:]
+            print(f"--- the last {len(lines)} lines of {half.log_path.name}", *lines, sep="\n")
 
 
 class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
