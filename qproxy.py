@@ -1681,12 +1681,15 @@ class ControlServer:
         """Answer the hello, then hold the connection until the enclave half leaves or is replaced."""
         with self.lock:
             previous, self.enclave = self.enclave, sock
+            if previous is not None:
+                # Under the lock: the previous link's thread takes it before that socket is
+                # closed, so its descriptor cannot be reused by then.
+                try:
+                    previous.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # it ended on its own meanwhile
         if previous is not None:
             throttled.warning("control-replace", "control: a new enclave half replaces the one connected before")
-            try:
-                previous.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # it ended on its own meanwhile
         try:
             send_message(sock, hello("host"))
             log_arrival(self.seen, "control: enclave half connected%s from %s (qproxy %s)", peer,
