@@ -1288,12 +1288,18 @@ LOG_BACKLOG = 1000  # enclave log records kept while no host half listens; older
 # 12 bytes on a character (an escaped surrogate pair), so a record stays well
 # within CONTROL_MAX_MESSAGE.
 LOG_MESSAGE_MAX = 4096
-# Enclave log records a second the host half writes (a whole backlog at once); more are counted and dropped.
-LOG_RATE = 2 * LOG_BACKLOG
+# What a half takes from the other on a greeted link in a second; the rest waits in the socket,
+# so the other half is held back, not this one's CPU spent (a whole log backlog in half a second).
+CONTROL_MESSAGE_RATE = 2 * LOG_BACKLOG
+CONTROL_BYTE_RATE = 1024 * 1024
+
+
+def encode_message(message: dict) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
 def send_message(sock: socket.socket, message: dict) -> None:
-    sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    sock.sendall(encode_message(message))
 
 
 class MessageReader:
@@ -1370,6 +1376,9 @@ class ControlLink:
     Every message received goes to on_message; with an outbox (the enclave
     half's log records) what it holds is sent as it comes.  run() returns when
     the other half closes and raises OSError or ValueError when the link fails.
+    It takes at most CONTROL_MESSAGE_RATE messages and CONTROL_BYTE_RATE bytes
+    a second: a flood waits in the socket and holds its sender back, instead
+    of taking this half's CPU (and the GIL) from the data path.
     """
 
     def __init__(self, sock: socket.socket, reader: MessageReader, other: str, other_heartbeat: float | None,
@@ -1379,22 +1388,23 @@ class ControlLink:
         self.other_heartbeat = other_heartbeat
         self.on_message = on_message
         self.outbox = outbox
+        self.budget = Budget(CONTROL_MESSAGE_RATE, CONTROL_BYTE_RATE)
 
     def run(self) -> None:
         # A send that the other half does not take in this long fails, as silence would.
         self.sock.settimeout(SILENT_AFTER * HEARTBEAT_INTERVAL)
         self.heard, self.silent = time.monotonic(), False
         next_beat = self.heard + HEARTBEAT_INTERVAL
-        for message in self.reader.messages():  # those that came in one recv() with the hello
-            self.on_message(message)
+        self.handle_messages()  # those that came in one recv() with the hello
         with selectors.DefaultSelector() as selector:
             selector.register(self.sock, READ)
             if self.outbox:
                 selector.register(self.outbox.wakeup.reader, READ)
             while True:
-                if self.outbox:
-                    self.outbox.send(self.sock)
-                ready = selector.select(max(min(next_beat, self.silent_at()) - time.monotonic(), 0))
+                wait = max(min(next_beat, self.silent_at()) - time.monotonic(), 0)
+                if self.outbox and self.outbox.send(self.sock):
+                    wait = 0  # more came while it sent: send them once the other half has been heard
+                ready = selector.select(wait)
                 now = time.monotonic()
                 for key, _ in ready:
                     if key.fileobj is not self.sock:
@@ -1417,15 +1427,40 @@ class ControlLink:
 
     def receive(self, now: float) -> bool:
         """Take what the other half sent and handle its messages; False at its EOF."""
+        received = len(self.reader.pending)
         if not self.reader.receive():
             return False
+        self.budget.spend(0, len(self.reader.pending) - received)
         self.heard = now
         if self.silent:
             self.silent = False
             log.warning("control: the %s half is heard from again", self.other)
-        for message in self.reader.messages():
-            self.on_message(message)
+        self.handle_messages()
         return True
+
+    def handle_messages(self) -> None:
+        for message in self.reader.messages():
+            self.budget.spend(1, 0)
+            self.on_message(message)
+
+
+class Budget:
+    """At most so many messages and bytes a second: spending more waits for the next second."""
+
+    def __init__(self, messages: int, size: int):
+        self.limits = (messages, size)
+        self.second = 0  # the second of time.monotonic() being counted
+        self.spent = [0, 0]
+
+    def spend(self, messages: int, size: int) -> None:
+        now = time.monotonic()
+        if int(now) != self.second:
+            self.second, self.spent = int(now), [0, 0]
+        self.spent[0] += messages
+        self.spent[1] += size
+        if self.spent[0] > self.limits[0] or self.spent[1] > self.limits[1]:
+            time.sleep(self.second + 1 - now)
+            self.second, self.spent = self.second + 1, [messages, size]
 
 
 # What the enclave half tells the host half about its configuration, and how the host compares it.
@@ -1559,13 +1594,15 @@ class LogOutbox(logging.Handler):
             self.wakeup.wake()
         self.records.append(entry)
 
-    def send(self, sock: socket.socket) -> None:
-        """Send what is held; a record that could not be sent goes back to be sent on the next link."""
-        while True:
+    def send(self, sock: socket.socket) -> bool:
+        """Send the records held when called; True if more have come since.
+
+        A record that could not be sent goes back to be sent on the next link.
+        """
+        with self.lock:
+            held = len(self.records)
+        for _ in range(held):
             with self.lock:
-                if not self.records:
-                    self.emptied.notify_all()
-                    break
                 record = self.records.popleft()
             try:
                 send_message(sock, record)
@@ -1577,9 +1614,13 @@ class LogOutbox(logging.Handler):
                 raise
         with self.lock:
             lost, self.lost = self.lost, 0
+            if not self.records:
+                self.emptied.notify_all()
+            more = bool(self.records)
         if lost:
-            log.warning("control: %d log records were dropped while the host half was away (%d are kept)",
-                        lost, LOG_BACKLOG)
+            log.warning("control: %d log records were dropped while the host half was away or took them"
+                        " too slowly (%d are kept)", lost, LOG_BACKLOG)
+        return more
 
     def wait_sent(self, timeout: float) -> None:
         """Give a connected host half up to timeout seconds to receive what is held: the last records at a stop."""
@@ -1591,8 +1632,11 @@ class EnclaveLog:
     """Where the host half writes the enclave half's records: host_log_dir/enclave_log, or its own stderr.
 
     Each line is as the enclave half writes it in its own log, with its time
-    and level, escaped by one_line().  At most LOG_RATE records a second are
-    written, so whatever can dial the control port cannot fill the parent's disk fast.
+    and level, escaped by one_line() and cut to LOG_MESSAGE_MAX characters.
+    The link takes at most CONTROL_BYTE_RATE bytes a second and no escape is
+    more than 2.5 times as long as the bytes it came in ("\\U000e0001" for 4
+    bytes of UTF-8), so whatever can dial the control port cannot write more
+    than about 2.5 MiB a second to the parent's disk.
     """
 
     LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG,
@@ -1602,8 +1646,6 @@ class EnclaveLog:
     def __init__(self, handler: logging.Handler):
         self.handler = handler
         handler.setFormatter(logging.Formatter("%(enclave_time)s %(levelname)-5s qproxy::enclave %(message)s"))
-        self.second = 0  # the second of time.monotonic() whose records are being counted
-        self.written = self.dropped = 0
 
     def write(self, message: dict) -> bool:
         """Write one log message; False when it is not a well-formed one."""
@@ -1611,23 +1653,10 @@ class EnclaveLog:
         if not (isinstance(level, str) and level in self.LEVELS and isinstance(text, str)
                 and isinstance(when, str) and self.TIME.fullmatch(when)):
             return False
-        if self.within_rate():
-            record = logging.LogRecord("qproxy.enclave", self.LEVELS[level], "", 0, one_line(text), None, None)
-            record.enclave_time = when
-            self.handler.handle(record)
-        return True
-
-    def within_rate(self) -> bool:
-        second = int(time.monotonic())
-        if second != self.second:
-            if self.dropped:
-                log.warning("control: dropped %d log records of the enclave half, more than %d a second",
-                            self.dropped, LOG_RATE)
-            self.second, self.written, self.dropped = second, 0, 0
-        if self.written >= LOG_RATE:
-            self.dropped += 1
-            return False
-        self.written += 1
+        record = logging.LogRecord("qproxy.enclave", self.LEVELS[level], "", 0, one_line(text[:LOG_MESSAGE_MAX]),
+                                   None, None)
+        record.enclave_time = when
+        self.handler.handle(record)
         return True
 
 
@@ -1750,6 +1779,11 @@ class ControlClient(threading.Thread):
         super().__init__(name="control", daemon=True)
         self.vsock, self.parent_cid, self.port = vsock, parent_cid, port
         self.greeting = hello("enclave", entries=entries_of(config))
+        size = len(encode_message(self.greeting))
+        if size > CONTROL_MAX_MESSAGE:  # hundreds of entries with long names
+            log.warning("control: the connection entries take %d bytes, more than a control message holds (%d);"
+                        " the host half will not compare them with its own", size, CONTROL_MAX_MESSAGE)
+            self.greeting = hello("enclave")
         self.outbox = outbox
         self.stopping = stopping
         self.seen = False  # whether a host half has answered before

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qproxy
-from conftest import DEADLINE, free_port, inbound, outbound, run_qproxy, wait_for
+from conftest import DEADLINE, free_port, inbound, outbound, read_to_end, run_qproxy, wait_for
 from test_relay import exchange
 
 
@@ -252,6 +252,22 @@ def test_the_enclave_half_greets_with_its_entries_and_notices_a_silent_host_half
         peer.close()
 
 
+def test_entries_too_many_for_one_message_are_left_out_of_the_hello(proxy, fake_host):
+    """A valid config can hold more entries than a 64 KiB hello: the enclave half says so and
+    greets without them, so the link (and the log forwarding) still comes up."""
+    long_name = ".".join(["a" * 60] * 4)
+    proxy.write_config("".join(outbound(long_name, 443, free_port(), 8000 + n) for n in range(250)))
+    enclave = proxy.start("enclave")
+    peer, greeting = accept_enclave(fake_host, heartbeat=5)
+    try:
+        assert greeting["type"] == "hello" and "entries" not in greeting
+        enclave.wait_log(r"WARN  qproxy::enclave control: the connection entries take \d+ bytes, more than a control"
+                         r" message holds \(65536\)")
+        enclave.wait_log(r"control: connected to the host half")
+    finally:
+        peer.close()
+
+
 def test_the_enclave_half_sends_heartbeats(proxy, fake_host):
     proxy.write_config("")
     proxy.start("enclave")
@@ -314,7 +330,7 @@ def test_records_made_while_the_host_half_is_away_wait_and_overflow_is_counted(p
     wait_for(lambda: copy.exists() and "log records were dropped" in copy.read_text(), "the count of dropped records")
     own_lines, copy_lines = own.read_text().splitlines(), copy.read_text().splitlines()
     note = re.fullmatch(r".* WARN  qproxy::enclave control: (\d+) log records were dropped while the host half was"
-                        r" away \(%d are kept\)" % qproxy.LOG_BACKLOG, copy_lines[-1])
+                        r" away or took them too slowly \(%d are kept\)" % qproxy.LOG_BACKLOG, copy_lines[-1])
     assert note, copy_lines[-1]
     lost = int(note.group(1))
     assert lost == len(own_lines) - 1 - qproxy.LOG_BACKLOG  # everything before the note itself, but the newest kept
@@ -366,29 +382,75 @@ def test_a_malformed_log_record_is_dropped_and_the_link_goes_on(proxy, tmp_path,
         peer.close()
 
 
-def test_the_host_half_writes_at_most_log_rate_records_a_second_and_counts_the_rest(proxy, tmp_path):
+def flood_the_host(proxy, tmp_path, records: int, length: int) -> tuple[float, str]:
+    """Send records log records of length characters at once, as an enclave half; wait until the
+    host half has written every one.  The seconds that took, and the host half's copy."""
     proxy.write_config(log_location(tmp_path / "logs"))
     proxy.start("host", ready=False)
-    host_log = tmp_path / "logs" / "host" / "host.log"
-    wait_ready(host_log, "host")
+    wait_ready(tmp_path / "logs" / "host" / "host.log", "host")
+    copy = tmp_path / "logs" / "host" / "enclave.log"
     peer = as_enclave(proxy, 5, no_entries())
-    flood = qproxy.LOG_RATE * 3
     try:
+        started = qproxy.time.monotonic()
         peer.sock.sendall(b"".join(
-            message(type="log", time="2026-11-27T10:00:00.000Z", level="INFO", message=f"record {n}") for n in range(flood)
+            message(type="log", time="2026-11-27T10:00:00.000Z", level="INFO", message=f"record {n} ".ljust(length, "."))
+            for n in range(records)
         ))
-
-        def counted() -> bool:  # the count is logged when a record comes in a later second
-            peer.send(type="log", time="2026-11-27T10:00:01.000Z", level="INFO", message="later")
-            return "log records of the enclave half, more than" in host_log.read_text()
-
-        wait_for(counted, "the host half to count what it dropped")
+        wait_for(lambda: copy.exists() and copy.read_text().count("record ") == records, "every record on the host")
+        return qproxy.time.monotonic() - started, copy.read_text()
     finally:
         peer.close()
-    written = (tmp_path / "logs" / "host" / "enclave.log").read_text().count("record ")
-    dropped = sum(int(n) for n in re.findall(r"control: dropped (\d+) log records of the enclave half", host_log.read_text()))
-    assert written <= 2 * qproxy.LOG_RATE  # the flood may straddle two seconds
-    assert written + dropped >= flood  # every record of the flood is written or counted (the "later" ones too)
+
+
+def test_a_flood_of_messages_is_held_back_not_dropped(proxy, tmp_path):
+    """The host half takes CONTROL_MESSAGE_RATE messages a second: four seconds' worth wait in the
+    socket and are written over at least two whole seconds, every one of them."""
+    elapsed, copy = flood_the_host(proxy, tmp_path, 4 * qproxy.CONTROL_MESSAGE_RATE, 10)
+    assert elapsed >= 1.9, f"{4 * qproxy.CONTROL_MESSAGE_RATE} messages taken in {elapsed:.2f} s"
+    assert [int(line.split()[4]) for line in copy.splitlines()] == list(range(4 * qproxy.CONTROL_MESSAGE_RATE))
+
+
+def test_a_flood_of_bytes_is_held_back_and_long_records_are_cut(proxy, tmp_path):
+    """Few messages, many bytes: CONTROL_BYTE_RATE a second holds them back; each record arrives
+    whole (under 64 KiB) and is written cut to LOG_MESSAGE_MAX characters."""
+    records = 3 * qproxy.CONTROL_BYTE_RATE // 40_000 + 2  # more than three seconds' worth: two whole seconds
+    elapsed, copy = flood_the_host(proxy, tmp_path, records, 40_000)
+    assert elapsed >= 1.9, f"{records * 40_000} bytes taken in {elapsed:.2f} s"
+    messages = [line.split(" qproxy::enclave ", 1)[1] for line in copy.splitlines()]
+    assert len(messages) == records
+    assert {len(text) for text in messages} == {qproxy.LOG_MESSAGE_MAX}
+
+
+def test_a_flood_from_the_host_half_is_held_back_by_the_enclave_half(proxy, fake_host, echo_server):
+    """The parent is not trusted: what it sends on the control link the enclave half takes at
+    CONTROL_BYTE_RATE, so the sender waits, and the enclave half relays meanwhile."""
+    host_port = free_port()
+    proxy.write_config(inbound(host_port, echo_server.port))
+    proxy.start("enclave")
+    peer, _ = accept_enclave(fake_host, heartbeat=5)
+    # Nearly four seconds' worth: the last second's bytes do not fit the socket's buffers, so
+    # sendall() returns only after two whole seconds.
+    flood = message(type="news", padding="x" * 60_000) * (4 * qproxy.CONTROL_BYTE_RATE // 60_000)
+    sent = threading.Event()
+
+    def send_flood():
+        peer.sock.sendall(flood)
+        sent.set()
+
+    started = qproxy.time.monotonic()
+    threading.Thread(target=send_flood, daemon=True).start()
+    try:
+        with socket.socket(socket.AF_UNIX) as relay:  # the enclave half's inbound port, as the host half dials it
+            relay.settimeout(DEADLINE)
+            relay.connect(str(proxy.vsock_dir / "9000"))
+            relay.sendall(b"still relaying")
+            relay.shutdown(socket.SHUT_WR)
+            assert read_to_end(relay) == (b"still relaying", "eof")
+        assert sent.wait(DEADLINE)
+        elapsed = qproxy.time.monotonic() - started
+        assert elapsed >= 1.5, f"{len(flood)} bytes taken in {elapsed:.2f} s"
+    finally:
+        peer.close()
 
 
 def test_a_long_record_fits_one_control_message_whatever_its_characters():
