@@ -879,7 +879,7 @@ class Reactor(threading.Thread):
         self.buffers = Buffers()
         self.connections: set[Connection] = set()
         self.arrivals: collections.deque[Connection] = collections.deque()
-        self.open = 0  # connections added and not yet finished, arrivals included: what a stop waits for
+        self.open = 0  # connections from the start of their setup until they finish: what a stop waits for
         self.emptied = threading.Condition()
         self.wakeup = Wakeup()
         self.selector.register(self.wakeup.reader, READ)
@@ -888,14 +888,24 @@ class Reactor(threading.Thread):
         self.sweep_interval = min(max(idle_timeout / 4, 0.05), 1.0) if idle_timeout else None
         self.cutting = False  # set once, when a stop's grace period ends: every connection is cut
 
-    def add(self, connection: Connection) -> None:
-        """Take over an established connection (from any thread)."""
-        connection.client.setblocking(False)
-        connection.far.setblocking(False)
+    def expect(self) -> None:
+        """Count a connection whose setup starts (from its worker): a stop waits for it too."""
         with self.emptied:
             self.open += 1
+
+    def add(self, connection: Connection) -> None:
+        """Take over an established connection, counted by expect() (from any thread)."""
+        connection.client.setblocking(False)
+        connection.far.setblocking(False)
         self.arrivals.append(connection)
         self.wakeup.wake()
+
+    def forget(self) -> None:
+        """Uncount a connection that ended, or that never came because its setup failed (from any thread)."""
+        with self.emptied:
+            self.open -= 1
+            if not self.open:
+                self.emptied.notify_all()
 
     def wait_empty(self, timeout: float) -> bool:
         """Wait (from any thread) until every connection has ended; False if timeout passes first."""
@@ -972,10 +982,7 @@ class Reactor(threading.Thread):
                 self.selector.unregister(sock)
                 connection.interest[sock] = 0
         connection.close(error)
-        with self.emptied:
-            self.open -= 1
-            if not self.open:
-                self.emptied.notify_all()
+        self.forget()
 
 
 # ---------------------------------------------------------------------------
@@ -1249,6 +1256,7 @@ class Relayer:
         conn_id = next(self.ids)
         path = f"{describe_peer(client.family, address)} -> {route.listen} -> {route.target}"
         log.info("conn %d opened: %s", conn_id, path)
+        self.reactor.expect()
         try:
             if client.family != socket.AF_UNIX and route.listen.kind == "tcp":
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1256,6 +1264,7 @@ class Relayer:
         except BaseException as error:
             reset(client)
             self.admission.remove(count)
+            self.reactor.forget()
             if not isinstance(error, OSError):
                 raise
             log.warning("conn %d: cannot reach %s: %s; resetting the client", conn_id, route.target, reason(error))

@@ -8,6 +8,7 @@ in test_cli.py with the other command-line options.
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import time
 
@@ -134,6 +135,30 @@ def test_connect_timeout_resets_the_app_after_the_configured_time(proxy, silent_
     took = time.monotonic() - started
     host.wait_log(r"WARN  qproxy::host conn \d+: cannot reach tcp 127\.0\.0\.1:%d: timed out" % silent_listener.port)
     assert 1.0 <= took < 5.0, f"reset after {took:.2f} s with connect_timeout = 1"
+
+
+def test_a_stop_waits_for_a_connection_whose_far_side_has_not_answered_yet(proxy, silent_listener):
+    """SIGTERM while the host half still dials: the grace period covers that connection too, so it
+    is relayed once the far side answers (at the kernel's next SYN, about 1 s later)."""
+    enclave_port = free_port()
+    host, _ = proxy.start_both(outbound("127.0.0.1", silent_listener.port, enclave_port))
+    with connect(enclave_port) as app:
+        app.sendall(b"hello?")
+        host.wait_log(r"conn \d+ opened: .* -> tcp 127\.0\.0\.1:%d" % silent_listener.port)
+        host.process.send_signal(signal.SIGTERM)
+        host.wait_log("SIGTERM: stopping")
+        listener = silent_listener.sock
+        listener.settimeout(DEADLINE)
+        for _ in silent_listener.fillers:  # room in the listen queue again
+            listener.accept()[0].close()
+        upstream, _ = listener.accept()  # the host half's connection
+        with upstream:
+            upstream.settimeout(DEADLINE)
+            assert upstream.recv(100) == b"hello?"
+            upstream.sendall(b"answer")
+            assert app.recv(100) == b"answer"
+    assert host.stop() == 0
+    assert "cutting" not in host.log()
 
 
 def test_idle_timeout_cuts_a_quiet_connection_and_spares_a_busy_one(proxy):
