@@ -1288,6 +1288,8 @@ CONTROL_PROTOCOL = 2
 CONTROL_MAX_MESSAGE = 64 * 1024
 CONTROL_HELLO_TIMEOUT = 10.0  # seconds for a whole hello, however slowly its bytes come
 CONTROL_MAX_UNGREETED = 8  # control connections that have not said hello yet, at once
+CONTROL_HELLO_INTERVAL = 1.0  # seconds between the hellos the host half answers: a redial loop floods no log
+CONTROL_MISMATCHES_LOGGED = 20  # config mismatches logged one by one for a hello; the rest are counted
 CONTROL_RETRY_MAX = 5.0
 HEARTBEAT_INTERVAL = 5.0  # seconds between the heartbeats a half sends; announced in its hello
 HEARTBEAT_RANGE = (1.0, 3600.0)  # the other's announced interval, kept within this: no log-flooding flaps
@@ -1678,7 +1680,9 @@ class ControlServer:
     a new one that says hello replaces the one before (a restarted enclave
     half, or a stale connection).  Connections that have not said hello get
     CONTROL_HELLO_TIMEOUT in all and CONTROL_MAX_UNGREETED places, so garbage,
-    trickles and floods cost little and never touch the data path.
+    trickles and floods cost little and never touch the data path.  A hello
+    is answered at most every CONTROL_HELLO_INTERVAL, so an enclave half that
+    redials in a loop adds its lines to the log at that pace.
     """
 
     def __init__(self, config: Config, enclave_log: EnclaveLog):
@@ -1689,6 +1693,8 @@ class ControlServer:
         self.enclave: socket.socket | None = None
         self.seen = False  # whether an enclave half has connected before
         self.reported: list[str] = []  # the mismatches logged last, not repeated for every hello
+        self.pacing = threading.Lock()
+        self.next_hello = 0.0  # the time.monotonic() before which no other hello is answered
 
     def serve(self, sock: socket.socket, address: object) -> None:
         peer = describe_peer(sock.family, address)
@@ -1698,6 +1704,8 @@ class ControlServer:
                 return
             try:
                 reader, greeting = self.greet(sock, peer)
+                if greeting is not None:
+                    self.pace()
             finally:
                 self.ungreeted.release()
             if greeting is not None:
@@ -1714,6 +1722,13 @@ class ControlServer:
             throttled.warning("control-hello", "control: %s did not introduce itself as an enclave half", peer)
             return reader, None
         return reader, greeting
+
+    def pace(self) -> None:
+        """Hold a hello until CONTROL_HELLO_INTERVAL after the last one answered.  Those
+        held keep their places among the CONTROL_MAX_UNGREETED, so few threads wait."""
+        with self.pacing:
+            time.sleep(max(self.next_hello - time.monotonic(), 0))
+            self.next_hello = time.monotonic() + CONTROL_HELLO_INTERVAL
 
     def follow(self, sock: socket.socket, peer: str, reader: MessageReader, greeting: dict) -> None:
         """Answer the hello, then hold the connection until the enclave half leaves or is replaced."""
@@ -1771,8 +1786,11 @@ class ControlServer:
             log.warning("control: the enclave half's entries still differ from this host half's, in the %d ways"
                         " logged before", len(mismatches))
         else:
-            for mismatch in mismatches:
+            for mismatch in mismatches[:CONTROL_MISMATCHES_LOGGED]:
                 log.error("control: config mismatch: %s", mismatch)
+            if len(mismatches) > CONTROL_MISMATCHES_LOGGED:
+                log.error("control: config mismatch: %d more; `qproxy check-config HOST_FILE --enclave-config"
+                          " ENCLAVE_FILE` lists them all", len(mismatches) - CONTROL_MISMATCHES_LOGGED)
         self.reported = mismatches
 
     def on_message(self, message: dict) -> None:

@@ -154,6 +154,31 @@ def test_the_same_mismatches_are_logged_once_not_at_every_hello(proxy):
     assert host.log().count("config mismatch:") == 1
 
 
+def test_many_mismatches_are_logged_up_to_a_bound_and_counted(proxy):
+    proxy.write_config("")
+    host = proxy.start("host")
+    extra = qproxy.CONTROL_MISMATCHES_LOGGED + 10
+    entries = {"inbound": [{"vsock_port": 9000 + n, "host_port": 1000 + n, "enclave_port": 2000 + n}
+                           for n in range(extra)], "outbound": []}
+    as_enclave(proxy, 5, entries).close()
+    host.wait_log(r"ERROR qproxy::host control: config mismatch: 10 more; `qproxy check-config HOST_FILE"
+                  r" --enclave-config ENCLAVE_FILE` lists them all")
+    assert host.log().count("config mismatch: the enclave half") == qproxy.CONTROL_MISMATCHES_LOGGED
+
+
+def test_hellos_are_answered_at_a_bounded_pace(proxy):
+    """Whatever redials the control port in a loop gets one hello answered a CONTROL_HELLO_INTERVAL,
+    and so adds its arrival and departure lines to the host's log at that pace, none refused."""
+    proxy.write_config("")
+    host = proxy.start("host")
+    started = qproxy.time.monotonic()
+    for _ in range(4):
+        as_enclave(proxy, 5, no_entries()).close()
+    elapsed = qproxy.time.monotonic() - started
+    assert elapsed >= 3 * qproxy.CONTROL_HELLO_INTERVAL - 0.1, f"4 hellos answered in {elapsed:.2f} s"
+    host.wait_log(r"(?s)(control: enclave half connected.*){4}")
+
+
 def test_an_enclave_half_without_entries_is_told_apart(proxy):
     proxy.write_config("")
     host = proxy.start("host")
