@@ -2132,10 +2132,17 @@ class CannedService(socketserver.ThreadingMixIn, socketserver.TCPServer):
         request.sendall(head.encode() + self.body)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """count loopback ports that nothing listens on, all different: bound at once, as one at a
+    time the kernel may offer a port it just offered again."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def http_get(port: int, deadline: float) -> str:
@@ -2172,7 +2179,7 @@ def run_demo() -> int:
     try:
         for service in (inside, outside):
             threading.Thread(target=service.serve_forever, daemon=True).start()
-        host_port, app_port = free_port(), free_port()
+        host_port, app_port = free_ports(2)
         config = os.path.join(folder, "config_qproxy.toml")
         with open(config, "w") as file:
             file.write(

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import qproxy
 from conftest import DEADLINE, QPROXY, ThreadedServer, free_port, inbound, outbound, recv_all, wait_for
 
 
@@ -368,6 +369,13 @@ def test_demo_runs_the_walkthrough():
     assert "'Hello world!'" in result.stdout
     assert "'Hello from outside!'" in result.stdout
     assert "stopped cleanly" in result.stdout
+
+
+def test_the_demos_ports_are_all_different():
+    """The demo failed once because it was given one port for two listeners: taken one at a time,
+    500 free ports hold several repeats; taken together, none."""
+    ports = qproxy.free_ports(500)
+    assert len(set(ports)) == 500
 
 
 # --- resources ----------------------------------------------------------------------------
