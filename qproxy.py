@@ -1329,17 +1329,17 @@ class MessageReader:
                 return None
         return self.next_message()
 
-    def receive(self) -> bool:
-        """Take what one recv() gives; False at EOF."""
+    def receive(self) -> int:
+        """Take what one recv() gives; how many bytes that was, 0 at EOF."""
         chunk = self.sock.recv(65536)
         if not chunk:
             if self.pending:
                 raise ValueError("a message cut short")
-            return False
+            return 0
         self.pending += chunk
         if b"\n" not in self.pending and len(self.pending) > CONTROL_MAX_MESSAGE:
             raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
-        return True
+        return len(chunk)
 
     def messages(self) -> Iterator[dict]:
         """Every whole message received so far."""
@@ -1438,10 +1438,10 @@ class ControlLink:
 
     def receive(self, now: float) -> bool:
         """Take what the other half sent and handle its messages; False at its EOF."""
-        received = len(self.reader.pending)
-        if not self.reader.receive():
+        received = self.reader.receive()
+        if not received:
             return False
-        self.budget.spend(0, len(self.reader.pending) - received)
+        self.budget.spend(0, received)
         self.heard = now
         if self.silent:
             self.silent = False
