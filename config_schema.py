@@ -88,6 +88,8 @@ class Limits(TypedDict, total=False):
     connections_per_listener: int
     connect_timeout: float  # seconds; an int is a float to a type checker
     idle_timeout: float
+    queue_timeout: float
+    buffer_memory: int  # MiB
 
 
 class QproxyConfig(TypedDict, total=False):

@@ -29,35 +29,42 @@ Design, in the order the data meets it:
   inside DIR.  Only the socket factory (``Vsock``) differs; everything above
   it is the same code on both transports.
 * Data path.  Raw bytes, no framing, so either half also works against a
-  plain relay such as socat.  socketserver accepts; a worker thread dials the
-  far side of each accepted connection, which may block on DNS or a slow
-  connect.  Once both sockets are open the worker hands them to the reactor
-  and is free for the next connection: the reactor, one thread per process,
-  moves the bytes of every established connection with non-blocking sockets
-  and a selector.  A
+  plain relay such as socat.  The accept loop (the main thread) accepts on
+  every listener without blocking; a worker thread dials the far side of each
+  admitted connection, which may block on DNS or a slow connect.  Once both
+  sockets are open the worker hands them to the reactor and is free for the
+  next connection: the reactor, one thread per process, moves the bytes of
+  every established connection with non-blocking sockets and a selector.  A
   direction holds a buffer only while its destination has not taken all of
-  it, so memory is bounded by construction, backpressure comes from the
-  sockets, and an idle connection costs two descriptors and no thread.
-  Half-close is honoured: EOF one way becomes shutdown(SHUT_WR) on the other
-  socket while the other way keeps flowing.  Vsock has no reset a peer can
-  see, so a far side that ends without sending a byte while the client is
-  still talking (the other half could not reach its target) is passed on to
-  a TCP client as a reset.
-* Limits.  ``-t N`` bounds the connections a half relays at once, and
-  ``[limits] connections_per_listener`` those of each listener: the accept
-  loop leaves a listener at its limit alone, so its excess queues in the
-  kernel while other listeners go on.  Dialing has a timeout; the reactor can
-  cut connections that stay idle.
+  it, and all such buffers together stay within a budget; beyond it bytes
+  wait in the sockets, so memory does not grow with connections, backpressure
+  comes from the sockets, and an idle connection costs two descriptors and no
+  thread.  Half-close is honoured: EOF one way becomes shutdown(SHUT_WR) on
+  the other socket while the other way keeps flowing.  Vsock has no reset a
+  peer can see, so a far side that closes without sending a byte while the
+  client is still talking (the other half could not reach its target) is
+  passed on to a TCP client as a reset; one that only half-closes is not.
+* Limits.  ``-t N`` bounds the connections a half relays at once in each
+  direction: inbound and outbound never share a budget, so a request that
+  calls out cannot wait for a slot only its own end would free.  A
+  connection that arrives at a limit (its direction's, or its listener's
+  ``[limits] connections_per_listener``) is accepted and waits in the half,
+  in arrival order, for at most ``queue_timeout``; then its client is reset.
+  A half accepts only what it has descriptors to dial for.  Dialing has a
+  timeout; the reactor can cut connections that stay idle.
 * Control.  The enclave half dials the host half's control port and says
   hello with a versioned, line-delimited JSON message carrying its entries;
   the host half logs every way they differ from its own.  Then both send
   heartbeats and log when the other falls silent, and the enclave half sends
   its log records, which the host half writes next to its own log: an
   operator with only the parent VM reads both.  The data path never needs it.
-* Lifecycle.  SIGTERM or SIGINT closes the listeners, lets open connections
-  finish for a grace period, then cuts what is left and exits 0.  Exit 1
-  means the process could not start, exit 2 a usage or configuration error;
-  either comes with one line on stderr that says what to do.
+* Lifecycle.  SIGTERM or SIGINT closes the listeners, lets every connection
+  accepted so far finish for a grace period, then cuts what is left and exits
+  0; every cut resets the TCP peers it can.  Exit 1 means the process could
+  not start, exit 2 a usage or configuration error; either comes with one line
+  on stderr that says what to do.  A thread the half cannot work without that
+  fails makes it log CRITICAL, reset its connections and exit 3, so that a
+  supervisor restarts it: it never goes on accepting what it cannot relay.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import collections
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -72,6 +80,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import queue
 import re
@@ -98,13 +107,19 @@ __version__ = "0.1.0"
 EXIT_OK = 0
 EXIT_CANNOT_START = 1
 EXIT_USAGE = 2
+EXIT_FAILED = 3  # a running half stopped on an internal error, logged at CRITICAL: a supervisor restarts it
 
 DEFAULT_PARENT_CID = 3
 DEFAULT_CONTROL_PORT = 6666
-DEFAULT_MAX_CONNECTIONS = 1024
-GRACE_PERIOD = 5.0  # seconds open connections may finish after SIGTERM
-BUFFER_SIZE = 256 * 1024  # per direction of a connection, allocated on first use
+DEFAULT_MAX_CONNECTIONS = 1024  # per direction of a half (-t): inbound and outbound each
+GRACE_PERIOD = 5.0  # seconds the connections accepted before SIGTERM may finish
+BUFFER_SIZE = 256 * 1024  # one read's worth of bytes, held only while its destination lags
+SPARE_BUFFERS = 4  # freed buffers kept for reuse; the rest go back to the system
 LISTEN_BACKLOG = 1024
+WAITING_PER_LISTENER = 128  # accepted connections one listener holds while they wait for room; more wait in its backlog
+ACCEPTS_PER_TURN = 64  # connections one listener accepts before the accept loop turns to the others
+SHORTAGE_RETRY = 1.0  # seconds after which a half that ran out of descriptors or threads tries again
+DESCRIPTOR_RESERVE = 16  # descriptors kept free of connections: for the control link, DNS, the log
 
 log = logging.getLogger("qproxy")
 
@@ -136,7 +151,9 @@ VSOCK_PORT_RANGE = (1, 0xFFFFFFFE)
 CID_RANGE = (1, 0xFFFFFFFE)
 COUNT_RANGE = (0, 1_000_000)  # connections; 0: no bound of this kind
 SECONDS_RANGE = (0, 86400)  # a timeout; 0 turns it off
-INTEGER_RANGES = {"tcp_port": TCP_PORT_RANGE, "vsock_port": VSOCK_PORT_RANGE, "count": COUNT_RANGE}
+MEBIBYTES_RANGE = (1, 65536)
+INTEGER_RANGES = {"tcp_port": TCP_PORT_RANGE, "vsock_port": VSOCK_PORT_RANGE, "count": COUNT_RANGE,
+                  "mebibytes": MEBIBYTES_RANGE}
 LOG_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
 
 # A DNS name: dot-separated labels of letters, digits, '_' and '-', neither
@@ -159,7 +176,7 @@ HOSTNAME_MAX_LENGTH = 253
 class Field(collections.namedtuple("Field", "kind description default same_as extension", defaults=(None, None, False))):
     """One key of a configuration table.
 
-    kind: "tcp_port", "vsock_port", "count", "seconds", "boolean", "hostname",
+    kind: "tcp_port", "vsock_port", "count", "mebibytes", "seconds", "boolean", "hostname",
     "ip_address", "log_level" or "text".
     default: the value when the key is absent; with neither default nor
     same_as (the other key of the entry whose value it takes) the key is
@@ -240,8 +257,8 @@ TABLES = {
         fields={
             "connections_per_listener": Field(
                 "count",
-                "Most connections one listener relays at once; more wait in its listen queue, and other"
-                " listeners go on. 0: no bound of its own; -t/--threads bounds the whole half.",
+                "Most connections one listener relays at once; more wait for room (queue_timeout), and"
+                " other listeners go on. 0: no bound of its own; -t/--threads bounds each direction.",
                 default=0,
                 extension=True,
             ),
@@ -258,6 +275,20 @@ TABLES = {
                 default=0,
                 extension=True,
             ),
+            "queue_timeout": Field(
+                "seconds",
+                "Seconds a connection that arrives at a limit waits for room before its client is reset;"
+                " 0: as long as it takes.",
+                default=30,
+                extension=True,
+            ),
+            "buffer_memory": Field(
+                "mebibytes",
+                "MiB a half may hold for bytes that wait for a slow destination, however many connections"
+                " it has; beyond it, bytes wait in the sockets.",
+                default=32,
+                extension=True,
+            ),
         },
     ),
 }
@@ -269,7 +300,9 @@ Outbound = collections.namedtuple("Outbound", "hostname vsock_port tcp_port encl
 LogLocation = collections.namedtuple(
     "LogLocation", "host_log enclave_log log_level host_log_dir enclave_log_dir forward_enclave_log"
 )
-Limits = collections.namedtuple("Limits", "connections_per_listener connect_timeout idle_timeout")
+Limits = collections.namedtuple(
+    "Limits", "connections_per_listener connect_timeout idle_timeout queue_timeout buffer_memory"
+)
 DEFAULT_LIMITS = Limits(**{key: field.default for key, field in TABLES["limits"].fields.items()})
 Config = collections.namedtuple("Config", "inbound outbound log_location limits", defaults=((), (), None, DEFAULT_LIMITS))
 
@@ -620,7 +653,13 @@ class Vsock:
         path = self.path(port)
         # A lock, not a trial connection: connecting to a live listener would
         # make it dial its target for nothing.
-        lock = open(path + ".lock", "a")
+        try:
+            lock = open(path + ".lock", "a")
+        except OSError as error:
+            raise StartError(
+                f"cannot create {path}.lock for vsock port {port} ({error.strerror}): QPROXY_VSOCK_EMULATION"
+                " must name a folder of its own that this user can write"
+            ) from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -691,12 +730,437 @@ def describe_peer(family: int, address: object) -> str:
 
 def reset(sock: socket.socket) -> None:
     """Close so that a TCP peer sees a reset (RST), not an orderly end."""
+    resetting(sock)
+    sock.close()
+
+
+def resetting(sock: socket.socket) -> None:
+    """Make sock's close, whoever does it, reset a TCP peer (SO_LINGER 0) rather than end in order."""
     try:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
-        pass
-    sock.close()
+        pass  # closed meanwhile
+
+
+# ---------------------------------------------------------------------------
+# Listeners and admission: what is accepted, what waits for room, what is set up
+# ---------------------------------------------------------------------------
+
+
+class Throttle:
+    """At most one warning a while for a recurring problem, counting the ones held back."""
+
+    INTERVAL = 10.0  # seconds
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter = collections.Counter()
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if key in self.last and now - self.last[key] < self.INTERVAL:
+                self.held[key] += 1
+                return
+            self.last[key] = now
+            held = self.held.pop(key, 0)
+        if held:
+            message += f" ({held} more since the last report)"
+        log.warning(message, *args)
+
+
+throttled = Throttle()
+
+
+# A listener and where each connection it accepts goes; direction is "inbound" or "outbound".
+Route = collections.namedtuple("Route", "listen target direction")
+
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# accept() errors that concern one connection only, which went away or a firewall refused.
+ACCEPT_SKIPPED = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN}
+
+
+class Listener:
+    """A non-blocking listening socket, and the route and limit of the connections it accepts.
+
+    ``open`` and ``waiting`` count its connections being relayed (or set up)
+    and those waiting for room; the Admission changes them under its lock.
+    """
+
+    def __init__(self, sock: socket.socket, route: Route | None, limit: int, peer_cid: int,
+                 serve: Callable[[socket.socket, object], None] | None = None):
+        sock.setblocking(False)
+        self.sock = sock
+        self.route = route  # None: the control port, which bounds itself; serve(sock, address) takes each connection
+        self.serve = serve
+        self.limit = limit  # [limits] connections_per_listener; 0: none of its own
+        self.peer_cid = peer_cid  # on AF_VSOCK, the one CID whose connections are accepted
+        self.open = self.waiting = 0
+        self.label = f"{route.listen} ([limits] connections_per_listener)" if route else "the control port"
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def full(self) -> bool:
+        return 0 < self.limit <= self.open
+
+    def accept(self) -> tuple[socket.socket, object] | None:
+        """The next connection from the listen queue, or None when there is none now.
+
+        Raises OSError when the process or system is out of descriptors or memory."""
+        try:
+            return self.sock.accept()
+        except OSError as error:
+            if error.errno in ACCEPT_SKIPPED:
+                return None
+            raise
+
+    def accepts(self, address: object) -> bool:
+        """On real vsock, only the other half's CID may connect: the host's vsock ports
+        are reachable from every VM on the machine, the enclave's from its parent."""
+        return self.sock.family != getattr(socket, "AF_VSOCK", None) or address[0] == self.peer_cid
+
+    def close(self) -> None:
+        path = self.sock.getsockname() if self.sock.family == socket.AF_UNIX else None  # an emulated vsock port's
+        self.sock.close()
+        if path:
+            with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile: nothing left to clean
+                os.unlink(path)
+
+
+def open_listener(endpoint: Endpoint, vsock: Vsock) -> socket.socket:
+    """Bind and listen, turning the usual failures into a StartError that says what to do."""
+    if endpoint.kind == "tcp":
+        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+        address: object = (endpoint.host, endpoint.port)
+        what = f"tcp port {endpoint.port}"
+    else:
+        family = vsock.family
+        address = vsock.listen_address(endpoint.port)
+        what = f"vsock port {endpoint.port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if endpoint.kind == "tcp":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise StartError(f"{what} is already in use: stop what holds it or choose another port") from None
+        if error.errno == errno.EACCES:
+            raise StartError(
+                f"{what} needs privileges: run as root, or grant CAP_NET_BIND_SERVICE, or choose a port above 1023"
+            ) from None
+        if error.errno == errno.EADDRNOTAVAIL and endpoint.kind == "tcp":
+            raise StartError(f"cannot listen on {endpoint}: the address is not on this machine") from None
+        raise StartError(f"cannot listen on {endpoint}: {error.strerror or error}") from None
+    return sock
+
+
+class Gate:
+    """One direction of a half (inbound or outbound): how many it relays at once (-t), and who waits."""
+
+    def __init__(self, direction: str, limit: int):
+        self.direction = direction
+        self.limit = limit
+        self.label = f"{direction} (-t/--threads)"  # names the limit in the log
+        self.open = 0
+        self.waiting: collections.deque[Connection] = collections.deque()  # in arrival order
+
+    @property
+    def full(self) -> bool:
+        return self.open >= self.limit
+
+
+class Admission:
+    """Which accepted connections are set up now, and which wait for room.
+
+    Every connection a listener accepts joins its direction's queue and is
+    admitted in arrival order as soon as both its listener and its direction
+    have room; inbound and outbound never share a budget, so a request that
+    calls out cannot wait for a slot that only its own end would free.  A
+    connection that waits longer than queue_timeout is reset.  While the half
+    is out of descriptors or threads, nothing is accepted or admitted until a
+    connection ends or SHORTAGE_RETRY passes; a connection whose setup found
+    none waits again, first in line.
+
+    Only the accept loop accepts and admits; any thread may end a connection
+    (release), which wakes the loop when anything waits on that.  ``live``
+    holds every connection from its accept to its end: what a stop waits for,
+    and what an abort resets.
+    """
+
+    def __init__(self, limit: int, queue_timeout: float):
+        self.descriptors = math.inf  # what connections may hold at once: two each, one while waiting (see budget())
+        self.lock = threading.Lock()
+        self.gates = {direction: Gate(direction, limit) for direction in ("inbound", "outbound")}
+        self.queue_timeout = queue_timeout or math.inf
+        self.live: set[Connection] = set()
+        self.ids = itertools.count(1)
+        self.short_of: str | None = None  # "descriptors" or "threads" while the half lacks them
+        self.short_since = 0.0
+        self.ends_wanted = False  # the accept loop waits for ends (a listener paused, a stop): each wakes it
+        self.wakeup = Wakeup()
+
+    def budget(self, descriptors: int) -> int:
+        """Let connections hold at most this many descriptors; return how many connections that is.
+
+        Each holds two once its far side is dialed, and a waiting one keeps
+        room for its second: accepting with the last descriptor would leave
+        nothing to dial with, and the client would be reset for it.
+        """
+        self.descriptors = descriptors
+        return max(descriptors // 2, 0)
+
+    def room_for_another(self) -> bool:
+        """Whether one more connection may be accepted with a descriptor for its dial (from the accept loop)."""
+        held = sum(gate.open + len(gate.waiting) for gate in self.gates.values())
+        return 2 * (held + 1) <= self.descriptors
+
+    def arrive(self, listener: Listener, client: socket.socket, address: object) -> list[Connection]:
+        """Queue a connection just accepted; return those admitted now (from the accept loop)."""
+        connection = Connection(next(self.ids), listener, client, address)
+        gate = self.gates[listener.route.direction]
+        with self.lock:
+            self.live.add(connection)
+            gate.waiting.append(connection)
+            listener.waiting += 1
+            admitted = self.admit(gate)
+        if not (connection.admitted or self.short_of):
+            full = gate if gate.full else listener
+            throttled.warning(f"limit {full.label}", "%s: %d connections at once, the limit; more wait for room,"
+                              " up to %s", full.label, full.limit, waiting_time(self.queue_timeout))
+        return admitted
+
+    def admit_waiting(self) -> list[Connection]:
+        """Admit what now has room, in each direction (from the accept loop)."""
+        with self.lock:
+            return [connection for gate in self.gates.values() for connection in self.admit(gate)]
+
+    def admit(self, gate: Gate) -> list[Connection]:
+        """Take waiting connections in arrival order while there is room (under the lock)."""
+        admitted: list[Connection] = []
+        index = 0
+        while index < len(gate.waiting) and not gate.full and self.short_of is None:
+            connection = gate.waiting[index]
+            listener = connection.listener
+            if listener.full:
+                index += 1  # a later one, of a listener with room, goes first
+                continue
+            del gate.waiting[index]
+            listener.waiting -= 1
+            listener.open += 1
+            gate.open += 1
+            connection.admitted = True
+            admitted.append(connection)
+        return admitted
+
+    def release(self, connection: Connection) -> None:
+        """A connection ended, or its setup failed (from any thread): its room is free again."""
+        listener, gate = connection.listener, self.gates[connection.listener.route.direction]
+        freed = []
+        with self.lock:
+            self.live.discard(connection)
+            self.short_of = None  # what it held is free again: try anew
+            if connection.admitted:
+                connection.admitted = False
+                freed = [limit for limit, full in ((gate.label, gate.full), (listener.label, listener.full)) if full]
+                listener.open -= 1
+                gate.open -= 1
+            wake = self.ends_wanted or any(gate.waiting for gate in self.gates.values())
+        if wake:
+            self.wakeup.wake()
+        for limit in freed:
+            log.info("%s: below the limit again", limit)
+
+    def requeue(self, connection: Connection, missing: str) -> None:
+        """Its setup found no descriptor or thread (from any thread): it waits again, first in line."""
+        gate = self.gates[connection.listener.route.direction]
+        with self.lock:
+            connection.admitted = False
+            connection.listener.open -= 1
+            gate.open -= 1
+            gate.waiting.appendleft(connection)
+            connection.listener.waiting += 1
+            self.short_of, self.short_since = missing, time.monotonic()
+        self.wakeup.wake()
+
+    def lack(self, missing: str) -> None:
+        """The half is out of something it needs to take more connections (from the accept loop)."""
+        with self.lock:
+            self.short_of, self.short_since = missing, time.monotonic()
+
+    def expire(self, now: float) -> float:
+        """Reset the connections that waited too long; return when the next one will have (from the accept loop)."""
+        with self.lock:
+            if self.short_of and now >= self.short_since + SHORTAGE_RETRY:
+                self.short_of = None
+            expired = self.take_waiting(lambda connection: now >= connection.accepted + self.queue_timeout)
+            due = [gate.waiting[0].accepted + self.queue_timeout for gate in self.gates.values() if gate.waiting]
+            if self.short_of:
+                due.append(self.short_since + SHORTAGE_RETRY)
+        for connection in expired:
+            reset(connection.client)
+            throttled.warning("queue", "conn %d: no room within %g s for %s; resetting the client",
+                              connection.conn_id, self.queue_timeout, connection.path)
+        return min(due, default=math.inf)
+
+    def cut_waiting(self) -> None:
+        """At the end of a stop's grace period: reset every connection still waiting for room."""
+        with self.lock:
+            cut = self.take_waiting(lambda connection: True)
+        for connection in cut:
+            reset(connection.client)
+            log.info("conn %d cut at the end of the grace period, still waiting for room: %s", connection.conn_id,
+                     connection.path)
+
+    def take_waiting(self, due: Callable[[Connection], bool]) -> list[Connection]:
+        """Remove the waiting connections that are due, oldest first in each direction (under the lock)."""
+        taken = []
+        for gate in self.gates.values():
+            while gate.waiting and due(gate.waiting[0]):
+                connection = gate.waiting.popleft()
+                connection.listener.waiting -= 1
+                self.live.discard(connection)
+                taken.append(connection)
+        return taken
+
+    def abort(self) -> None:
+        """Make the process's exit reset every live connection's TCP peers (from any thread, even a signal handler)."""
+        for connection in list(self.live):  # one C call: no other thread changes the set meanwhile
+            connection.abort()
+
+
+def waiting_time(seconds: float) -> str:
+    return "as long as it takes" if seconds == math.inf else f"{seconds:g} s ([limits] queue_timeout)"
+
+
+class Workers:
+    """The threads that set connections up, each kept for the next connection while one comes.
+
+    Starting a thread costs more than the rest of a short connection's setup,
+    and threading.Thread.start() would also hold the accept loop until the new
+    thread runs.  A worker idle for IDLE_SECONDS ends, so a burst leaves no
+    threads behind.  A job's own errors are its business (it logs them and
+    cleans up); an error in the pool itself ends the half through ``fail``.
+    """
+
+    IDLE_SECONDS = 5.0
+
+    def __init__(self, fail: Callable[[str], None]):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0  # workers waiting for a job that no queued job has claimed yet
+        self.fail = fail
+
+    def run(self, job: Callable, *args: object) -> None:
+        """Run job(*args) in a worker.  RuntimeError when no thread can be started; nothing is queued then."""
+        with self.lock:
+            start = self.idle == 0
+            if not start:
+                self.idle -= 1
+        if start:
+            _thread.start_new_thread(self.guard, ())
+        self.jobs.put((job, args))
+
+    def guard(self) -> None:
+        try:
+            self.work()
+        except BaseException:
+            self.fail("a setup worker")
+
+    def work(self) -> None:
+        while True:
+            try:
+                job, args = self.jobs.get(timeout=self.IDLE_SECONDS)
+            except queue.Empty:
+                with self.lock:
+                    if self.idle:  # no queued job counts on this worker: it may end
+                        self.idle -= 1
+                        return
+                continue
+            job(*args)
+            with self.lock:
+                self.idle += 1
+
+
+# ---------------------------------------------------------------------------
+# Routes: what each half listens on and where it sends what it accepts
+# ---------------------------------------------------------------------------
+
+
+def host_routes(config: Config, enclave_cid: str) -> list[Route]:
+    routes = [
+        Route(Endpoint("tcp", entry.bind_address, entry.host_port), Endpoint("vsock", enclave_cid, entry.vsock_port),
+              "inbound")
+        for entry in config.inbound
+    ]
+    routes += [
+        Route(Endpoint("vsock", "", entry.vsock_port), Endpoint("tcp", entry.hostname, entry.tcp_port), "outbound")
+        for entry in config.outbound
+    ]
+    return routes
+
+
+def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
+    routes = [
+        Route(Endpoint("vsock", "", entry.vsock_port), Endpoint("tcp", "127.0.0.1", entry.enclave_port), "inbound")
+        for entry in config.inbound
+    ]
+    routes += [
+        Route(Endpoint("tcp", "127.0.0.1", entry.enclave_port), Endpoint("vsock", parent_cid, entry.vsock_port),
+              "outbound")
+        for entry in config.outbound
+    ]
+    return routes
+
+
+class Relayer:
+    """Sets up each admitted connection (in a worker): dial the far side, then hand both sockets to the reactor."""
+
+    def __init__(self, dialer: Dialer, admission: Admission, limits: Limits):
+        self.dialer = dialer
+        self.admission = admission
+        self.reactor = Reactor(limits.idle_timeout, limits.buffer_memory * 1024 * 1024, admission.release)
+
+    def serve(self, connection: Connection) -> None:
+        target = connection.listener.route.target
+        log.info("conn %d opened: %s", connection.conn_id, connection.path)
+        try:
+            if connection.client.family != socket.AF_UNIX and connection.listener.route.listen.kind == "tcp":
+                connection.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            far = self.dialer.connect(target)
+        except OSError as error:
+            if error.errno in OUT_OF_RESOURCES:  # not the target's fault: wait for a descriptor
+                throttled.warning("short", "conn %d: cannot dial %s: %s; connections wait until one ends",
+                                  connection.conn_id, target, reason(error))
+                self.admission.requeue(connection, "descriptors")
+                return
+            log.warning("conn %d: cannot reach %s: %s; resetting the client", connection.conn_id, target, reason(error))
+            self.give_up(connection)
+            return
+        except Exception:  # a bug: this connection ends, the half goes on
+            log.error("conn %d: unexpected error while dialing %s", connection.conn_id, target, exc_info=True)
+            self.give_up(connection)
+            return
+        connection.relay(far)
+        self.reactor.add(connection)
+
+    def give_up(self, connection: Connection) -> None:
+        reset(connection.client)
+        self.admission.release(connection)
+
+
+def reason(error: BaseException) -> str:
+    if isinstance(error, socket.gaierror):
+        return f"name resolution failed ({error.strerror})"
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -729,37 +1193,62 @@ class Wakeup:
 
 
 class Buffers:
-    """The reactor's spare buffers.  A flow holds one only while dst has not taken all of it,
-    so idle connections hold none and a new connection allocates none."""
+    """The reactor's buffers for bytes that wait for a slow destination, within a budget.
 
-    SPARE = 16  # kept for reuse; more are freed
+    A flow takes a buffer for each read and gives it back as soon as the
+    destination has taken every byte, so only lagging flows hold one and the
+    budget, not the number of connections, bounds the memory.  Each buffer is
+    an anonymous mmap: its pages cost nothing until written, and go back to
+    the system when it is dropped, which freed heap memory does not promise.
+    When the budget is spent, take() gives None and the flow moves its bytes
+    through ``scratch`` without keeping any (see Flow.pump_in_place).
+    """
 
-    def __init__(self):
+    def __init__(self, budget: int):
+        self.limit = max(budget // BUFFER_SIZE, 1)
+        self.lent = 0
         self.spare: list[memoryview] = []
+        self.scratch = memoryview(bytearray(BUFFER_SIZE))  # for a read that keeps nothing
 
-    def take(self) -> memoryview:
-        return self.spare.pop() if self.spare else memoryview(bytearray(BUFFER_SIZE))
+    def take(self) -> memoryview | None:
+        if self.spare:
+            self.lent += 1
+            return self.spare.pop()
+        if self.lent >= self.limit:
+            return None
+        self.lent += 1
+        return memoryview(mmap.mmap(-1, BUFFER_SIZE))
 
     def give(self, buffer: memoryview) -> None:
-        if len(self.spare) < self.SPARE:
+        self.lent -= 1
+        if len(self.spare) < SPARE_BUFFERS:
             self.spare.append(buffer)
+        # else the last reference goes with the caller's, and the mapping with it
+
+    def unbounded(self, error: OSError) -> None:
+        """The kernel cannot peek at a socket (vsock before Linux 5.5): lend buffers beyond the budget."""
+        if self.limit != math.inf:
+            self.limit = math.inf
+            log.warning("cannot peek at a socket here (%s; vsock needs Linux 5.5 or newer): buffer memory is no"
+                        " longer bounded by [limits] buffer_memory", reason(error))
 
 
 class Flow:
     """One direction of a connection: bytes read from src wait in a buffer until dst takes them."""
 
-    __slots__ = ("src", "dst", "buffer", "start", "end", "eof", "done", "total")
+    __slots__ = ("src", "dst", "buffer", "start", "end", "blocked", "eof", "done", "total")
 
     def __init__(self, src: socket.socket, dst: socket.socket):
         self.src, self.dst = src, dst
         self.buffer: memoryview | None = None  # only while bytes wait for dst
         self.start = self.end = 0
+        self.blocked = False  # bytes wait in src for dst, unread: the budget was spent
         self.eof = self.done = False
         self.total = 0
 
     def wanted(self) -> tuple[socket.socket, int] | None:
         """Which socket this flow waits on, and for what."""
-        if self.buffer is not None:
+        if self.buffer is not None or self.blocked:
             return self.dst, WRITE
         if not self.eof:
             return self.src, READ
@@ -769,11 +1258,17 @@ class Flow:
         """Move what can move without blocking.  EOF is only noted: the Connection decides how to pass it on."""
         if self.buffer is None:
             buffer = buffers.take()
+            if buffer is None:
+                self.pump_in_place(buffers)
+                return
             try:
                 received = self.src.recv_into(buffer)
             except BlockingIOError:
                 buffers.give(buffer)
                 return
+            except BaseException:
+                buffers.give(buffer)
+                raise
             if received == 0:
                 buffers.give(buffer)
                 self.eof = True
@@ -784,9 +1279,37 @@ class Flow:
             self.start += self.dst.send(self.buffer[self.start : self.end])
         except BlockingIOError:
             return
+        except BaseException:
+            buffers.give(self.buffer)
+            self.buffer = None
+            raise
         if self.start == self.end:
             buffers.give(self.buffer)
             self.buffer = None
+
+    def pump_in_place(self, buffers: Buffers) -> None:
+        """Move bytes while holding none: peek at src, send what dst takes, and only then take that much from src."""
+        self.blocked = False
+        try:
+            received = self.src.recv_into(buffers.scratch, 0, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            if error.errno != errno.EOPNOTSUPP:
+                raise
+            buffers.unbounded(error)
+            return  # the next turn reads into a buffer
+        if received == 0:
+            self.eof = True
+            return
+        try:
+            sent = self.dst.send(buffers.scratch[:received])
+        except BlockingIOError:
+            sent = 0
+        if sent:
+            self.src.recv_into(buffers.scratch, sent)  # the bytes just sent, still first in src
+            self.total += sent
+        self.blocked = sent < received
 
     def pass_eof(self) -> None:
         """End dst's direction: the half-close that lets the other direction go on."""
@@ -794,8 +1317,21 @@ class Flow:
         self.dst.shutdown(socket.SHUT_WR)
 
 
+def stopped_reading(sock: socket.socket) -> bool:
+    """Whether sock's peer has closed, not only shut its sending side.  On vsock and Unix sockets a
+    zero-length send says so at once (EPIPE), where poll() shows a closed vsock peer no differently
+    from a half-closed one; a TCP peer's close shows only when it answers bytes with a reset."""
+    try:
+        sock.send(b"")
+    except (BrokenPipeError, ConnectionResetError):
+        return True
+    except BlockingIOError:
+        pass
+    return False
+
+
 class FarSideRefused(Exception):
-    """The far side ended before sending anything while the client was still talking."""
+    """The far side closed before sending anything while the client was still talking."""
 
 
 class Cut(Exception):
@@ -803,17 +1339,23 @@ class Cut(Exception):
 
 
 class Connection:
-    """An established connection: a client, the far side dialed for it, a flow each way."""
+    """One accepted connection, from accept to its end: the client, the far side once dialed, a flow each way."""
 
-    def __init__(self, conn_id: int, client: socket.socket, far: socket.socket, path: str, target: Endpoint,
-                 ended: Callable[[], None]):
-        self.conn_id, self.client, self.far = conn_id, client, far
-        self.path, self.target = path, target
-        self.ended = ended  # called once, from the reactor, after both sockets are closed
-        self.started = time.monotonic()
-        self.up, self.down = Flow(client, far), Flow(far, client)
-        self.interest = {client: 0, far: 0}  # what the reactor is asked to watch, per socket
-        self.last_active = self.started  # when the reactor last moved something for it
+    def __init__(self, conn_id: int, listener: Listener, client: socket.socket, address: object):
+        self.conn_id, self.listener, self.client = conn_id, listener, client
+        self.path = f"{describe_peer(client.family, address)} -> {listener.route.listen} -> {listener.route.target}"
+        self.accepted = time.monotonic()
+        self.admitted = False  # counted against its listener's and its direction's limits
+        self.far: socket.socket | None = None
+
+    def relay(self, far: socket.socket) -> None:
+        """The far side answered: from here on the reactor moves the bytes."""
+        self.far = far
+        self.client.setblocking(False)
+        far.setblocking(False)
+        self.started = self.last_active = time.monotonic()  # last_active: when the reactor last moved something
+        self.up, self.down = Flow(self.client, far), Flow(far, self.client)
+        self.interest = {self.client: 0, far: 0}  # what the reactor is asked to watch, per socket
 
     def wants(self) -> dict[socket.socket, int]:
         wanted = {self.client: 0, self.far: 0}
@@ -827,13 +1369,14 @@ class Connection:
         """Move what sock's readiness allows; True once both directions have ended.
 
         Raises OSError when either socket fails and FarSideRefused when the far
-        side gave up at once; the reactor then resets the connection.
+        side hung up at once; the reactor then resets the connection.
         """
         for flow in (self.up, self.down):
             wait = flow.wanted()
             if wait and wait[0] is sock and events & wait[1]:
                 flow.pump(buffers)
-        if self.down.eof and self.down.total == 0 and not self.up.eof:
+        # A far side that only shut its sending side is a half-close like any other: the upload goes on.
+        if self.down.eof and not self.down.total and not self.up.eof and stopped_reading(self.far):
             raise FarSideRefused()  # before its EOF could reach the client as an orderly end
         for flow in (self.up, self.down):
             if flow.eof and not flow.done:
@@ -841,9 +1384,9 @@ class Connection:
         return self.up.done and self.down.done
 
     def close(self, error: BaseException | None = None) -> None:
-        """Close both sockets (resetting a TCP client after an error), log the outcome, report the end."""
+        """Close both sockets (resetting a TCP client after an error) and log the outcome."""
         if isinstance(error, FarSideRefused):
-            outcome = f"refused by {self.target} (the far side ended at once)"
+            outcome = f"refused by {self.listener.route.target} (the far side closed at once)"
             reset(self.client)
         elif error is not None:
             outcome = f"cut {error}" if isinstance(error, Cut) else f"reset ({reason(error)})"
@@ -857,7 +1400,12 @@ class Connection:
             "conn %d %s: %s, %d bytes up, %d bytes down, %.3f s",
             self.conn_id, outcome, self.path, self.up.total, self.down.total, time.monotonic() - self.started,
         )
-        self.ended()
+
+    def abort(self) -> None:
+        """Make the process's exit reset this connection's TCP peers (from any thread, at any stage)."""
+        for sock in (self.client, self.far):
+            if sock is not None:
+                resetting(sock)
 
 
 class Reactor(threading.Thread):
@@ -871,16 +1419,18 @@ class Reactor(threading.Thread):
 
     With an idle timeout the reactor also looks over its connections a few
     times per timeout and cuts those that moved nothing for that long.
+    Any error outside one connection's own bytes ends the thread, and with it
+    the half (see Half.fail): a half that accepts what it no longer relays
+    would be the worst failure of all.
     """
 
-    def __init__(self, idle_timeout: float):
+    def __init__(self, idle_timeout: float, buffer_memory: int, ended: Callable[[Connection], None]):
         super().__init__(name="reactor", daemon=True)
         self.selector = selectors.DefaultSelector()
-        self.buffers = Buffers()
+        self.buffers = Buffers(buffer_memory)
+        self.ended = ended  # told of every connection that ended here
         self.connections: set[Connection] = set()
         self.arrivals: collections.deque[Connection] = collections.deque()
-        self.open = 0  # connections from the start of their setup until they finish: what a stop waits for
-        self.emptied = threading.Condition()
         self.wakeup = Wakeup()
         self.selector.register(self.wakeup.reader, READ)
         self.idle_timeout = idle_timeout  # 0: never
@@ -888,60 +1438,46 @@ class Reactor(threading.Thread):
         self.sweep_interval = min(max(idle_timeout / 4, 0.05), 1.0) if idle_timeout else None
         self.cutting = False  # set once, when a stop's grace period ends: every connection is cut
 
-    def expect(self) -> None:
-        """Count a connection whose setup starts (from its worker): a stop waits for it too."""
-        with self.emptied:
-            self.open += 1
-
     def add(self, connection: Connection) -> None:
-        """Take over an established connection, counted by expect() (from any thread)."""
-        connection.client.setblocking(False)
-        connection.far.setblocking(False)
+        """Take over a connection whose far side answered (from any thread)."""
         self.arrivals.append(connection)
         self.wakeup.wake()
-
-    def forget(self) -> None:
-        """Uncount a connection that ended, or that never came because its setup failed (from any thread)."""
-        with self.emptied:
-            self.open -= 1
-            if not self.open:
-                self.emptied.notify_all()
-
-    def wait_empty(self, timeout: float) -> bool:
-        """Wait (from any thread) until every connection has ended; False if timeout passes first."""
-        with self.emptied:
-            return self.emptied.wait_for(lambda: not self.open, timeout)
-
-    def run(self) -> None:
-        next_sweep = time.monotonic()
-        while True:
-            ready = self.selector.select(self.sweep_interval)
-            now = time.monotonic()
-            for key, events in ready:
-                if key.fileobj is self.wakeup.reader:
-                    self.take_arrivals()
-                    continue
-                connection = key.data
-                if connection.client.fileno() < 0:
-                    continue  # closed earlier in this same round
-                connection.last_active = now
-                try:
-                    if connection.step(key.fileobj, events, self.buffers):
-                        self.finish(connection)
-                    else:
-                        self.watch(connection)
-                except Exception as error:  # OSError and FarSideRefused; anything else is a bug, logged
-                    if not isinstance(error, (OSError, FarSideRefused)):
-                        log.error("conn %d: unexpected error", connection.conn_id, exc_info=True)
-                    self.finish(connection, error)
-            if self.idle_timeout and now >= next_sweep:
-                self.cut_idle(now)
-                next_sweep = now + self.sweep_interval
 
     def cut_all(self) -> None:
         """Cut every connection, and those still to arrive (from any thread): TCP peers see a reset."""
         self.cutting = True
         self.wakeup.wake()
+
+    def run(self) -> None:
+        next_sweep = time.monotonic()
+        while True:
+            now = self.serve(self.selector.select(self.sweep_interval))
+            if self.idle_timeout and now >= next_sweep:
+                self.cut_idle(now)
+                next_sweep = now + self.sweep_interval
+
+    def serve(self, ready: list) -> float:
+        """Step every connection that is ready; return the time.  A method of its own so that no
+        connection stays referenced from a finished round while the next select() waits."""
+        now = time.monotonic()
+        for key, events in ready:
+            if key.fileobj is self.wakeup.reader:
+                self.take_arrivals()
+                continue
+            connection = key.data
+            if connection.client.fileno() < 0:
+                continue  # closed earlier in this same round
+            connection.last_active = now
+            try:
+                if connection.step(key.fileobj, events, self.buffers):
+                    self.finish(connection)
+                else:
+                    self.watch(connection)
+            except Exception as error:  # OSError and FarSideRefused; anything else is a bug, logged
+                if not isinstance(error, (OSError, FarSideRefused)):
+                    log.error("conn %d: unexpected error", connection.conn_id, exc_info=True)
+                self.finish(connection, error)
+        return now
 
     def take_arrivals(self) -> None:
         self.wakeup.clear()
@@ -977,307 +1513,16 @@ class Reactor(threading.Thread):
 
     def finish(self, connection: Connection, error: BaseException | None = None) -> None:
         self.connections.discard(connection)
+        for flow in (connection.up, connection.down):
+            if flow.buffer is not None:
+                self.buffers.give(flow.buffer)
+                flow.buffer = None
         for sock, events in connection.interest.items():
             if events:
                 self.selector.unregister(sock)
                 connection.interest[sock] = 0
         connection.close(error)
-        self.forget()
-
-
-# ---------------------------------------------------------------------------
-# Listeners: socketserver, worker threads for setup, a bound on connections
-# ---------------------------------------------------------------------------
-
-
-class Throttle:
-    """At most one warning a while for a recurring problem, counting the ones held back."""
-
-    INTERVAL = 10.0  # seconds
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.last: dict[str, float] = {}
-        self.held: collections.Counter = collections.Counter()
-
-    def warning(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self.lock:
-            if key in self.last and now - self.last[key] < self.INTERVAL:
-                self.held[key] += 1
-                return
-            self.last[key] = now
-            held = self.held.pop(key, 0)
-        if held:
-            message += f" ({held} more since the last report)"
-        log.warning(message, *args)
-
-
-throttled = Throttle()
-
-
-class ConnectionCount:
-    """Connections relayed at once by one listener, or by the whole half, against a limit (0: none)."""
-
-    def __init__(self, limit: int, what: str):
-        self.limit = limit
-        self.what = what  # names the limit and what it bounds, for the log
-        self.count = 0
-
-    @property
-    def full(self) -> bool:
-        return 0 < self.limit <= self.count
-
-    def add(self) -> None:
-        self.count += 1
-        if self.full:  # throttled: anyone who can connect can make a listener reach its limit
-            throttled.warning(f"limit {self.what}", "%s: %d connections at once, the limit; more wait in the"
-                              " listen queue", self.what, self.limit)
-
-    def remove(self) -> bool:
-        """Count one connection less; True when that takes the count off its limit."""
-        was_full = self.full
-        self.count -= 1
-        if was_full:
-            log.info("%s: below the limit again", self.what)
-        return was_full
-
-
-class Admission:
-    """Which listeners may accept now: each within its own limit, and all within the half's (-t).
-
-    A listener at a limit is left out of the accept loop, so its new connections
-    wait in the kernel's listen queue while the other listeners go on.  Only the
-    accept loop adds connections; any thread may end one, and wakes the loop
-    when that frees room.
-    """
-
-    def __init__(self, half_limit: int):
-        self.lock = threading.Lock()
-        self.half = ConnectionCount(half_limit, "this half (-t/--threads)")
-        self.wakeup = Wakeup()
-
-    def room(self, count: ConnectionCount | None) -> bool:
-        """Whether a listener counted by count may accept; an uncounted one always may."""
-        return count is None or not (self.half.full or count.full)
-
-    def add(self, count: ConnectionCount | None) -> None:
-        if count is not None:
-            with self.lock:
-                self.half.add()
-                count.add()
-
-    def remove(self, count: ConnectionCount | None) -> None:
-        if count is None:
-            return
-        with self.lock:
-            freed = self.half.remove() | count.remove()  # both, even when the first frees room
-        if freed:
-            self.wakeup.wake()
-
-
-class Workers:
-    """The threads that set connections up, each kept for the next connection while one comes.
-
-    Starting a thread costs more than the rest of a short connection's setup,
-    and threading.Thread.start() would also hold the accept loop until the new
-    thread runs.  A worker idle for IDLE_SECONDS ends, so a burst leaves no
-    threads behind.
-    """
-
-    IDLE_SECONDS = 5.0
-
-    def __init__(self):
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.idle = 0  # workers waiting for a job that no queued job has claimed yet
-
-    def run(self, job: Callable, *args: object) -> None:
-        with self.lock:
-            start = self.idle == 0
-            if not start:
-                self.idle -= 1
-        if start:
-            _thread.start_new_thread(self.work, ())  # when this fails, nothing is queued: the caller cleans up
-        self.jobs.put((job, args))
-
-    def work(self) -> None:
-        while True:
-            try:
-                job, args = self.jobs.get(timeout=self.IDLE_SECONDS)
-            except queue.Empty:
-                with self.lock:
-                    if self.idle:  # no queued job counts on this worker: it may end
-                        self.idle -= 1
-                        return
-                continue
-            job(*args)
-            with self.lock:
-                self.idle += 1
-
-
-OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-ACCEPT_PAUSE = 0.1  # seconds the accept loop rests when the process or system is out of descriptors
-
-
-class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """A listening socket of any family whose connections are each set up by a worker thread."""
-
-    request_queue_size = LISTEN_BACKLOG
-
-    def __init__(self, family: int, address: object, serve: Callable, count: ConnectionCount | None,
-                 admission: Admission, workers: Workers, peer_cid: int):
-        self.address_family = family
-        self.allow_reuse_address = family in (socket.AF_INET, socket.AF_INET6)
-        self.serve = serve
-        self.count = count  # None: not limited (the control port, which bounds itself)
-        self.admission = admission
-        self.workers = workers
-        self.peer_cid = peer_cid  # on AF_VSOCK, the one CID whose connections are accepted
-        super().__init__(address, None)
-
-    def get_request(self) -> tuple[socket.socket, object]:
-        """accept(), pausing when no descriptor is left: a pending connection would make the loop spin."""
-        try:
-            return super().get_request()
-        except OSError as error:
-            if error.errno in OUT_OF_RESOURCES:
-                throttled.warning(
-                    "accept", "cannot accept on %s: %s; pausing %.1f s (raise the open-files limit?)",
-                    self.server_address, error.strerror, ACCEPT_PAUSE,
-                )
-                time.sleep(ACCEPT_PAUSE)
-            raise  # socketserver drops the attempt; the connection waits in the listen queue
-
-    def verify_request(self, request: socket.socket, client_address: object) -> bool:
-        """On real vsock, only the other half's CID may connect: the host's vsock ports
-        are reachable from every VM on the machine, the enclave's from its parent."""
-        if self.address_family != getattr(socket, "AF_VSOCK", None) or client_address[0] == self.peer_cid:
-            return True
-        throttled.warning(
-            "peer", "refused a vsock connection to port %d from CID %d: only CID %d may connect",
-            self.server_address[1], client_address[0], self.peer_cid,
-        )
-        request.close()  # socketserver's own cleanup, shutdown_request(), leaves requests to their handler
-        return False
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:
-        """ThreadingMixIn's thread per connection, taken from the workers; the accept loop saw room for it."""
-        self.admission.add(self.count)
-        try:
-            self.workers.run(self.process_request_thread, request, client_address)
-        except BaseException:
-            request.close()
-            self.admission.remove(self.count)
-            raise
-
-    def finish_request(self, request: socket.socket, client_address: object) -> None:
-        self.serve(request, client_address)
-
-    def shutdown_request(self, request: socket.socket) -> None:
-        pass  # the request is the handler's now: it closes it, or hands it to the reactor
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        log.error("unexpected error on a connection from %s", client_address, exc_info=True)
-
-
-def open_listener(endpoint: Endpoint, vsock: Vsock, serve: Callable, count: ConnectionCount | None,
-                  admission: Admission, workers: Workers, peer_cid: int) -> Listener:
-    """Bind and listen, turning the usual failures into a StartError that says what to do."""
-    if endpoint.kind == "tcp":
-        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-        address: object = (endpoint.host, endpoint.port)
-        what = f"tcp port {endpoint.port}"
-    else:
-        family = vsock.family
-        address = vsock.listen_address(endpoint.port)
-        what = f"vsock port {endpoint.port}"
-    try:
-        return Listener(family, address, serve, count, admission, workers, peer_cid)
-    except OSError as error:
-        if error.errno == errno.EADDRINUSE:
-            raise StartError(f"{what} is already in use: stop what holds it or choose another port") from None
-        if error.errno == errno.EACCES:
-            raise StartError(
-                f"{what} needs privileges: run as root, or grant CAP_NET_BIND_SERVICE, or choose a port above 1023"
-            ) from None
-        if error.errno == errno.EADDRNOTAVAIL and endpoint.kind == "tcp":
-            raise StartError(f"cannot listen on {endpoint}: the address is not on this machine") from None
-        raise StartError(f"cannot listen on {endpoint}: {error.strerror or error}") from None
-
-
-# ---------------------------------------------------------------------------
-# Routes: what each half listens on and where it sends what it accepts
-# ---------------------------------------------------------------------------
-
-
-# A listener and where each connection it accepts goes.
-Route = collections.namedtuple("Route", "listen target")
-
-
-def host_routes(config: Config, enclave_cid: str) -> list[Route]:
-    routes = [
-        Route(Endpoint("tcp", entry.bind_address, entry.host_port), Endpoint("vsock", enclave_cid, entry.vsock_port))
-        for entry in config.inbound
-    ]
-    routes += [
-        Route(Endpoint("vsock", "", entry.vsock_port), Endpoint("tcp", entry.hostname, entry.tcp_port))
-        for entry in config.outbound
-    ]
-    return routes
-
-
-def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
-    routes = [
-        Route(Endpoint("vsock", "", entry.vsock_port), Endpoint("tcp", "127.0.0.1", entry.enclave_port))
-        for entry in config.inbound
-    ]
-    routes += [
-        Route(Endpoint("tcp", "127.0.0.1", entry.enclave_port), Endpoint("vsock", parent_cid, entry.vsock_port))
-        for entry in config.outbound
-    ]
-    return routes
-
-
-class Relayer:
-    """Sets up each accepted connection: dial the far side, then hand both sockets to the reactor."""
-
-    def __init__(self, dialer: Dialer, admission: Admission, idle_timeout: float):
-        self.dialer = dialer
-        self.admission = admission  # counted in by the listener at accept, out here when the connection ends
-        self.reactor = Reactor(idle_timeout)
-        self.reactor.start()
-        self.ids = itertools.count(1)
-
-    def handler(self, route: Route, count: ConnectionCount) -> Callable:
-        return lambda client, address: self.serve(route, count, client, address)
-
-    def serve(self, route: Route, count: ConnectionCount, client: socket.socket, address: object) -> None:
-        conn_id = next(self.ids)
-        path = f"{describe_peer(client.family, address)} -> {route.listen} -> {route.target}"
-        log.info("conn %d opened: %s", conn_id, path)
-        self.reactor.expect()
-        try:
-            if client.family != socket.AF_UNIX and route.listen.kind == "tcp":
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            far = self.dialer.connect(route.target)
-        except BaseException as error:
-            reset(client)
-            self.admission.remove(count)
-            self.reactor.forget()
-            if not isinstance(error, OSError):
-                raise
-            log.warning("conn %d: cannot reach %s: %s; resetting the client", conn_id, route.target, reason(error))
-            return
-        self.reactor.add(Connection(conn_id, client, far, path, route.target, lambda: self.admission.remove(count)))
-
-
-def reason(error: BaseException) -> str:
-    if isinstance(error, socket.gaierror):
-        return f"name resolution failed ({error.strerror})"
-    if isinstance(error, socket.timeout):
-        return "timed out"
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+        self.ended(connection)
 
 
 # ---------------------------------------------------------------------------
@@ -1934,7 +2179,16 @@ def notify_systemd(state: str) -> None:
 
 
 class Half:
-    """One running half: its listeners, its open connections, and how it stops."""
+    """One running half: its listeners, the accept loop, its connections, and how it stops or fails.
+
+    The accept loop runs in the main thread and serves every listener: it
+    accepts what the selector says is waiting (never blocking: the listening
+    sockets are non-blocking), admits, expires, and sleeps in the selector
+    until a listener, a freed slot, a deadline or a signal (through
+    signal.set_wakeup_fd) needs it.  A listener that may not accept now is
+    left out of the selector until it may again, so idle and paused listeners
+    cost the loop nothing.
+    """
 
     def __init__(self, role: str, vsock: Vsock, family: int, max_connections: int, limits: Limits, peer_cid: int):
         self.role = role
@@ -1942,80 +2196,183 @@ class Half:
         self.limits = limits
         self.peer_cid = peer_cid  # the only CID whose vsock connections this half accepts
         self.stopping = threading.Event()
-        self.admission = Admission(max_connections)
-        dialer = Dialer(vsock, limits.connect_timeout, family)
-        self.relayer = Relayer(dialer, self.admission, limits.idle_timeout)
+        self.admission = Admission(max_connections, limits.queue_timeout)
+        self.relayer = Relayer(Dialer(vsock, limits.connect_timeout, family), self.admission, limits)
+        self.workers = Workers(self.fail)
         self.listeners: list[Listener] = []
-        self.workers = Workers()
+        self.paused: set[Listener] = set()  # listeners out of the selector until they may accept again
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.admission.wakeup.reader, READ)
+        # A thread the half cannot work without that dies takes the half with it, loudly.
+        threading.excepthook = lambda hook: self.fail(f"the {hook.thread.name if hook.thread else 'a'} thread",
+                                                      (hook.exc_type, hook.exc_value, hook.exc_traceback))
+        self.relayer.reactor.start()
         # From here on a signal stops the half, even one that arrives while it is still starting.
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
+        signal.set_wakeup_fd(self.admission.wakeup.writer.fileno(), warn_on_full_buffer=False)
 
     def on_signal(self, number: int, frame: object) -> None:
-        """The first signal drains; a second one exits at once."""
+        """The first signal drains; a second one exits at once, resetting every connection left."""
         if self.stopping.is_set():
             log.warning("second signal: exiting now")
+            self.admission.abort()
             os._exit(EXIT_OK)
         log.warning("%s: stopping", signal.Signals(number).name)
         self.stopping.set()
 
-    def listen(self, endpoint: Endpoint, serve: Callable, count: ConnectionCount | None) -> None:
-        self.listeners.append(
-            open_listener(endpoint, self.vsock, serve, count, self.admission, self.workers, self.peer_cid)
-        )
+    def fail(self, what: str, exc_info: object = True) -> None:
+        """An unexpected error where the half cannot go on without: say so, reset what is open, exit."""
+        try:
+            log.critical("internal error in %s; exiting with code %d so that a supervisor restarts this half",
+                         what, EXIT_FAILED, exc_info=exc_info)
+        finally:
+            self.admission.abort()
+            os._exit(EXIT_FAILED)
+
+    def listen(self, endpoint: Endpoint, route: Route | None, serve: Callable | None = None) -> None:
+        """Open a listener: for route's connections, or (route None) one whose connections go to serve(sock, address)."""
+        sock = open_listener(endpoint, self.vsock)
+        listener = Listener(sock, route, self.limits.connections_per_listener if route else 0, self.peer_cid, serve)
+        self.listeners.append(listener)
+        self.selector.register(listener, READ)
 
     def add_route(self, route: Route) -> None:
-        limit = self.limits.connections_per_listener
-        count = ConnectionCount(limit, f"{route.listen} ([limits] connections_per_listener)")
-        self.listen(route.listen, self.relayer.handler(route, count), count)
+        self.listen(route.listen, route)
         log.info("listening on %s -> %s", route.listen, route.target)
-
-    def watch_listeners_with_room(self, selector: selectors.BaseSelector) -> None:
-        for listener in self.listeners:
-            watched = listener in selector.get_map()
-            if self.admission.room(listener.count) and not watched:
-                selector.register(listener, READ)
-            elif watched and not self.admission.room(listener.count):
-                selector.unregister(listener)
 
     def close_listeners(self) -> None:
         for listener in self.listeners:
-            listener.server_close()
-            if isinstance(listener.server_address, str):
-                os.unlink(listener.server_address)  # an emulated vsock port's socket file
+            if listener not in self.paused:
+                self.selector.unregister(listener)
+            listener.close()
+        self.listeners.clear()
+        self.paused.clear()
 
     def run(self, status: str = "") -> int:
-        """Accept on every listener until SIGTERM or SIGINT, then drain the open connections for the grace period.
-
-        status is what systemd is told along with READY=1.
-
-        One loop in the main thread serves all listeners, rather than socketserver's
-        serve_forever() in a thread each: a half has as few threads as it can.
-        """
+        """Accept on every listener until SIGTERM or SIGINT; then let every connection accepted so far
+        finish within the grace period, and cut what is left.  status goes to systemd with READY=1."""
+        self.budget_descriptors()
         log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
         notify_systemd("READY=1" + (f"\nSTATUS={status}" if status else ""))
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.admission.wakeup.reader, READ)
-            while not self.stopping.is_set():
-                self.watch_listeners_with_room(selector)
-                for key, _ in selector.select(0.2):  # the timeout bounds how long a signal waits to be seen
-                    if key.fileobj is self.admission.wakeup.reader:
-                        self.admission.wakeup.clear()
-                    elif self.admission.room(key.fileobj.count):  # an earlier listener may have taken the last
-                        key.fileobj.handle_request()
-        notify_systemd("STOPPING=1")
-        self.close_listeners()
-        reactor = self.relayer.reactor
-        if not reactor.wait_empty(GRACE_PERIOD):
-            log.warning("grace period over: cutting %d open connections", reactor.open)
-            reactor.cut_all()
-            reactor.wait_empty(1.0)
+        try:
+            self.serve(until=self.stopping.is_set)
+            notify_systemd("STOPPING=1")
+            self.close_listeners()
+            self.admission.ends_wanted = True
+            end = time.monotonic() + GRACE_PERIOD
+            self.serve(until=lambda: not self.admission.live or time.monotonic() >= end, deadline=end)
+            if self.admission.live:
+                log.warning("grace period over: cutting %d open connections", len(self.admission.live))
+                self.admission.cut_waiting()
+                self.relayer.reactor.cut_all()
+                end = time.monotonic() + 1.0
+                self.serve(until=lambda: not self.admission.live or time.monotonic() >= end, deadline=end)
+        except Exception:
+            self.fail("the accept loop")
+        self.admission.abort()  # those still dialing: the exit resets their clients
         log.info("%s half stopped", self.role)
         # What is left is the interpreter's own exit, which puts back the default
         # handlers: a late signal must not turn this clean stop into death by signal.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return EXIT_OK
+
+    def budget_descriptors(self) -> None:
+        """Give connections the descriptors the open-files limit leaves, less what the half holds and a reserve."""
+        try:
+            import resource
+        except ImportError:
+            return
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return
+        with socket.socket() as probe:  # the lowest free descriptor: those below it are all taken
+            held = probe.fileno()
+        connections = self.admission.budget(limit - held - DESCRIPTOR_RESERVE)
+        log.info("the open-files limit (%d) lets this half hold %d connections at once", limit, connections)
+
+    def serve(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
+        """The accept loop: accept, admit and expire until until() is true."""
+        while not until():
+            wake_at = min(self.admission.expire(time.monotonic()), deadline)
+            self.start(self.admission.admit_waiting())
+            self.resume_listeners()
+            timeout = None if wake_at == math.inf else max(wake_at - time.monotonic(), 0)
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.admission.wakeup.reader:
+                    self.admission.wakeup.clear()
+                else:
+                    self.accept(key.fileobj)
+
+    def accept(self, listener: Listener) -> None:
+        """Take what listener's queue holds, up to ACCEPTS_PER_TURN; pause it when it may take no more."""
+        for _ in range(ACCEPTS_PER_TURN):
+            if not self.may_accept(listener):
+                self.pause(listener)
+                return
+            try:
+                accepted = listener.accept()
+            except OSError as error:
+                if error.errno not in OUT_OF_RESOURCES:
+                    raise
+                throttled.warning("accept", "cannot accept on %s: %s; connections wait until one ends"
+                                  " (raise the open-files limit?)", listener.sock.getsockname(), error.strerror)
+                self.admission.lack("descriptors")
+                self.pause(listener)
+                return
+            if accepted is None:
+                return
+            client, address = accepted
+            if not listener.accepts(address):
+                throttled.warning("peer", "refused a vsock connection to port %d from CID %d: only CID %d may connect",
+                                  listener.sock.getsockname()[1], address[0], self.peer_cid)
+                client.close()
+            elif listener.route is None:
+                self.start_job(listener.serve, client, address)
+            else:
+                self.start(self.admission.arrive(listener, client, address))
+
+    def start(self, admitted: list[Connection]) -> None:
+        for index, connection in enumerate(admitted):
+            try:
+                self.workers.run(self.relayer.serve, connection)
+            except RuntimeError as error:  # no thread to be had: these wait again, in their order
+                for waiting in reversed(admitted[index:]):
+                    self.admission.requeue(waiting, "threads")
+                throttled.warning("threads", "cannot start a thread (%s); connections wait until one ends", error)
+                return
+
+    def start_job(self, job: Callable, client: socket.socket, address: object) -> None:
+        try:
+            self.workers.run(job, client, address)
+        except RuntimeError as error:
+            throttled.warning("threads", "cannot start a thread (%s); closing a control connection", error)
+            client.close()
+
+    def pause(self, listener: Listener) -> None:
+        if listener not in self.paused:
+            self.selector.unregister(listener)
+            self.paused.add(listener)
+            self.admission.ends_wanted = True
+
+    def may_accept(self, listener: Listener) -> bool:
+        if listener.route is None:
+            return True  # the control port bounds itself
+        if self.admission.short_of or listener.waiting >= WAITING_PER_LISTENER:
+            return False
+        if not self.admission.room_for_another():
+            throttled.warning("descriptors", "the open-files limit is reached (%d connections held);"
+                              " connections wait until one ends (raise the limit: ulimit -n, LimitNOFILE=)",
+                              len(self.admission.live))
+            return False
+        return True
+
+    def resume_listeners(self) -> None:
+        for listener in [listener for listener in self.paused if self.may_accept(listener)]:
+            self.paused.discard(listener)
+            self.selector.register(listener, READ)
+        self.admission.ends_wanted = bool(self.paused) or self.stopping.is_set()
 
 
 def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
@@ -2029,7 +2386,7 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
     try:
         for route in host_routes(config, str(args.cid)):
             half.add_route(route)
-        half.listen(Endpoint("vsock", "", args.control_port), ControlServer(config, enclave_log).serve, count=None)
+        half.listen(Endpoint("vsock", "", args.control_port), None, ControlServer(config, enclave_log).serve)
     except StartError:
         half.close_listeners()  # all or nothing: leave no socket file behind
         raise
@@ -2104,6 +2461,8 @@ def describe_config(path: str, config: Config, parent_cid: int, control_port: in
         + ", connect timeout "
         + (f"{limits.connect_timeout:g} s" if limits.connect_timeout else "the system's")
         + ", idle timeout " + (f"{limits.idle_timeout:g} s" if limits.idle_timeout else "none")
+        + ", queue timeout " + (f"{limits.queue_timeout:g} s" if limits.queue_timeout else "none")
+        + f", buffer memory {limits.buffer_memory} MiB"
     )
     return lines
 

@@ -607,7 +607,7 @@ def test_signal_stops_cleanly_with_exit_0(proxy, role, sig):
 
 
 # ---------------------------------------------------------------------------
-# -t / --threads / TOKIO_WORKER_THREADS: how many connections run at once
+# -t / --threads / TOKIO_WORKER_THREADS: how many connections each direction runs at once
 # ---------------------------------------------------------------------------
 
 
@@ -629,7 +629,7 @@ def test_threads_bound_concurrent_connections(proxy, echo_server, source):
             assert sock.recv(100) == payload
         third = socket.create_connection(("127.0.0.1", host_port), timeout=DEADLINE)  # the kernel accepts it
         third.sendall(b"three")
-        host.wait_log(r"WARN  qproxy::host this half \(-t/--threads\): 2 connections at once, the limit")
+        host.wait_log(r"WARN  qproxy::host inbound \(-t/--threads\): 2 connections at once, the limit")
         # Negative check: no echo while both slots are taken.  0.5 s is ample for a relay on loopback.
         third.settimeout(0.5)
         with pytest.raises(socket.timeout):

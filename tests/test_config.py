@@ -192,7 +192,8 @@ def test_vendor_walkthrough_config_is_valid(tmp_path, clean_env):
         "enclave: listen vsock :9994 -> tcp 127.0.0.1:5443",
         "enclave: dial vsock 3:6666 for the control connection",
         "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
-        "limits: no connection limit per listener, connect timeout 10 s, idle timeout none",
+        "limits: no connection limit per listener, connect timeout 10 s, idle timeout none, queue timeout 30 s,"
+        " buffer memory 32 MiB",
     ]
 
 
@@ -225,7 +226,8 @@ def test_check_config_describes_every_route(check_config, tmp_path):
         "enclave: listen tcp 127.0.0.1:5555 -> vsock 7:7778",
         "enclave: dial vsock 7:7000 for the control connection",
         "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
-        "limits: no connection limit per listener, connect timeout 10 s, idle timeout none",
+        "limits: no connection limit per listener, connect timeout 10 s, idle timeout none, queue timeout 30 s,"
+        " buffer memory 32 MiB",
     ]
 
 
@@ -233,7 +235,8 @@ def test_check_config_shows_the_limits(check_config, tmp_path):
     path = write(tmp_path, "[limits]\nconnections_per_listener = 64\nconnect_timeout = 0\nidle_timeout = 2.5\n")
     code, out, err = check_config(path)
     assert (code, err) == (0, [])
-    assert out[-1] == "limits: 64 connections per listener, connect timeout the system's, idle timeout 2.5 s"
+    assert out[-1] == ("limits: 64 connections per listener, connect timeout the system's, idle timeout 2.5 s,"
+                       " queue timeout 30 s, buffer memory 32 MiB")
 
 
 def test_check_config_outbound_enclave_port_extension(check_config, tmp_path):
@@ -271,7 +274,8 @@ KINDS = {
         "host_log": "text", "enclave_log": "text", "log_level": "log_level",
         "host_log_dir": "text", "enclave_log_dir": "text", "forward_enclave_log": "boolean",
     },
-    "limits": {"connections_per_listener": "count", "connect_timeout": "seconds", "idle_timeout": "seconds"},
+    "limits": {"connections_per_listener": "count", "connect_timeout": "seconds", "idle_timeout": "seconds",
+               "queue_timeout": "seconds", "buffer_memory": "mebibytes"},
 }
 
 LONGEST_NAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters
@@ -281,6 +285,7 @@ VALID = {
     "tcp_port": [1, 80, 65535],
     "vsock_port": [1, 65536, 0xFFFFFFFE],
     "count": [0, 1, 512, 1_000_000],
+    "mebibytes": [1, 32, 65536],
     "seconds": [0, 0.5, 10, 2.5, 86400, 86400.0],
     "boolean": [True, False],
     "hostname": [
@@ -297,6 +302,7 @@ INVALID = {
     "tcp_port": [0, -1, 65536, 2**70, True, False, 80.0, 80.5, "80", [80], {"port": 80}],
     "vsock_port": [0, -1, 0xFFFFFFFF, 2**32, 2**64, True, 9000.0, "9000", [9000]],
     "count": [-1, 1_000_001, 2**64, True, 10.0, "10", [10]],
+    "mebibytes": [0, -1, 65537, 2**64, True, 32.0, "32", [32]],
     "boolean": [0, 1, "true", "yes", [True]],
     "seconds": [-1, -0.5, 86401, 86400.5, float("inf"), float("-inf"), float("nan"), True, "10", "10s", [10]],
     "hostname": [
@@ -314,6 +320,7 @@ EXPECTED = {
     "tcp_port": "expected an integer from 1 to 65535, found ",
     "vsock_port": "expected an integer from 1 to 4294967294, found ",
     "count": "expected an integer from 0 to 1000000, found ",
+    "mebibytes": "expected an integer from 1 to 65536, found ",
     "seconds": "expected a number of seconds from 0 to 86400, found ",
     "boolean": "expected true or false, found ",
     "hostname": "expected a ",  # a DNS name or an IP address / a string
@@ -432,7 +439,8 @@ def test_log_location_defaults(tmp_path):
 
 
 def test_limits_defaults(tmp_path):
-    expected = qproxy.Limits(connections_per_listener=0, connect_timeout=10, idle_timeout=0)
+    expected = qproxy.Limits(connections_per_listener=0, connect_timeout=10, idle_timeout=0, queue_timeout=30,
+                             buffer_memory=32)
     assert qproxy.load_config(write(tmp_path, "[limits]\n"), qproxy.DEFAULT_CONTROL_PORT).limits == expected
     assert qproxy.load_config(write(tmp_path, ""), qproxy.DEFAULT_CONTROL_PORT).limits == expected
 

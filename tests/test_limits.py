@@ -43,10 +43,10 @@ def test_a_listener_at_its_limit_waits_while_the_others_serve(proxy):
         for sock in held:
             sock.sendall(b"held")
             assert sock.recv(100) == b"held"
-        host.wait_log(r"WARN  qproxy::host tcp 0\.0\.0\.0:%d \(\[limits\] connections_per_listener\): "
-                      r"2 connections at once, the limit" % busy_port)
-        waiting = connect(busy_port)  # the kernel accepts it into the listen queue
+        waiting = connect(busy_port)  # accepted, and held by the half until there is room
         waiting.sendall(b"third")
+        host.wait_log(r"WARN  qproxy::host tcp 0\.0\.0\.0:%d \(\[limits\] connections_per_listener\): "
+                      r"2 connections at once, the limit; more wait for room, up to 30 s" % busy_port)
         assert_no_reply_yet(waiting)
         with connect(other_port) as sock:  # another listener is not held up
             sock.sendall(b"other")
@@ -79,9 +79,9 @@ def test_the_enclave_half_keeps_its_listeners_within_the_limit_too(proxy):
         for sock in held:
             sock.sendall(b"held")
             assert sock.recv(100) == b"held"
-        enclave.wait_log(r"WARN  qproxy::enclave tcp 127\.0\.0\.1:%d .*: 2 connections at once, the limit" % enclave_port)
         held.append(connect(enclave_port))
         held[-1].sendall(b"third")
+        enclave.wait_log(r"WARN  qproxy::enclave tcp 127\.0\.0\.1:%d .*: 2 connections at once, the limit" % enclave_port)
         assert_no_reply_yet(held[-1])
         held.pop(0).close()
         assert held[-1].recv(100) == b"third"

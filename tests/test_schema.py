@@ -40,7 +40,8 @@ CONTROL_PORT = qproxy.DEFAULT_CONTROL_PORT
 # (a) Schema and validator agree
 # ---------------------------------------------------------------------------
 
-RANGES = {"tcp_port": qproxy.TCP_PORT_RANGE, "vsock_port": qproxy.VSOCK_PORT_RANGE, "count": qproxy.COUNT_RANGE}
+RANGES = {"tcp_port": qproxy.TCP_PORT_RANGE, "vsock_port": qproxy.VSOCK_PORT_RANGE, "count": qproxy.COUNT_RANGE,
+          "mebibytes": qproxy.MEBIBYTES_RANGE}
 
 # Values of the wrong type.  Not 80.0: JSON has one number type, so to a JSON
 # Schema validator 80.0 *is* the integer 80, while qproxy rightly refuses TOML's
@@ -143,7 +144,7 @@ def entries(draw, table: qproxy.Table, used: dict) -> object:
 
 @st.composite
 def documents(draw) -> dict:
-    used = {"tcp_port": set(), "vsock_port": {CONTROL_PORT}, "count": set()}
+    used = {"tcp_port": set(), "vsock_port": {CONTROL_PORT}, "count": set(), "mebibytes": set()}
     document = {}
     for name, table in qproxy.TABLES.items():
         if draw(st.booleans()):
@@ -228,7 +229,7 @@ def test_vendor_examples_fit_the_schema(example):
 # ---------------------------------------------------------------------------
 
 PYTHON_TYPES = {
-    "tcp_port": int, "vsock_port": int, "count": int, "seconds": float, "boolean": bool, "hostname": str,
+    "tcp_port": int, "vsock_port": int, "count": int, "mebibytes": int, "seconds": float, "boolean": bool, "hostname": str,
     "ip_address": str, "text": str,
 }
 
