@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """bench/run.py: qproxy against socat and a direct connection, in one command.
 
-    python3 bench/run.py            # the full run, about six minutes
-    python3 bench/run.py --quick    # fewer, shorter runs: under two minutes
+    python3 bench/run.py            # the full run, about seven minutes
+    python3 bench/run.py --quick    # fewer, shorter runs: under three minutes
 
 Method
 ------
@@ -30,6 +30,9 @@ turn, so slow drift on the machine hits every chain alike.
               process; peak RSS, threads and fds of each half while they are
               held, then how long until fds and threads are back at the
               baseline taken before they opened;
+* stall:      1,000 clients that never read, each sent 1 MiB, held while 1,000
+              others each fetch 256 KiB through qproxy: peak RSS of each half
+              (its buffer_memory bound), then its RSS once they are all closed;
 * startup:    exec of each half (the vendor's walk-through config) to the first
               successful connect() to its listener, polled every 1 ms;
 * idle:       VmRSS of each half started with the walk-through config, no
@@ -72,7 +75,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DEFAULT_JSON = BENCH / "results" / "latest.json"
 
-WORKLOADS = ("startup", "idle", "conns", "throughput", "keepalive", "churn")
+WORKLOADS = ("startup", "idle", "conns", "stall", "throughput", "keepalive", "churn")
 CHAINS = ("direct", "socat", "qproxy")
 PACKAGES = {"iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx-light", "socat": "socat"}
 NEEDS = {  # tools a workload cannot run without (startup and idle use socat only if present)
@@ -80,6 +83,7 @@ NEEDS = {  # tools a workload cannot run without (startup and idle use socat onl
     "keepalive": ("wrk", "nginx", "socat"),
     "churn": ("wrk", "nginx", "socat"),
     "conns": (),
+    "stall": (),
     "startup": (),
     "idle": (),
 }
@@ -543,8 +547,8 @@ GREETING = b"+"
 PARTIAL_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n"  # never finished: the connection stays idle
 
 
-class HoldServer(threading.Thread):
-    """Accepts connections, greets each with one byte, reads and drops what comes, closes on EOF."""
+class LoopbackServer(threading.Thread):
+    """A selector loop on a loopback port: ready(key, events) serves a connection, accepted(conn) takes a new one."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -559,11 +563,11 @@ class HoldServer(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            for key, _ in self.selector.select(0.1):
+            for key, events in self.selector.select(0.1):
                 if key.fileobj is self.listener:
                     self.accept_all()
                 else:
-                    self.read(key.fileobj)
+                    self.ready(key, events)
         for key in list(self.selector.get_map().values()):
             key.fileobj.close()
         self.selector.close()
@@ -575,10 +579,32 @@ class HoldServer(threading.Thread):
             except (BlockingIOError, InterruptedError):
                 return
             conn.setblocking(False)
-            conn.send(GREETING)
-            self.selector.register(conn, selectors.EVENT_READ)
+            self.accepted(conn)
 
-    def read(self, conn: socket.socket) -> None:
+    def accepted(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def ready(self, key: selectors.SelectorKey, events: int) -> None:
+        raise NotImplementedError
+
+    def drop(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+
+
+class HoldServer(LoopbackServer):
+    """Accepts connections, greets each with one byte, reads and drops what comes, closes on EOF."""
+
+    def accepted(self, conn: socket.socket) -> None:
+        conn.send(GREETING)
+        self.selector.register(conn, selectors.EVENT_READ)
+
+    def ready(self, key: selectors.SelectorKey, events: int) -> None:
+        conn = key.fileobj
         try:
             if conn.recv(65536):
                 return
@@ -586,12 +612,7 @@ class HoldServer(threading.Thread):
             return
         except OSError:
             pass
-        self.selector.unregister(conn)
-        conn.close()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(5)
+        self.drop(conn)
 
 
 def open_held(port: int, count: int, deadline: float) -> list[socket.socket]:
@@ -697,6 +718,243 @@ def run_conns(ctx: Context, scope: Scope) -> dict:
             lambda f: None not in f["qproxy"]["runs"], decimals=2)
         figures[f"conns_{role}_released"]["baseline"] = baseline[role]
         figures[f"conns_{role}_threads"]["peak_fds"] = values("fds")["qproxy"]
+    return figures
+
+
+# ---------------------------------------------------------------------------
+# Workload: 1,000 stalled peers while 1,000 others transfer (the memory ceiling)
+# ---------------------------------------------------------------------------
+
+
+STALLED = b"S"  # the client's first byte: it will never read
+ACTIVE = b"A"  # the client's first byte: it reads everything to EOF
+SENT_TO = {STALLED: 1024 * 1024, ACTIVE: 256 * 1024}  # bytes the server sends each kind
+PAYLOAD = memoryview(b"x" * max(SENT_TO.values()))
+STALLED_RCVBUF = 4096  # a stalled client's receive buffer: the bytes pile up in the proxy, not in it
+ACTIVE_AT_ONCE = 20  # 1,000 stalled + 20 stays under qproxy's 1,024 connections per direction (-t)
+
+
+@dataclasses.dataclass
+class Peer:
+    """One server-side connection: what its client said it is, and how much it has been sent."""
+
+    kind: bytes | None = None
+    sent: int = 0
+
+
+class StallServer(HoldServer):
+    """Reads one byte from each connection: a stalled one is sent 1 MiB as fast as its socket takes
+    it and kept open; an active one is sent 256 KiB, half-closed, and closed on the client's EOF.
+    Clients send nothing after their first byte: anything readable later is their end."""
+
+    def __init__(self):
+        super().__init__()
+        self.stalled = 0  # stalled clients that have said so
+        self.stalled_sent = 0  # bytes sent to them so far
+
+    def accepted(self, conn: socket.socket) -> None:
+        self.selector.register(conn, selectors.EVENT_READ, Peer())
+
+    def ready(self, key: selectors.SelectorKey, events: int) -> None:
+        if key.data.kind is None:
+            self.identify(key.fileobj, key.data)
+            return
+        if events & selectors.EVENT_WRITE:
+            self.send(key.fileobj, key.data)
+        if events & selectors.EVENT_READ and key.fileobj.fileno() >= 0:  # not dropped by send()
+            super().ready(key, events)
+
+    def identify(self, conn: socket.socket, peer: Peer) -> None:
+        """The client's first byte says what it is; from then on the server sends to it."""
+        try:
+            kind = conn.recv(1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            kind = b""
+        if kind not in SENT_TO:
+            self.drop(conn)
+            return
+        peer.kind = kind
+        if kind == STALLED:
+            self.stalled += 1
+        self.selector.modify(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
+
+    def send(self, conn: socket.socket, peer: Peer) -> None:
+        """As much as the socket takes; once all is out, an active peer is half-closed."""
+        try:
+            sent = conn.send(PAYLOAD[peer.sent:SENT_TO[peer.kind]])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop(conn)
+            return
+        peer.sent += sent
+        if peer.kind == STALLED:
+            self.stalled_sent += sent
+        if peer.sent == SENT_TO[peer.kind]:
+            if peer.kind == ACTIVE:
+                conn.shutdown(socket.SHUT_WR)
+            self.selector.modify(conn, selectors.EVENT_READ, peer)
+
+
+class PeakSampler:
+    """The highest VmRSS and VmHWM (kB) of each half seen so far, read at most every interval seconds."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.05):
+        self.pids = pids
+        self.interval = interval
+        self.last = 0.0
+        self.peak = {role: 0 for role in pids}
+
+    def sample(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last < self.interval:
+            return
+        self.last = time.monotonic()
+        for role, pid in self.pids.items():
+            status = proc_status(pid)
+            self.peak[role] = max(self.peak[role], status["VmRSS"], status["VmHWM"])
+
+
+def open_stalled(port: int, count: int, deadline: float) -> list[socket.socket]:
+    """Open count clients with a small receive buffer that say they are stalled and never read."""
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            stalled.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALLED_RCVBUF)  # before connect: it sets the window
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(STALLED)
+            if time.monotonic() > deadline:
+                raise BenchError(f"opened only {len(stalled)} of {count} stalled connections in time")
+    except (OSError, BenchError) as error:
+        close_all(stalled)
+        raise BenchError(f"opening {count} stalled connections: {error}") from None
+    return stalled
+
+
+def wait_piled_up(server: StallServer, count: int, sampler: PeakSampler, deadline: float) -> None:
+    """Until every stalled client has reached the server and the bytes sent to them stop moving (0.5 s)."""
+    while server.stalled < count:
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {server.stalled} of {count} stalled connections reached the server")
+        sampler.sample()
+        time.sleep(0.02)
+    sent, since = -1, time.monotonic()
+    while time.monotonic() - since < 0.5 and time.monotonic() < deadline:
+        if server.stalled_sent != sent:
+            sent, since = server.stalled_sent, time.monotonic()
+        sampler.sample()
+        time.sleep(0.02)
+
+
+def open_active(port: int, selector: selectors.BaseSelector) -> None:
+    """One active client: says so and waits, non-blocking, for its bytes (their count in its key's data)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(ACTIVE)
+    sock.setblocking(False)
+    selector.register(sock, selectors.EVENT_READ, [0])
+
+
+def read_active(key: selectors.SelectorKey, selector: selectors.BaseSelector) -> bool:
+    """Read what an active client has; at EOF check it got every byte, close it, and say it is done."""
+    try:
+        data = key.fileobj.recv(262144)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as error:
+        raise BenchError(f"an active transfer failed after {key.data[0]} bytes: {error}") from None
+    if data:
+        key.data[0] += len(data)
+        return False
+    selector.unregister(key.fileobj)
+    key.fileobj.close()
+    if key.data[0] != SENT_TO[ACTIVE]:
+        raise BenchError(f"an active transfer got {key.data[0]} of {SENT_TO[ACTIVE]} bytes")
+    return True
+
+
+def transfer_active(port: int, count: int, sampler: PeakSampler | None, deadline: float) -> float:
+    """count active clients, ACTIVE_AT_ONCE at a time, each read to EOF; seconds for them all."""
+    started = time.perf_counter()
+    selector = selectors.DefaultSelector()
+    opened = done = 0
+    try:
+        while done < count:
+            while opened < count and len(selector.get_map()) < ACTIVE_AT_ONCE:
+                open_active(port, selector)
+                opened += 1
+            for key, _ in selector.select(0.05):
+                done += read_active(key, selector)
+            if sampler is not None:
+                sampler.sample()
+            if time.monotonic() > deadline:
+                raise BenchError(f"only {done} of {count} active transfers finished in time")
+    except OSError as error:
+        raise BenchError(f"active transfers: {error} after {done} of {count}") from None
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+    return time.perf_counter() - started
+
+
+def stall_once(ctx: Context, count: int) -> dict:
+    """A fresh chain: idle RSS, then count stalled clients held while count active ones transfer (the
+    peak), then all closed: RSS once fds and threads are back at the baseline."""
+    with Scope() as scope:
+        server = StallServer()
+        server.start()
+        scope.closers.append(server.stop)
+        (chain,) = start_chains(ctx, scope, server.port, ("qproxy",))
+        transfer_active(chain.port, ACTIVE_AT_ONCE, None, time.monotonic() + 30)  # warm-up
+        baseline = settled(chain.pids)
+        time.sleep(ctx.settings.settle)
+        idle = {role: proc_status(pid)["VmRSS"] for role, pid in chain.pids.items()}
+        sampler = PeakSampler(chain.pids)
+        stalled = open_stalled(chain.port, count, time.monotonic() + 60)
+        try:
+            wait_piled_up(server, count, sampler, time.monotonic() + 30)
+            seconds = transfer_active(chain.port, count, sampler, time.monotonic() + 120)
+            sampler.sample(force=True)
+        finally:
+            close_all(stalled)
+        released = wait_released(chain.pids, baseline)
+        time.sleep(ctx.settings.settle)
+        after = {role: proc_status(pid)["VmRSS"] for role, pid in chain.pids.items()}
+    result = {"seconds": seconds, "piled_up": server.stalled_sent / 2**20}
+    for role in chain.pids:
+        result[f"{role}_idle"] = idle[role] / 1024
+        result[f"{role}_peak"] = sampler.peak[role] / 1024
+        result[f"{role}_after"] = after[role] / 1024
+        result[f"{role}_released"] = released[role]
+    return result
+
+
+def run_stall(ctx: Context, scope: Scope) -> dict:
+    count = ctx.settings.conns
+    raise_fd_limit(count * 3)
+    runs = [stall_once(ctx, count) for _ in range(ctx.settings.runs)]
+    figures = {}
+    for role in ("host", "enclave"):
+        def values(key: str) -> list:
+            return [run[f"{role}_{key}"] for run in runs]
+
+        idle, after = values("idle"), values("after")
+        figures[f"stall_{role}_peak_rss"] = make_figure(
+            f"stall: {role} peak RSS", "MB", {"qproxy": values("peak")}, "< 80 MB",
+            lambda f: f["qproxy"]["max"] < 80)
+        figures[f"stall_{role}_after_rss"] = make_figure(
+            f"stall: {role} RSS after", "MB", {"qproxy": after}, "< idle + 5 MB",
+            lambda f, idle=idle, after=after: all(a < i + 5 for a, i in zip(after, idle)))
+        for key in ("peak_rss", "after_rss"):
+            figures[f"stall_{role}_{key}"]["idle"] = summary(idle)
+        figures[f"stall_{role}_after_rss"]["released"] = values("released")
+    figures["stall_seconds"] = make_figure(
+        f"stall: {count} x 256 KiB transfers", "s", {"qproxy": [run["seconds"] for run in runs]}, decimals=2)
+    figures["stall_seconds"]["piled_up_mib"] = [run["piled_up"] for run in runs]
     return figures
 
 
@@ -809,6 +1067,7 @@ RUNNERS: dict[str, Callable[[Context, Scope], dict]] = {
     "startup": run_startup,
     "idle": run_idle,
     "conns": run_conns,
+    "stall": run_stall,
     "throughput": run_throughput,
     "keepalive": run_keepalive,
     "churn": run_churn,
@@ -959,7 +1218,7 @@ def headline(meta: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs: under two minutes")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs: under three minutes")
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads to run (default: all of {','.join(WORKLOADS)})")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results ({DEFAULT_JSON})")
