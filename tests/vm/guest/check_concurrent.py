@@ -18,11 +18,10 @@ import itertools
 import os
 import random
 import re
-import socket
 import threading
 import time
 
-from vmcheck import Box, Enclave, expect, main, recv_all, toml_config, wait_for
+from vmcheck import Box, Enclave, exchange, expect, main, toml_config, wait_for
 
 CONNECTIONS = 50
 SIZE = 1024 * 1024
@@ -39,18 +38,6 @@ def digest(data) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def exchange(sock, payload):
-    """Send payload and read the peer's data at the same time; return what was read."""
-    def send():
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    got = recv_all(sock, TIMEOUT)
-    sender.join(TIMEOUT)
-    return got
-
-
 class Service:
     def __init__(self, first_payload: int):
         self.records = {}  # token -> (hash of what the service received, hash of what it sent)
@@ -61,7 +48,7 @@ class Service:
         conn.settimeout(TIMEOUT)
         with self.lock:
             data = payload(next(self.payloads))
-        got = exchange(conn, data)
+        got = exchange(conn, data, TIMEOUT)
         with self.lock:
             self.records[bytes(got[:16])] = (digest(got), digest(data))
 
@@ -73,7 +60,7 @@ def run_path(box, port, enclave, service, path, first_payload):
         try:
             data = payload(first_payload + index)
             sock = box.connect(port, enclave, TIMEOUT)
-            got = exchange(sock, data)
+            got = exchange(sock, data, TIMEOUT)
             sock.close()
             token = bytes(data[:16])
             wait_for(lambda: token in service.records, f"the service's record of connection {index}")

@@ -85,6 +85,18 @@ def recv_all(sock: socket.socket, timeout: float = DEADLINE) -> bytes:
             raise Failed(f"no EOF within {timeout:.0f} s")
 
 
+def exchange(sock: socket.socket, payload: bytes, timeout: float = DEADLINE) -> bytes:
+    """Send payload (then end the sending side) while reading the peer's data to EOF; return what was read."""
+    def send():
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    got = recv_all(sock, timeout)
+    sender.join(timeout)
+    return got
+
+
 def read_to_end(sock: socket.socket, timeout: float = DEADLINE) -> tuple[bytes, str]:
     """Read until the peer ends the stream: the bytes, and "EOF" or "reset" for how it ended."""
     data = bytearray()
