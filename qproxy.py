@@ -116,7 +116,7 @@ GRACE_PERIOD = 5.0  # seconds the connections accepted before SIGTERM may finish
 BUFFER_SIZE = 256 * 1024  # one read's worth of bytes, held only while its destination lags
 SPARE_BUFFERS = 4  # freed buffers kept for reuse; the rest go back to the system
 LISTEN_BACKLOG = 1024
-WAITING_PER_LISTENER = 128  # accepted connections one listener holds while they wait for room; more wait in its backlog
+WAITING_PER_LISTENER = LISTEN_BACKLOG  # accepted connections one listener holds while they wait for room
 ACCEPTS_PER_TURN = 64  # connections one listener accepts before the accept loop turns to the others
 SHORTAGE_RETRY = 1.0  # seconds after which a half that ran out of descriptors or threads tries again
 DESCRIPTOR_RESERVE = 16  # descriptors kept free of connections: for the control link, DNS, the log
@@ -799,6 +799,10 @@ class Listener:
         self.peer_cid = peer_cid  # on AF_VSOCK, the one CID whose connections are accepted
         self.open = self.waiting = 0
         self.label = f"{route.listen} ([limits] connections_per_listener)" if route else "the control port"
+        # An emulated vsock port's socket file, and which file it is: removed by hand and made anew by
+        # another half meanwhile, the path is that half's, and its file must stay.
+        self.path = sock.getsockname() if sock.family == socket.AF_UNIX else None
+        self.file = file_identity(self.path) if self.path else None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -824,11 +828,15 @@ class Listener:
         return self.sock.family != getattr(socket, "AF_VSOCK", None) or address[0] == self.peer_cid
 
     def close(self) -> None:
-        path = self.sock.getsockname() if self.sock.family == socket.AF_UNIX else None  # an emulated vsock port's
         self.sock.close()
-        if path:
-            with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile: nothing left to clean
-                os.unlink(path)
+        with contextlib.suppress(OSError):  # removed or replaced meanwhile: nothing of ours left to clean
+            if self.path and file_identity(self.path) == self.file:
+                os.unlink(self.path)
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def open_listener(endpoint: Endpoint, vsock: Vsock) -> socket.socket:
@@ -1128,12 +1136,18 @@ class Relayer:
         self.reactor = Reactor(limits.idle_timeout, limits.buffer_memory * 1024 * 1024, admission.release)
 
     def serve(self, connection: Connection) -> None:
+        """Whatever goes wrong ends this connection only: its client is reset, its room freed."""
         target = connection.listener.route.target
         log.info("conn %d opened: %s", connection.conn_id, connection.path)
         try:
             if connection.client.family != socket.AF_UNIX and connection.listener.route.listen.kind == "tcp":
                 connection.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             far = self.dialer.connect(target)
+            try:
+                connection.relay(far)
+            except BaseException:
+                far.close()
+                raise
         except OSError as error:
             if error.errno in OUT_OF_RESOURCES:  # not the target's fault: wait for a descriptor
                 throttled.warning("short", "conn %d: cannot dial %s: %s; connections wait until one ends",
@@ -1144,10 +1158,9 @@ class Relayer:
             self.give_up(connection)
             return
         except Exception:  # a bug: this connection ends, the half goes on
-            log.error("conn %d: unexpected error while dialing %s", connection.conn_id, target, exc_info=True)
+            log.error("conn %d: unexpected error while setting it up", connection.conn_id, exc_info=True)
             self.give_up(connection)
             return
-        connection.relay(far)
         self.reactor.add(connection)
 
     def give_up(self, connection: Connection) -> None:
@@ -1330,8 +1343,14 @@ def stopped_reading(sock: socket.socket) -> bool:
     return False
 
 
-class FarSideRefused(Exception):
-    """The far side closed before sending anything while the client was still talking."""
+class Closed(Exception):
+    """A side closed, not only ended its sending side, while this half could still send to it: the
+    connection is broken, as a reset would say on TCP.  refused: the far side closed before sending
+    a byte, which is how the other half says that it could not reach its target."""
+
+    def __init__(self, side: str, refused: bool):
+        super().__init__(f"the {side} closed while the other way was open")
+        self.refused = refused
 
 
 class Cut(Exception):
@@ -1368,24 +1387,26 @@ class Connection:
     def step(self, sock: socket.socket, events: int, buffers: Buffers) -> bool:
         """Move what sock's readiness allows; True once both directions have ended.
 
-        Raises OSError when either socket fails and FarSideRefused when the far
-        side hung up at once; the reactor then resets the connection.
+        Raises OSError when either socket fails and Closed when a side closed
+        while the other direction still goes to it; the reactor then resets the
+        connection.  A side that only shut its sending side is a half-close:
+        the other direction goes on.
         """
         for flow in (self.up, self.down):
             wait = flow.wanted()
             if wait and wait[0] is sock and events & wait[1]:
                 flow.pump(buffers)
-        # A far side that only shut its sending side is a half-close like any other: the upload goes on.
-        if self.down.eof and not self.down.total and not self.up.eof and stopped_reading(self.far):
-            raise FarSideRefused()  # before its EOF could reach the client as an orderly end
-        for flow in (self.up, self.down):
+        for flow, back in ((self.up, self.down), (self.down, self.up)):
             if flow.eof and not flow.done:
+                if not back.done and stopped_reading(flow.src):  # before its EOF could pass for an orderly end
+                    far = flow is self.down
+                    raise Closed("far side" if far else "client", refused=far and not flow.total)
                 flow.pass_eof()
         return self.up.done and self.down.done
 
     def close(self, error: BaseException | None = None) -> None:
         """Close both sockets (resetting a TCP client after an error) and log the outcome."""
-        if isinstance(error, FarSideRefused):
+        if isinstance(error, Closed) and error.refused:
             outcome = f"refused by {self.listener.route.target} (the far side closed at once)"
             reset(self.client)
         elif error is not None:
@@ -1473,8 +1494,8 @@ class Reactor(threading.Thread):
                     self.finish(connection)
                 else:
                     self.watch(connection)
-            except Exception as error:  # OSError and FarSideRefused; anything else is a bug, logged
-                if not isinstance(error, (OSError, FarSideRefused)):
+            except Exception as error:  # OSError and Closed; anything else is a bug, logged
+                if not isinstance(error, (OSError, Closed)):
                     log.error("conn %d: unexpected error", connection.conn_id, exc_info=True)
                 self.finish(connection, error)
         return now
@@ -2252,7 +2273,6 @@ class Half:
     def run(self, status: str = "") -> int:
         """Accept on every listener until SIGTERM or SIGINT; then let every connection accepted so far
         finish within the grace period, and cut what is left.  status goes to systemd with READY=1."""
-        self.budget_descriptors()
         log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
         notify_systemd("READY=1" + (f"\nSTATUS={status}" if status else ""))
         try:
@@ -2279,7 +2299,8 @@ class Half:
         return EXIT_OK
 
     def budget_descriptors(self) -> None:
-        """Give connections the descriptors the open-files limit leaves, less what the half holds and a reserve."""
+        """Give connections the descriptors the open-files limit leaves, less what the half holds (its
+        listeners open) and a reserve.  StartError when that is not even one connection."""
         try:
             import resource
         except ImportError:
@@ -2290,6 +2311,10 @@ class Half:
         with socket.socket() as probe:  # the lowest free descriptor: those below it are all taken
             held = probe.fileno()
         connections = self.admission.budget(limit - held - DESCRIPTOR_RESERVE)
+        if connections < 1:
+            raise StartError(f"the open-files limit ({limit}) leaves no descriptors for a connection: this half"
+                             f" holds {held} and keeps {DESCRIPTOR_RESERVE} in reserve; raise it (ulimit -n,"
+                             " LimitNOFILE=)")
         log.info("the open-files limit (%d) lets this half hold %d connections at once", limit, connections)
 
     def serve(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
@@ -2357,9 +2382,11 @@ class Half:
             self.admission.ends_wanted = True
 
     def may_accept(self, listener: Listener) -> bool:
+        if self.admission.short_of:
+            return False
         if listener.route is None:
             return True  # the control port bounds itself
-        if self.admission.short_of or listener.waiting >= WAITING_PER_LISTENER:
+        if listener.waiting >= WAITING_PER_LISTENER:
             return False
         if not self.admission.room_for_another():
             throttled.warning("descriptors", "the open-files limit is reached (%d connections held);"
@@ -2387,6 +2414,7 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
         for route in host_routes(config, str(args.cid)):
             half.add_route(route)
         half.listen(Endpoint("vsock", "", args.control_port), None, ControlServer(config, enclave_log).serve)
+        half.budget_descriptors()
     except StartError:
         half.close_listeners()  # all or nothing: leave no socket file behind
         raise
@@ -2415,6 +2443,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, outbox: 
     try:
         for route in enclave_routes(config, str(args.parent_cid)):
             half.add_route(route)
+        half.budget_descriptors()
     except StartError:
         half.close_listeners()
         raise

@@ -413,7 +413,7 @@ def test_buffer_memory_bounds_each_half_while_300_clients_stall_and_comes_back(m
 DRAIN_DOWNLOAD = os.urandom(60_000)
 
 
-@pytest.mark.parametrize("removed", ["socket-file", "folder"])
+@pytest.mark.parametrize("removed", ["socket-file", "folder", "folder-replaced-by-a-file"])
 @pytest.mark.parametrize("role", ["enclave", "host"])
 def test_a_removed_socket_file_or_folder_still_lets_sigterm_drain(proxy, role, removed):
     """The enclave half listens on vsock 9000 (inbound), the host half on vsock 7000 (outbound)."""
@@ -430,6 +430,8 @@ def test_a_removed_socket_file_or_folder_still_lets_sigterm_drain(proxy, role, r
                 os.unlink(proxy.vsock_dir / str(vsock_port))
             else:
                 shutil.rmtree(proxy.vsock_dir)
+                if removed == "folder-replaced-by-a-file":
+                    proxy.vsock_dir.write_text("not a folder")
             half.process.send_signal(signal.SIGTERM)
             half.wait_log("SIGTERM: stopping")
             rest, how = ending(sock)
@@ -486,3 +488,79 @@ def test_a_lock_file_that_is_a_folder_is_a_one_line_error_and_removes_the_enclav
     (proxy.vsock_dir / "9001.lock").mkdir(parents=True)
     assert_one_line_error(run_half(proxy, "enclave", proxy.vsock_dir))
     assert not (proxy.vsock_dir / "9000").exists(), "the socket file of a listener opened earlier was left behind"
+
+
+def test_a_stopping_half_leaves_the_socket_file_of_the_half_that_took_its_place(proxy, echo_loop):
+    """The emulation folder removed (a cleaner of /tmp), a new enclave half started on it: when the
+    old one stops, the new one's socket file stays, and the host half still reaches it."""
+    port = free_port()
+    host, old = start_connected(proxy, inbound(port, echo_loop.port))
+    shutil.rmtree(proxy.vsock_dir)
+    proxy.vsock_dir.mkdir()
+    new = proxy.start("enclave")
+    assert old.stop() == 0
+    assert (proxy.vsock_dir / "9000").exists(), "the stopping half removed its successor's socket file"
+    assert exchange(port, b"through the new half") == b"through the new half"
+    assert new.process.poll() is None and host.process.poll() is None
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
+@pytest.mark.parametrize("role", ["host", "enclave"])
+def test_an_open_files_limit_that_leaves_no_connection_is_a_one_line_error(proxy, role):
+    port = free_port()
+    proxy.write_config(inbound(port, free_port()))
+    command = ["prlimit", "--nofile=20:20", sys.executable, str(QPROXY), role, "--config", str(proxy.config)]
+    env = proxy.env()
+    env.pop("RUST_LOG")
+    result = subprocess.run(command + (["4"] if role == "host" else []), env=env, capture_output=True,
+                            text=True, timeout=DEADLINE)
+    assert_one_line_error(result)
+    assert "the open-files limit (20) leaves no descriptors for a connection" in result.stderr
+    if role == "host":
+        assert refused(port)
+
+
+@pytest.mark.parametrize("cut_by", ["host", "enclave"])
+def test_an_idle_cut_resets_the_tcp_peers_of_both_halves(proxy, cut_by):
+    """Only one half has idle_timeout: it resets its own TCP peer, and the other half, finding the
+    vsock connection closed while it could still send, resets its own."""
+    accepted = []
+    got = threading.Event()
+
+    def service(sock: socket.socket) -> None:
+        sock.sendall(b"hi")  # bytes have moved: an end now is no refusal
+        accepted.append(ending(sock))  # the service's view of how the connection ends
+        got.set()
+
+    server = ThreadedServer(service)
+    port = free_port()
+    config = inbound(port, server.port)
+    cutter_config = config + "[limits]\nidle_timeout = 1\n"
+    try:
+        for role in ("enclave", "host"):  # the file each half reads is the one written just before it starts
+            proxy.write_config(cutter_config if role == cut_by else config)
+            proxy.start(role)
+        with connect(port) as sock:
+            assert recv_exactly(sock, 2) == b"hi"
+            assert ending(sock) == (b"", "reset")
+        assert got.wait(DEADLINE), "the service never saw its connection end"
+        assert accepted == [(b"", "reset")], "the service saw an orderly end of a cut connection"
+    finally:
+        server.stop()
+
+
+def test_an_unexpected_error_setting_up_one_connection_ends_only_that_one(proxy, echo_loop, tmp_path):
+    """A bug after the dial (injected into Connection.relay, once) resets that client and logs an ERROR; the half goes on."""
+    port = free_port()
+    proxy.write_config(inbound(port, echo_loop.port))
+    proxy.start("enclave")
+    code = LAUNCHER.format(target="Connection.relay", mode="after", marker=str(tmp_path / "armed"))
+    once = code.replace("raise RuntimeError(", "os.unlink(marker); raise RuntimeError(")
+    host = proxy.start("host", wrapper=[sys.executable, "-c", once])
+    (tmp_path / "armed").touch()
+    with connect(port) as sock:
+        sock.sendall(b"first")
+        assert ending(sock) == (b"", "reset")
+    host.wait_log(r"ERROR qproxy::host conn 1: unexpected error while setting it up")
+    assert exchange(port, b"second") == b"second"
+    assert host.process.poll() is None

@@ -2,15 +2,16 @@
 """A half killed (SIGKILL) in the middle of a transfer over real vsock: the far end sees the end, the other half lives on.
 
 Inbound: a service in the enclave streams to a client of the host half; once
-the bytes flow, the enclave half is killed.  The client sees the stream end
-with an orderly EOF, not a reset: a dead process's vsock sockets end as closed
-ones do (vsock has no reset a peer can tell apart), and the host half passes
-that end on.  The host half stays up, logs the control disconnect, gets its
+the bytes flow, the enclave half is killed.  The client sees a reset, not an
+orderly EOF that would pass a cut stream for a whole one: the dead process's
+vsock socket closed while the host half's direction towards it (the client's
+side, which never ended) was still open, and a zero-length send tells the host
+half so.  The host half stays up, logs the control disconnect, gets its
 descriptors back once the client has gone, and a new enclave half serves the
 next connections.
 
 Outbound: a server outside streams to an app in the enclave; the host half is
-killed.  The app sees EOF as well; the enclave half stays up, logs that the
+killed.  The app sees a reset as well; the enclave half stays up, logs that the
 host half went away, gets its descriptors back, reconnects its control
 connection when a new host half starts, and outbound works again.
 """
@@ -67,7 +68,7 @@ def check(box: Box) -> None:
 
     # The enclave half dies mid-stream; the host half carries on.
     how = killed_mid_stream(box, 5050, None, guest, "inbound, enclave half killed")
-    expect(how == "EOF", f"inbound: the client saw {how} when the enclave half was killed, not the EOF expected")
+    expect(how == "reset", f"inbound: the client saw {how} when the enclave half was killed, not a reset")
     host.wait_log(r"control: the enclave half \(vsock 1:\d+\) disconnected")
     box.note(f"host half: {ended_in_log(host, 9995, 2)}")
     guest = box.enclave_half(config, enclave)
@@ -82,7 +83,7 @@ def check(box: Box) -> None:
     guest_fds = len(guest.fds())
     how = killed_mid_stream(box, 8443, enclave, host, "outbound, host half killed")
     host = box.host_half(config)  # at once: the enclave half's redials back off, up to 5 s apart
-    expect(how == "EOF", f"outbound: the app saw {how} when the host half was killed, not the EOF expected")
+    expect(how == "reset", f"outbound: the app saw {how} when the host half was killed, not a reset")
     guest.wait_log(r"control: the host half went away")
     box.note(f"enclave half: {ended_in_log(guest, 7777, 2)}")
     host.wait_log(r"control: enclave half connected")  # the only enclave half there is: it dialed again
