@@ -80,6 +80,8 @@ class LogLocation(TypedDict, total=False):
     host_log_dir: str
     enclave_log_dir: str
     forward_enclave_log: bool  # extension
+    log_max_size: int  # extension; MiB
+    log_backups: int  # extension
 
 
 class Limits(TypedDict, total=False):

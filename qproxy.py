@@ -58,6 +58,10 @@ Design, in the order the data meets it:
   heartbeats and log when the other falls silent, and the enclave half sends
   its log records, which the host half writes next to its own log: an
   operator with only the parent VM reads both.  The data path never needs it.
+* Logging.  No thread that accepts or relays waits on a log write: records
+  go through a bounded queue to one writer thread, and are dropped and
+  counted when it cannot keep up.  Files rotate at a size; SIGHUP reopens
+  them for logrotate, and on the host half reloads the entries.
 * Lifecycle.  SIGTERM or SIGINT closes the listeners, lets every connection
   accepted so far finish for a grace period, then cuts what is left and exits
   0; every cut resets the TCP peers it can.  Exit 1 means the process could
@@ -79,6 +83,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import logging.handlers
 import math
 import mmap
 import os
@@ -120,6 +125,9 @@ WAITING_PER_LISTENER = LISTEN_BACKLOG  # accepted connections one listener holds
 ACCEPTS_PER_TURN = 64  # connections one listener accepts before the accept loop turns to the others
 SHORTAGE_RETRY = 1.0  # seconds after which a half that ran out of descriptors or threads tries again
 DESCRIPTOR_RESERVE = 16  # descriptors kept free of connections: for the control link, DNS, the log
+# SIGQUIT stops as gracefully as SIGTERM, as nginx's does; the user signals, which would kill, do nothing.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 log = logging.getLogger("qproxy")
 
@@ -249,6 +257,20 @@ TABLES = {
                 default=True,
                 extension=True,
             ),
+            "log_max_size": Field(
+                "mebibytes",
+                "MiB a log file may reach before it is rotated (renamed to NAME.1, the older ones to NAME.2 and"
+                " on), each half's and the host half's copy of the enclave's.",
+                default=8,
+                extension=True,
+            ),
+            "log_backups": Field(
+                "count",
+                "Rotated log files kept next to each log; the oldest beyond them is removed. 0: qproxy never"
+                " rotates, and the log grows until something else (logrotate) acts.",
+                default=2,
+                extension=True,
+            ),
         },
     ),
     "limits": Table(
@@ -298,7 +320,8 @@ TABLES = {
 Inbound = collections.namedtuple("Inbound", "host_port enclave_port vsock_port bind_address")
 Outbound = collections.namedtuple("Outbound", "hostname vsock_port tcp_port enclave_port")
 LogLocation = collections.namedtuple(
-    "LogLocation", "host_log enclave_log log_level host_log_dir enclave_log_dir forward_enclave_log"
+    "LogLocation",
+    "host_log enclave_log log_level host_log_dir enclave_log_dir forward_enclave_log log_max_size log_backups",
 )
 Limits = collections.namedtuple(
     "Limits", "connections_per_listener connect_timeout idle_timeout queue_timeout buffer_memory"
@@ -539,8 +562,14 @@ def level_from_rust_log(value: str) -> str:
     return chosen[1] if chosen else "warn"
 
 
-def setup_logging(role: str, config: Config, environ: dict) -> None:
-    """Send records to the configured file, or to stderr when there is none or it cannot be written."""
+LOG_QUEUE = 10_000  # records waiting for the log writer; more are dropped and counted
+LOG_DRAIN = 1.0  # seconds a stopping half gives the log writer to write what waits
+LOG_ERROR_REPORT = 60.0  # seconds between the lines on stderr that say a log cannot be written
+
+
+def setup_logging(role: str, config: Config, environ: dict) -> LogWriter:
+    """Send records to the configured file, or to stderr when there is none or it cannot be written,
+    through a bounded queue and one writer thread; the host half also writes the enclave's copy."""
     if environ.get("RUST_LOG", "").strip():
         level = level_from_rust_log(environ["RUST_LOG"])
     elif config.log_location:
@@ -549,9 +578,22 @@ def setup_logging(role: str, config: Config, environ: dict) -> None:
         level = "warn"
     logging.addLevelName(TRACE, "TRACE")
     logging.addLevelName(logging.WARNING, "WARN")
-    log.handlers[:] = [log_handler(role, log_path(config, role, role))]
+    own = log_handler(log_path(config, role, role), config.log_location)
+    own.setFormatter(UTCFormatter(f"%(asctime)s %(levelname)-5s qproxy::{role} %(message)s"))
+    own.addFilter(lambda record: record.name == log.name)
+    handlers = [own]
+    if role == "host":  # the enclave half's records, sent over the control connection, land next to its own
+        copy = log_handler(log_path(config, "host", "enclave"), config.log_location)
+        copy.setFormatter(logging.Formatter("%(enclave_time)s %(levelname)-5s qproxy::enclave %(message)s"))
+        copy.addFilter(logging.Filter(EnclaveLog.NAME))
+        handlers.append(copy)
+    source = LogQueue()
+    writer = LogWriter(source, *handlers)
+    writer.start()
+    log.handlers[:] = [source]
     log.setLevel(LEVEL_NUMBERS[level])
     log.propagate = False
+    return writer
 
 
 def log_path(config: Config, folder_of: str, file_of: str) -> str | None:
@@ -562,18 +604,159 @@ def log_path(config: Config, folder_of: str, file_of: str) -> str | None:
     return os.path.join(getattr(where, f"{folder_of}_log_dir"), getattr(where, f"{file_of}_log"))
 
 
-def log_handler(role: str, path: str | None) -> logging.Handler:
-    """A handler writing role's records to the file at path, or to stderr when there is none or it cannot be written."""
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+def log_handler(path: str | None, where: LogLocation | None) -> logging.Handler:
+    """A handler writing to the file at path, or to stderr when there is none or it cannot be written."""
     if path:
         try:
             os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
-            handler = logging.FileHandler(path, encoding="utf-8")
+            return LogFile(path, where.log_max_size * 1024 * 1024, where.log_backups)
         except OSError as error:
             print(f"qproxy: cannot write the log file {path} ({error.strerror}); logging to stderr", file=sys.stderr)
-    handler.setFormatter(UTCFormatter(f"%(asctime)s %(levelname)-5s qproxy::{role} %(message)s"))
-    return handler
+    return LogStream(sys.stderr)
+
+
+class LogQueue(logging.handlers.QueueHandler):
+    """Where every thread's records go: a bounded queue, which no thread ever waits on.
+
+    When the writer cannot keep up (a pipe nobody reads, a frozen
+    filesystem), records are dropped and counted; the writer reports the count
+    once it writes again.  Formatting (the message, a traceback) is done here,
+    in the thread that logs, as QueueHandler.prepare does.
+    """
+
+    def __init__(self):
+        super().__init__(queue.Queue(LOG_QUEUE))
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:  # logging holds self.lock here
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def take_dropped(self) -> int:
+        with self.lock:
+            dropped, self.dropped = self.dropped, 0
+        return dropped
+
+
+class LogWriter(logging.handlers.QueueListener):
+    """The one thread that writes log records, so that only it can wait on a write.
+
+    It reports what the queue dropped before the next record it writes, and
+    reopens the log files when asked (SIGHUP, after logrotate), between two
+    records.  finish() lets it write what waits, for at most LOG_DRAIN.
+    """
+
+    def __init__(self, source: LogQueue, *handlers: logging.Handler):
+        super().__init__(source.queue, *handlers, respect_handler_level=True)
+        self.source = source
+        self.reopening = False
+
+    WAKE = "reopen"  # queued by reopen(), so that it happens even when nothing else is logged
+
+    def handle(self, record: logging.LogRecord) -> None:
+        if self.reopening:
+            self.reopening = False
+            for handler in self.handlers:
+                if isinstance(handler, LogFile):
+                    handler.reopen()
+        if record is self.WAKE:
+            return
+        dropped = self.source.take_dropped()
+        if dropped:
+            super().handle(log.makeRecord(log.name, logging.WARNING, "", 0, "%d log records were dropped: the log"
+                                          " could not be written as fast as they came", (dropped,), None))
+        super().handle(record)
+
+    def reopen(self) -> None:
+        """Have the log files reopened before the next record is written (from any thread, a signal handler too)."""
+        self.reopening = True
+        with contextlib.suppress(queue.Full):  # then the next record that fits does it
+            self.queue.put_nowait(self.WAKE)
+        log.info("SIGHUP: reopening the log files")
+
+    def flush(self, timeout: float = LOG_DRAIN) -> bool:
+        """Wait up to timeout for the writer to write what waits (from any thread); whether it did."""
+        end = time.monotonic() + timeout
+        while self.queue.unfinished_tasks:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def drain(self) -> bool:
+        """flush(), and stop the writer when that worked; False when it did not."""
+        if not self.flush():
+            return False
+        self.stop()
+        return True
+
+    def finish(self, code: int) -> int:
+        """drain(), then return code; when the log blocks, exit with code at once, since the
+        interpreter's own exit would wait on the log for ever."""
+        if not self.drain():
+            os._exit(code)
+        return code
+
+
+class ReportsFailures:
+    """For the log's handlers: a write that fails (a full disk, a closed stderr) costs one line on
+    stderr every LOG_ERROR_REPORT, never a traceback a record; once writes go through again,
+    the number of records lost meanwhile is written first."""
+
+    lost = 0
+    reported = -math.inf
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lost = self.lost
+        super().emit(record)
+        if lost and self.lost == lost:  # this one went through, after some that did not
+            self.lost = 0
+            super().emit(log.makeRecord(log.name, logging.WARNING, "", 0, "%d log records were lost while the"
+                                        " log could not be written", (lost,), None))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.lost += 1
+        now = time.monotonic()
+        if now - self.reported < LOG_ERROR_REPORT:
+            return
+        self.reported = now
+        where = getattr(self, "baseFilename", "stderr")
+        try:
+            sys.stderr.write(f"qproxy: cannot write the log to {where} ({reason(sys.exc_info()[1])}); records are"
+                             " lost until it can be written again\n")
+            sys.stderr.flush()
+        except Exception:
+            pass  # stderr is what failed
+
+
+class LogStream(ReportsFailures, logging.StreamHandler):
+    """Writes records to stderr."""
+
+
+class LogFile(ReportsFailures, logging.handlers.RotatingFileHandler):
+    """A log file (mode 0640) with a size ceiling: past max_size it is renamed name.1, the older
+    ones shift up, and the one past backups is removed (backups 0: it is never rotated here).
+    reopen() writes to whatever file the path names now, so that logrotate works too, renaming
+    or truncating it."""
+
+    def __init__(self, path: str, max_size: int, backups: int):
+        super().__init__(path, maxBytes=max_size if backups else 0, backupCount=backups, encoding="utf-8")
+
+    def _open(self):  # logging's hook for opening the file, also after a rotation
+        return os.fdopen(os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640), "a",
+                         encoding=self.encoding)
+
+    def reopen(self) -> None:
+        with self.lock:
+            try:
+                if self.stream:
+                    self.stream.close()
+                self.stream = self._open()
+            except OSError:
+                self.stream = None  # opened again at the next record, or reported then
+                self.handleError(None)
 
 
 class UTCFormatter(logging.Formatter):
@@ -618,7 +801,7 @@ class Vsock:
 
     def __init__(self, emulation_dir: str | None):
         self.emulation_dir = emulation_dir
-        self.locks: list = []  # open lock files, held until the process exits
+        self.locks: dict[str, object] = {}  # socket file path -> its open lock file, held while it listens
 
     @property
     def family(self) -> int:
@@ -665,10 +848,16 @@ class Vsock:
         except BlockingIOError:
             lock.close()
             raise StartError(f"vsock port {port} is already in use (emulated at {path})") from None
-        self.locks.append(lock)
+        self.locks[path] = lock
         if os.path.exists(path):
             os.unlink(path)  # left by a process that died: its lock died with it
         return path
+
+    def release(self, path: str) -> None:
+        """An emulated port's listener closed: let another listener (a reload's, another half's) take it."""
+        lock = self.locks.pop(path, None)
+        if lock:
+            lock.close()
 
     def connect(self, cid: int, port: int, timeout: float | None) -> socket.socket:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
@@ -758,17 +947,29 @@ class Throttle:
         self.last: dict[str, float] = {}
         self.held: collections.Counter = collections.Counter()
 
-    def warning(self, key: str, message: str, *args: object) -> None:
+    def due(self, key: str) -> int | None:
+        """How many times key was held back since its last report, or None (and counted) while that is recent."""
         now = time.monotonic()
         with self.lock:
             if key in self.last and now - self.last[key] < self.INTERVAL:
                 self.held[key] += 1
-                return
+                return None
             self.last[key] = now
-            held = self.held.pop(key, 0)
-        if held:
-            message += f" ({held} more since the last report)"
-        log.warning(message, *args)
+            return self.held.pop(key, 0)
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        """A warning now and then; those held back in between are counted in the next."""
+        held = self.due(key)
+        if held is not None:
+            log.warning(message + (f" ({held} more since the last report)" if held else ""), *args)
+
+    def warning_or_info(self, key: str, message: str, *args: object) -> None:
+        """For what happens to one connection: a warning now and then, an info line in between."""
+        held = self.due(key)
+        if held is None:
+            log.info(message, *args)
+        else:
+            log.warning(message + (f" ({held} more since the last report)" if held else ""), *args)
 
 
 throttled = Throttle()
@@ -1154,7 +1355,8 @@ class Relayer:
                                   connection.conn_id, target, reason(error))
                 self.admission.requeue(connection, "descriptors")
                 return
-            log.warning("conn %d: cannot reach %s: %s; resetting the client", connection.conn_id, target, reason(error))
+            throttled.warning_or_info(f"reach {target}", "conn %d: cannot reach %s: %s; resetting the client",
+                                      connection.conn_id, target, reason(error))
             self.give_up(connection)
             return
         except Exception:  # a bug: this connection ends, the half goes on
@@ -1920,9 +2122,10 @@ class EnclaveLog:
               "TRACE": TRACE}
     TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 
+    NAME = "qproxy.enclave"  # the logger name of its records, which setup_logging's handlers tell apart
+
     def __init__(self, handler: logging.Handler):
-        self.handler = handler
-        handler.setFormatter(logging.Formatter("%(enclave_time)s %(levelname)-5s qproxy::enclave %(message)s"))
+        self.handler = handler  # the half's LogQueue
 
     def write(self, message: dict) -> bool:
         """Write one log message; False when it is not a well-formed one."""
@@ -1930,8 +2133,7 @@ class EnclaveLog:
         if not (isinstance(level, str) and level in self.LEVELS and isinstance(text, str)
                 and isinstance(when, str) and self.TIME.fullmatch(when)):
             return False
-        record = logging.LogRecord("qproxy.enclave", self.LEVELS[level], "", 0, one_line(text[:LOG_MESSAGE_MAX]),
-                                   None, None)
+        record = logging.LogRecord(self.NAME, self.LEVELS[level], "", 0, one_line(text[:LOG_MESSAGE_MAX]), None, None)
         record.enclave_time = when
         self.handler.handle(record)
         return True
@@ -2211,8 +2413,12 @@ class Half:
     cost the loop nothing.
     """
 
-    def __init__(self, role: str, vsock: Vsock, family: int, max_connections: int, limits: Limits, peer_cid: int):
+    def __init__(self, role: str, vsock: Vsock, family: int, max_connections: int, limits: Limits, peer_cid: int,
+                 logs: LogWriter):
         self.role = role
+        self.logs = logs
+        self.reload: Callable[[], None] | None = None  # what SIGHUP does besides reopening the logs
+        self.reloading = False  # SIGHUP came: the accept loop reloads at its next turn
         self.vsock = vsock
         self.limits = limits
         self.peer_cid = peer_cid  # the only CID whose vsock connections this half accepts
@@ -2228,19 +2434,29 @@ class Half:
         threading.excepthook = lambda hook: self.fail(f"the {hook.thread.name if hook.thread else 'a'} thread",
                                                       (hook.exc_type, hook.exc_value, hook.exc_traceback))
         self.relayer.reactor.start()
-        # From here on a signal stops the half, even one that arrives while it is still starting.
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
+        # From here on a signal stops the half, even one that arrives while it is still starting;
+        # none that a person or a tool is likely to send ends it without its grace period.
+        for number in STOP_SIGNALS:
+            signal.signal(number, self.on_stop_signal)
+        signal.signal(signal.SIGHUP, self.on_sighup)
+        for number in IGNORED_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
         signal.set_wakeup_fd(self.admission.wakeup.writer.fileno(), warn_on_full_buffer=False)
 
-    def on_signal(self, number: int, frame: object) -> None:
+    def on_stop_signal(self, number: int, frame: object) -> None:
         """The first signal drains; a second one exits at once, resetting every connection left."""
         if self.stopping.is_set():
             log.warning("second signal: exiting now")
             self.admission.abort()
+            self.logs.flush(LOG_DRAIN / 4)
             os._exit(EXIT_OK)
-        log.warning("%s: stopping", signal.Signals(number).name)
+        log.info("%s: stopping", signal.Signals(number).name)
         self.stopping.set()
+
+    def on_sighup(self, number: int, frame: object) -> None:
+        """Reopen the log files (after logrotate), and reload what can be (the host half's entries)."""
+        self.logs.reopen()
+        self.reloading = self.reload is not None
 
     def fail(self, what: str, exc_info: object = True) -> None:
         """An unexpected error where the half cannot go on without: say so, reset what is open, exit."""
@@ -2249,6 +2465,7 @@ class Half:
                          what, EXIT_FAILED, exc_info=exc_info)
         finally:
             self.admission.abort()
+            self.logs.flush()
             os._exit(EXIT_FAILED)
 
     def listen(self, endpoint: Endpoint, route: Route | None, serve: Callable | None = None) -> None:
@@ -2263,12 +2480,45 @@ class Half:
         log.info("listening on %s -> %s", route.listen, route.target)
 
     def close_listeners(self) -> None:
-        for listener in self.listeners:
-            if listener not in self.paused:
-                self.selector.unregister(listener)
-            listener.close()
-        self.listeners.clear()
-        self.paused.clear()
+        for listener in list(self.listeners):
+            self.close_listener(listener)
+
+    def close_listener(self, listener: Listener) -> None:
+        """Stop listening; the connections it accepted go on."""
+        self.listeners.remove(listener)
+        if listener in self.paused:
+            self.paused.discard(listener)
+        else:
+            self.selector.unregister(listener)
+        listener.close()
+        if listener.path:
+            self.vsock.release(listener.path)
+
+    def apply_routes(self, routes: list[Route]) -> str:
+        """Listen for routes from now on (a reload): a new listener opens, one no longer wanted closes while
+        the connections it accepted finish, and a changed target takes the connections accepted from now on.
+        Returns what changed, in a few words."""
+        current = {listener.route.listen: listener for listener in self.listeners if listener.route}
+        wanted = {route.listen: route for route in routes}
+        changes = collections.Counter()
+        for listen, listener in current.items():
+            if listen not in wanted:
+                self.close_listener(listener)
+                log.info("reload: no longer listening on %s", listen)
+                changes["removed"] += 1
+            elif wanted[listen] != listener.route:
+                listener.route = wanted[listen]
+                log.info("reload: %s -> %s from now on", listen, listener.route.target)
+                changes["changed"] += 1
+        for listen, route in wanted.items():
+            if listen not in current:
+                try:
+                    self.add_route(route)
+                    changes["added"] += 1
+                except StartError as error:
+                    log.error("reload: %s", error)
+                    changes["could not listen"] += 1
+        return ", ".join(f"{count} {what}" for what, count in changes.items()) or "no entry changed"
 
     def run(self, status: str = "") -> int:
         """Accept on every listener until SIGTERM or SIGINT; then let every connection accepted so far
@@ -2294,8 +2544,8 @@ class Half:
         log.info("%s half stopped", self.role)
         # What is left is the interpreter's own exit, which puts back the default
         # handlers: a late signal must not turn this clean stop into death by signal.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for number in (*STOP_SIGNALS, signal.SIGHUP):
+            signal.signal(number, signal.SIG_IGN)
         return EXIT_OK
 
     def budget_descriptors(self) -> None:
@@ -2320,6 +2570,9 @@ class Half:
     def serve(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
         """The accept loop: accept, admit and expire until until() is true."""
         while not until():
+            if self.reloading and not self.stopping.is_set():
+                self.reloading = False
+                self.reload()
             wake_at = min(self.admission.expire(time.monotonic()), deadline)
             self.start(self.admission.admit_waiting())
             self.resume_listeners()
@@ -2402,24 +2655,47 @@ class Half:
         self.admission.ends_wanted = bool(self.paused) or self.stopping.is_set()
 
 
-def run_host(args: argparse.Namespace, config: Config, vsock: Vsock) -> int:
+def run_host(args: argparse.Namespace, config: Config, vsock: Vsock, logs: LogWriter) -> int:
     family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else socket.AF_UNSPEC
     check_literals_match_family(config, family)
     vsock.check_available()
     raise_fd_limit()
-    half = Half("host", vsock, family, args.threads, config.limits, peer_cid=args.cid)
-    # The enclave half's records, which it sends over the control connection, land next to the host's own.
-    enclave_log = EnclaveLog(log_handler("enclave", log_path(config, "host", "enclave")))
+    half = Half("host", vsock, family, args.threads, config.limits, args.cid, logs)
+    control = ControlServer(config, EnclaveLog(log.handlers[0]))
     try:
         for route in host_routes(config, str(args.cid)):
             half.add_route(route)
-        half.listen(Endpoint("vsock", "", args.control_port), None, ControlServer(config, enclave_log).serve)
+        half.listen(Endpoint("vsock", "", args.control_port), None, control.serve)
         half.budget_descriptors()
     except StartError:
         half.close_listeners()  # all or nothing: leave no socket file behind
         raise
     log.info("listening on vsock :%d for the enclave half's control connection", args.control_port)
+    if args.config:
+        half.reload = lambda: reload_host(half, control, config, args, family)
     return half.run(status="waiting for the enclave half")
+
+
+def reload_host(half: Half, control: ControlServer, running: Config, args: argparse.Namespace, family: int) -> None:
+    """SIGHUP: read the file again and apply its entries; a file with problems changes nothing.
+    [limits] and [log_location] are read at start only."""
+    notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        config = load_config(args.config, args.control_port)
+        check_literals_match_family(config, family)
+    except (ConfigError, UsageError, StartError) as error:
+        for problem in getattr(error, "problems", [str(error)]):
+            log.error("reload: %s", problem)
+        log.error("reload: %s has problems; the running configuration stays", args.config)
+        notify_systemd("READY=1\nSTATUS=reload failed: the running configuration stays")
+        return
+    for table in ("limits", "log_location"):
+        if getattr(config, table) != getattr(running, table):
+            log.warning("reload: [%s] changed; it is read at start only, so restart the host half to apply it", table)
+    summary = half.apply_routes(host_routes(config, str(args.cid)))
+    control.entries = entries_of(config)
+    log.info("reload: %s: %s", args.config, summary)
+    notify_systemd(f"READY=1\nSTATUS=reloaded: {summary}")
 
 
 def check_literals_match_family(config: Config, family: int) -> None:
@@ -2432,12 +2708,14 @@ def check_literals_match_family(config: Config, family: int) -> None:
             raise UsageError(f"[[outbound_connections]] entry {number}: hostname {entry.hostname} cannot be reached with {flag}")
 
 
-def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, outbox: LogOutbox | None) -> int:
-    """outbox: the records for the host half, or None when [log_location] forward_enclave_log is false."""
+def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: LogWriter,
+                outbox: LogOutbox | None) -> int:
+    """outbox: the records for the host half, or None when [log_location] forward_enclave_log is false.
+    SIGHUP reopens the logs only: the enclave's file is part of its measured image, and changes with it."""
     ensure_loopback_up()
     vsock.check_available()
     raise_fd_limit()
-    half = Half("enclave", vsock, socket.AF_UNSPEC, args.threads, config.limits, peer_cid=args.parent_cid)
+    half = Half("enclave", vsock, socket.AF_UNSPEC, args.threads, config.limits, args.parent_cid, logs)
     for warning in loop_warnings(config):
         log.warning("%s", warning)
     try:
@@ -2478,7 +2756,9 @@ def describe_config(path: str, config: Config, parent_cid: int, control_port: in
     if where:
         lines.append(
             f"log: host {os.path.join(where.host_log_dir, where.host_log)}, "
-            f"enclave {os.path.join(where.enclave_log_dir, where.enclave_log)}, level {where.log_level}"
+            f"enclave {os.path.join(where.enclave_log_dir, where.enclave_log)}, level {where.log_level}, "
+            + (f"rotated at {where.log_max_size} MiB, {where.log_backups} kept" if where.log_backups
+               else "never rotated by qproxy")
         )
     else:
         lines.append("log: both halves to stderr")
@@ -2754,7 +3034,20 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             print(f"{args.enclave_config}: valid, and matches {path}")
         return EXIT_OK
     config = read_config(args.config, args.control_port)
-    setup_logging(args.command, config, os.environ)
+    logs = setup_logging(args.command, config, os.environ)
+    try:
+        code = run_half(args, config, logs)
+    except BaseException as error:
+        if isinstance(error, StartError) and any(isinstance(handler, LogFile) for handler in logs.handlers):
+            log.error("cannot start: %s", error)
+        elif not isinstance(error, (UsageError, ConfigError, StartError)):
+            log.debug("internal error", exc_info=True)  # main() says it in one line
+        logs.drain()
+        raise
+    return logs.finish(code)
+
+
+def run_half(args: argparse.Namespace, config: Config, logs: LogWriter) -> int:
     forward = config.log_location is None or config.log_location.forward_enclave_log
     outbox = LogOutbox() if args.command == "enclave" and forward else None
     if outbox:
@@ -2763,8 +3056,8 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if not (config.inbound or config.outbound):
         log.warning("no connections configured%s", "" if args.config else " (no --config given)")
     if args.command == "host":
-        return run_host(args, config, vsock)
-    return run_enclave(args, config, vsock, outbox)
+        return run_host(args, config, vsock, logs)
+    return run_enclave(args, config, vsock, logs, outbox)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2781,8 +3074,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except StartError as error:
         print(f"qproxy: error: {error}", file=sys.stderr)
-        if any(isinstance(handler, logging.FileHandler) for handler in log.handlers):
-            log.error("cannot start: %s", error)
         return EXIT_CANNOT_START
     except Exception as error:  # a bug: say so in one line, with the traceback only when asked for
         log.debug("internal error", exc_info=True)

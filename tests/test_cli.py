@@ -695,10 +695,10 @@ def test_RUST_LOG_decides_what_is_logged(proxy, echo_server, rust_log, level):
         enclave.wait_log(re.escape(unreachable))  # DEBUG, before the host half exists
     host = proxy.start("host", env=env, ready=False)
     wait_echo(host_port)  # both halves are serving: INFO "conn N opened"
-    fake_enclave_hello(proxy.vsock_dir, proxy.control_port)  # ERROR on the host half
+    fake_enclave_hello(proxy.vsock_dir, proxy.control_port)  # ERROR, and WARN "runs qproxy test", on the host half
     if "ERROR" in LEVEL_SEEN[level]:
         host.wait_log("config mismatch")
-    assert enclave.stop() == 0 and host.stop() == 0  # WARN "SIGTERM: stopping"
+    assert enclave.stop() == 0 and host.stop() == 0  # INFO "SIGTERM: stopping"
     logs = host.log() + enclave.log()
     seen = set(re.findall(r"Z (ERROR|WARN|INFO|DEBUG|TRACE) +qproxy::", logs))
     assert seen == LEVEL_SEEN[level], logs
@@ -706,7 +706,7 @@ def test_RUST_LOG_decides_what_is_logged(proxy, echo_server, rust_log, level):
         assert logs == ""
     expected = {
         "ERROR": "config mismatch",
-        "WARN": "SIGTERM: stopping",
+        "WARN": "control: the enclave half runs qproxy test",
         "INFO": "host half ready",
         "DEBUG": unreachable,
     }

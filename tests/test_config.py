@@ -191,7 +191,8 @@ def test_vendor_walkthrough_config_is_valid(tmp_path, clean_env):
         "enclave: listen vsock :9995 -> tcp 127.0.0.1:5050",
         "enclave: listen vsock :9994 -> tcp 127.0.0.1:5443",
         "enclave: dial vsock 3:6666 for the control connection",
-        "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
+        "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info, rotated at 8 MiB,"
+        " 2 kept",
         "limits: no connection limit per listener, connect timeout 10 s, idle timeout none, queue timeout 30 s,"
         " buffer memory 32 MiB",
     ]
@@ -203,7 +204,7 @@ def test_vendor_reference_config_is_valid(tmp_path):
     assert [(o.vsock_port, o.tcp_port, o.enclave_port) for o in config.outbound] == [(7777, 443, 443), (7778, 5555, 5555)]
     assert [(i.host_port, i.enclave_port, i.vsock_port) for i in config.inbound] == [(80, 80, 9000), (443, 443, 9001)]
     assert config.log_location == qproxy.LogLocation(
-        "host.log", "enclave.log", "info", "/var/log/qproxy", "/var/log/qproxy", True
+        "host.log", "enclave.log", "info", "/var/log/qproxy", "/var/log/qproxy", True, 8, 2
     )
 
 
@@ -225,7 +226,8 @@ def test_check_config_describes_every_route(check_config, tmp_path):
         "enclave: listen tcp 127.0.0.1:443 -> vsock 7:7777",
         "enclave: listen tcp 127.0.0.1:5555 -> vsock 7:7778",
         "enclave: dial vsock 7:7000 for the control connection",
-        "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info",
+        "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info, rotated at 8 MiB,"
+        " 2 kept",
         "limits: no connection limit per listener, connect timeout 10 s, idle timeout none, queue timeout 30 s,"
         " buffer memory 32 MiB",
     ]
@@ -273,6 +275,7 @@ KINDS = {
     "log_location": {
         "host_log": "text", "enclave_log": "text", "log_level": "log_level",
         "host_log_dir": "text", "enclave_log_dir": "text", "forward_enclave_log": "boolean",
+        "log_max_size": "mebibytes", "log_backups": "count",
     },
     "limits": {"connections_per_listener": "count", "connect_timeout": "seconds", "idle_timeout": "seconds",
                "queue_timeout": "seconds", "buffer_memory": "mebibytes"},
@@ -434,6 +437,7 @@ def test_log_location_defaults(tmp_path):
     assert config.log_location == qproxy.LogLocation(
         host_log="host.log", enclave_log="enclave.log", log_level="warn",
         host_log_dir="/var/log/qproxy", enclave_log_dir="/var/log/qproxy", forward_enclave_log=True,
+        log_max_size=8, log_backups=2,
     )
     assert qproxy.load_config(write(tmp_path, ""), qproxy.DEFAULT_CONTROL_PORT).log_location is None
 
