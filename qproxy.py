@@ -862,6 +862,8 @@ class Vsock:
     def connect(self, cid: int, port: int, timeout: float | None) -> socket.socket:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         try:
+            if self.emulation_dir:
+                sock.bind("")  # an abstract name the kernel picks: both halves' logs name the connection by it
             sock.settimeout(timeout)
             sock.connect(self.path(port) if self.emulation_dir else (cid, port))
         except BaseException:
@@ -878,13 +880,14 @@ class Dialer:
         self.timeout = timeout or None  # [limits] connect_timeout; 0 leaves it to the system
         self.family = family  # AF_INET or AF_INET6 when --ipv4 or --ipv6 was given
 
-    def connect(self, target: Endpoint) -> socket.socket:
+    def connect(self, target: Endpoint, conn_id: int) -> socket.socket:
         if target.kind == "vsock":
             return self.vsock.connect(int(target.host), target.port, self.timeout)
-        return self.connect_tcp(target.host, target.port)
+        return self.connect_tcp(target.host, target.port, conn_id)
 
-    def connect_tcp(self, host: str, port: int) -> socket.socket:
-        """Try every address the name has, in the resolver's order; literals skip DNS."""
+    def connect_tcp(self, host: str, port: int, conn_id: int) -> socket.socket:
+        """Try every address the name has, in the resolver's order; literals skip DNS.  At debug,
+        the answer and each address that failed are logged, named by conn_id."""
         flags = socket.AI_NUMERICHOST if is_ip_literal(host) else 0
         try:
             addresses = socket.getaddrinfo(host, port, self.family, socket.SOCK_STREAM, 0, flags)
@@ -894,6 +897,8 @@ class Dialer:
             # The name may well resolve, to the other family only: say what was asked for.
             asked = "IPv4 addresses (--ipv4)" if self.family == socket.AF_INET else "IPv6 addresses (--ipv6)"
             raise socket.gaierror(error.errno, f"{error.strerror}; only {asked} were asked for") from None
+        if not flags:
+            log.debug("conn %d: %s resolves to %s", conn_id, host, ", ".join(address[4][0] for address in addresses))
         failure: OSError | None = None
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
@@ -902,6 +907,7 @@ class Dialer:
                 sock.connect(address)
             except OSError as error:
                 sock.close()
+                log.debug("conn %d: %s: %s", conn_id, describe_peer(family, address), reason(error))
                 failure = error
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -912,9 +918,18 @@ class Dialer:
 def describe_peer(family: int, address: object) -> str:
     if family in (socket.AF_INET, socket.AF_INET6):
         return str(Endpoint("tcp", address[0], address[1]))
-    if family == socket.AF_UNIX:
-        return "vsock (emulated)"
+    if family == socket.AF_UNIX:  # a qproxy half's connection has the name Vsock.connect gave it
+        return f"vsock (emulated) @{address[1:].decode()}" if isinstance(address, bytes) and address else "vsock (emulated)"
     return str(Endpoint("vsock", str(address[0]), address[1]))
+
+
+def describe_dialed(far: socket.socket) -> str:
+    """What a half dialed, as the far side's log names this connection: the address a TCP far side
+    has, or the port (an emulated connection's name) a vsock one sees this half's end come from."""
+    if far.family in (socket.AF_INET, socket.AF_INET6):
+        return f"connected to {describe_peer(far.family, far.getpeername())}"
+    local = far.getsockname()
+    return f"from @{local[1:].decode()}" if far.family == socket.AF_UNIX else f"from vsock port {local[1]}"
 
 
 def reset(sock: socket.socket) -> None:
@@ -1139,6 +1154,8 @@ class Admission:
             gate.waiting.append(connection)
             listener.waiting += 1
             admitted = self.admit(gate)
+        if not connection.admitted:
+            log.debug("conn %d: waits for room: %s", connection.conn_id, connection.path)
         if not (connection.admitted or self.short_of):
             full = gate if gate.full else listener
             throttled.warning(f"limit {full.label}", "%s: %d connections at once, the limit; more wait for room,"
@@ -1339,12 +1356,13 @@ class Relayer:
     def serve(self, connection: Connection) -> None:
         """Whatever goes wrong ends this connection only: its client is reset, its room freed."""
         target = connection.listener.route.target
-        log.info("conn %d opened: %s", connection.conn_id, connection.path)
+        log.debug("conn %d: dialing for %s", connection.conn_id, connection.path)
         try:
             if connection.client.family != socket.AF_UNIX and connection.listener.route.listen.kind == "tcp":
                 connection.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            far = self.dialer.connect(target)
+            far = self.dialer.connect(target, connection.conn_id)
             try:
+                dialed = describe_dialed(far)
                 connection.relay(far)
             except BaseException:
                 far.close()
@@ -1363,6 +1381,7 @@ class Relayer:
             log.error("conn %d: unexpected error while setting it up", connection.conn_id, exc_info=True)
             self.give_up(connection)
             return
+        log.info("conn %d opened: %s, %s", connection.conn_id, connection.path, dialed)
         self.reactor.add(connection)
 
     def give_up(self, connection: Connection) -> None:
@@ -1494,9 +1513,11 @@ class Flow:
             self.start += self.dst.send(self.buffer[self.start : self.end])
         except BlockingIOError:
             return
-        except BaseException:
+        except BaseException as error:
             buffers.give(self.buffer)
             self.buffer = None
+            if isinstance(error, (BrokenPipeError, ConnectionResetError)):
+                raise DestinationClosed() from error
             raise
         if self.start == self.end:
             buffers.give(self.buffer)
@@ -1521,21 +1542,48 @@ class Flow:
             sent = self.dst.send(buffers.scratch[:received])
         except BlockingIOError:
             sent = 0
+        except (BrokenPipeError, ConnectionResetError) as error:
+            raise DestinationClosed() from error
         if sent:
             self.src.recv_into(buffers.scratch, sent)  # the bytes just sent, still first in src
             self.total += sent
         self.blocked = sent < received
 
     def pass_eof(self) -> None:
-        """End dst's direction: the half-close that lets the other direction go on."""
+        """End dst's direction: the half-close that lets the other direction go on.  A dst that is
+        gone already (a reset came) is no error yet: what it sent before may still wait to be read."""
         self.done = True
-        self.dst.shutdown(socket.SHUT_WR)
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            if error.errno not in (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET):
+                raise
+
+
+class DestinationClosed(ConnectionError):
+    """A flow's destination would take no more bytes: it closed, or reset."""
+
+
+class Sink:
+    """Where a flow's bytes go once its destination, which had ended its own side, has closed:
+    nowhere, as that peer's kernel would drop them, while the other direction still delivers."""
+
+    @staticmethod
+    def send(data: memoryview) -> int:
+        return len(data)
+
+    @staticmethod
+    def shutdown(how: int) -> None:
+        pass
 
 
 def stopped_reading(sock: socket.socket) -> bool:
-    """Whether sock's peer has closed, not only shut its sending side.  On vsock and Unix sockets a
-    zero-length send says so at once (EPIPE), where poll() shows a closed vsock peer no differently
-    from a half-closed one; a TCP peer's close shows only when it answers bytes with a reset."""
+    """Whether sock's peer, the other half, has closed, not only shut its sending side.  On vsock
+    (and Unix sockets) a zero-length send says so at once (EPIPE), where poll() shows a closed vsock
+    peer no differently from a half-closed one.  Never for TCP: there an end read is an end, and a
+    peer's reset shows as an error of its own (ECONNRESET), after the bytes it sent before."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return False
     try:
         sock.send(b"")
     except (BrokenPipeError, ConnectionResetError):
@@ -1594,10 +1642,15 @@ class Connection:
         connection.  A side that only shut its sending side is a half-close:
         the other direction goes on.
         """
-        for flow in (self.up, self.down):
+        for flow, back in ((self.up, self.down), (self.down, self.up)):
             wait = flow.wanted()
             if wait and wait[0] is sock and events & wait[1]:
-                flow.pump(buffers)
+                try:
+                    flow.pump(buffers)
+                except DestinationClosed as error:
+                    if not (back.eof and back.total):
+                        raise error.__cause__ from None  # a reset mid-stream, or a refusal: the connection is broken
+                    flow.dst = Sink  # it had said all it had to say, and left: what still comes for it is lost
         for flow, back in ((self.up, self.down), (self.down, self.up)):
             if flow.eof and not flow.done:
                 if not back.done and stopped_reading(flow.src):  # before its EOF could pass for an orderly end

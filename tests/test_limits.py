@@ -144,7 +144,7 @@ def test_a_stop_waits_for_a_connection_whose_far_side_has_not_answered_yet(proxy
     host, _ = proxy.start_both(outbound("127.0.0.1", silent_listener.port, enclave_port))
     with connect(enclave_port) as app:
         app.sendall(b"hello?")
-        host.wait_log(r"conn \d+ opened: .* -> tcp 127\.0\.0\.1:%d" % silent_listener.port)
+        host.wait_log(r"conn \d+: dialing for .* -> tcp 127\.0\.0\.1:%d" % silent_listener.port)
         host.process.send_signal(signal.SIGTERM)
         host.wait_log("SIGTERM: stopping")
         listener = silent_listener.sock

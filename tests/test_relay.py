@@ -71,8 +71,22 @@ def test_outbound_reaches_a_service_outside(proxy):
     app_port = free_port()
     host, enclave = proxy.start_both(outbound("127.0.0.1", outside.port, app_port))
     assert exchange(app_port, b"x" * 1000).startswith(b"got 1000 bytes")
-    host.wait_log(r"conn 1 closed: vsock \(emulated\) -> vsock :7000 -> tcp 127\.0\.0\.1:%d, 1000 bytes up" % outside.port)
+    host.wait_log(r"conn 1 closed: vsock \(emulated\) @\w+ -> vsock :7000 -> tcp 127\.0\.0\.1:%d, 1000 bytes up" % outside.port)
     outside.stop()
+
+
+def test_both_halves_name_a_connection_alike_and_say_what_they_dialed(proxy):
+    """The name of the vsock connection (its source port on real vsock, the name the kernel gives the
+    dialing end under emulation) is in both halves' lines, and the opened line says where it went."""
+    outside = ThreadedServer(reply_after_eof)
+    app_port = free_port()
+    host, enclave = proxy.start_both(outbound("localhost", outside.port, app_port))
+    assert exchange(app_port, b"x" * 10).startswith(b"got 10 bytes")
+    name = enclave.wait_log(r"conn 1 opened: tcp 127\.0\.0\.1:\d+ -> tcp 127\.0\.0\.1:%d -> vsock 3:7000, from @(\w+)"
+                            % app_port).group(1)
+    host.wait_log(r"conn 1 opened: vsock \(emulated\) @%s -> vsock :7000 -> tcp localhost:%d, connected to tcp"
+                  r" (127\.0\.0\.1|::1):%d" % (name, outside.port, outside.port))
+    host.wait_log(r"DEBUG qproxy::host conn 1: localhost resolves to ")
 
 
 def test_outbound_resolves_a_name(proxy):
