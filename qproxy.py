@@ -93,6 +93,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import stat
 import struct
 import sys
 import threading
@@ -174,6 +175,7 @@ HOSTNAME_PATTERN = (
 # ...whose last label is not all digits: "10.1.2" is no name, and no address either.
 NUMERIC_NAME_PATTERN = r"(^|\.)[0-9]+\.?$"
 HOSTNAME_MAX_LENGTH = 253
+CONFIG_MAX_SIZE = 1024 * 1024  # bytes; a bigger file is not a configuration (/dev/zero, a log)
 
 
 # Records are namedtuples, not dataclasses: importing dataclasses (and typing,
@@ -503,11 +505,22 @@ def loop_warnings(config: Config) -> list[str]:
     ]
 
 
+def require_tomllib() -> None:
+    if tomllib is None:
+        raise StartError("reading a config file needs tomli on Python older than 3.11: pip install tomli, or"
+                         " copy tomli's folder next to qproxy.py (README: Python 3.9 and 3.10)")
+
+
 def load_config(path: str, control_port: int) -> Config:
     """Read and check a configuration file; raise ConfigError listing every problem."""
-    if tomllib is None:
-        raise StartError("reading a config file needs tomli on Python older than 3.11: pip install tomli")
+    require_tomllib()
     try:
+        status = os.stat(path)  # before open(), which would wait for ever on a FIFO
+        if not stat.S_ISREG(status.st_mode):
+            raise ConfigError([f"{path}: not a regular file; give the path of a configuration file"])
+        if status.st_size > CONFIG_MAX_SIZE:
+            raise ConfigError([f"{path}: {status.st_size} bytes, more than a configuration file has"
+                               f" ({CONFIG_MAX_SIZE} at most)"])
         with open(path, "rb") as file:
             document = tomllib.load(file)
     except OSError as error:
@@ -552,7 +565,7 @@ def level_from_rust_log(value: str) -> str:
         level = level.lower()
         if level == "warning":
             level = "warn"
-        if level.isdigit() and int(level) < len(LOG_LEVELS):
+        if re.fullmatch(r"[0-9]+", level) and int(level) < len(LOG_LEVELS):
             level = LOG_LEVELS[int(level)]  # tracing's numbers: 0 off, 1 error ... 5 trace
         if level not in LOG_LEVELS:
             raise UsageError(f"RUST_LOG={value}: {directive!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
@@ -1378,7 +1391,8 @@ class Relayer:
             self.give_up(connection)
             return
         except Exception:  # a bug: this connection ends, the half goes on
-            log.error("conn %d: unexpected error while setting it up", connection.conn_id, exc_info=True)
+            log.error("conn %d: unexpected error while setting it up: %s", connection.conn_id, reason(sys.exc_info()[1]))
+            log.debug("conn %d: traceback", connection.conn_id, exc_info=True)
             self.give_up(connection)
             return
         log.info("conn %d opened: %s, %s", connection.conn_id, connection.path, dialed)
@@ -1751,7 +1765,8 @@ class Reactor(threading.Thread):
                     self.watch(connection)
             except Exception as error:  # OSError and Closed; anything else is a bug, logged
                 if not isinstance(error, (OSError, Closed)):
-                    log.error("conn %d: unexpected error", connection.conn_id, exc_info=True)
+                    log.error("conn %d: unexpected error: %s", connection.conn_id, reason(error))
+                    log.debug("conn %d: traceback", connection.conn_id, exc_info=True)
                 self.finish(connection, error)
         return now
 
@@ -2894,6 +2909,7 @@ def run_demo() -> int:
     import subprocess
     import tempfile  # the demo's own needs, kept out of the halves' memory
 
+    require_tomllib()  # the halves read a config file: say so now, not after waiting for them
     folder = tempfile.mkdtemp(prefix="qproxy-demo-")
     inside, outside = CannedService("Hello world!"), CannedService("Hello from outside!")
     processes: list[subprocess.Popen] = []
@@ -2985,10 +3001,33 @@ def from_environment(args: argparse.Namespace, name: str, variable: str, parse: 
         raise UsageError(f"{variable}={text}: {error}") from None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line, as every error of qproxy's is, with a did-you-mean for a
+    mistyped command; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        mistyped = re.match(r"argument <COMMAND>: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if mistyped:
+            import difflib  # only a mistyped command needs it: the halves do not carry it
+
+            close = difflib.get_close_matches(mistyped.group(1), re.findall(r"[\w-]+", mistyped.group(2)), n=1)
+            message = f"no command {mistyped.group(1)!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        self.exit(EXIT_USAGE, f"qproxy: error: {message} (see: {self.prog} --help)\n")
+
+
+ENVIRONMENT_HELP = """environment variables:
+  RUST_LOG                log level: off, error, warn, info, debug, trace (default: warn)
+  QPROXY_VSOCK_EMULATION  a folder: Unix sockets there stand in for AF_VSOCK (tests, one machine)
+  QPROXY_LISTEN_CID, QPROXY_PARENT_CID, QPROXY_CONTROL_PORT, TOKIO_WORKER_THREADS
+                          the options of the same meaning (see each command's --help)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qproxy",
         description="Carry TCP across vsock between an enclave and its parent VM.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-V", "--version", action="version", version=f"qproxy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="<COMMAND>")
@@ -3038,11 +3077,12 @@ def build_parser() -> argparse.ArgumentParser:
 def add_common_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", metavar="CONFIG", help="Path to the configuration file")
     command.add_argument("-t", "--threads", type=parse_threads, metavar="THREADS",
-                         help="Most connections relayed at once; more wait for a free slot "
+                         help="Most connections relayed at once in each direction; more wait for room "
                               f"[env: TOKIO_WORKER_THREADS] [default: {DEFAULT_MAX_CONNECTIONS}]")
     command.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
-                         help="The port where to listen for control messages from the enclave. Leave at default "
-                              f"value unless you know what you are doing [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
+                         help="The vsock port of the control connection: the host half listens on it, the enclave"
+                              " half dials it. Leave at default value unless you know what you are doing"
+                              f" [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
 
 
 def fill_from_environment(args: argparse.Namespace) -> None:

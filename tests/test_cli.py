@@ -17,6 +17,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -212,6 +213,20 @@ def test_help_for_unknown_command_exits_2(capsys):
 def test_unknown_command_or_option_exits_2(capsys, argv):
     code, out, err = cli(capsys, *argv)
     assert_usage_error(code, err)
+    assert one_error_line(err).startswith("qproxy: error: ")
+
+
+@pytest.mark.parametrize("typed, meant", [("hots", "host"), ("enclav", "enclave"), ("check_config", "check-config")])
+def test_a_mistyped_command_gets_a_did_you_mean(capsys, typed, meant):
+    code, out, err = cli(capsys, typed)
+    assert_usage_error(code, err, f"did you mean {meant!r}?")
+    one_error_line(err)
+
+
+def test_top_level_help_names_the_environment_variables(capsys):
+    code, out, err = cli(capsys, "--help")
+    for variable in ("RUST_LOG", "QPROXY_VSOCK_EMULATION", "QPROXY_LISTEN_CID", "TOKIO_WORKER_THREADS"):
+        assert variable in out
 
 
 @pytest.mark.parametrize("argv, code, stream, text", [
@@ -529,6 +544,43 @@ def test_missing_config_file_exits_2(capsys, no_start, tmp_path, argv):
     code, out, err = cli(capsys, *(arg.format(missing=missing) for arg in argv))
     assert_usage_error(code, err, str(missing), "cannot read")
     one_error_line(err)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dev-zero", "too-big"])
+def test_a_config_path_that_is_no_config_file_is_one_line_at_once(capsys, tmp_path, kind):
+    """A FIFO would block open() for ever, /dev/zero would fill memory: each is refused at once."""
+    path = tmp_path / "config.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "dev-zero":
+        path = "/dev/zero"
+    else:
+        path.write_text("# " + "x" * qproxy.CONFIG_MAX_SIZE + "\n")
+    code, out, err = cli(capsys, "check-config", str(path))
+    assert_usage_error(code, err, str(path))
+    one_error_line(err)
+
+
+@pytest.mark.parametrize("rust_log", ["²", "٣", "qproxy=①"])
+def test_RUST_LOG_with_digits_of_other_scripts_is_a_usage_error(capsys, no_start, monkeypatch, rust_log):
+    monkeypatch.setenv("RUST_LOG", rust_log)
+    code, out, err = cli(capsys, "enclave")
+    assert_usage_error(code, err, "RUST_LOG")
+    assert "internal error" not in err
+
+
+def test_the_demo_without_a_toml_parser_says_so_at_once(tmp_path):
+    """Below Python 3.11 without tomli: the first line says what to install, without waiting for the halves."""
+    launcher = ("import sys; sys.modules['tomllib'] = sys.modules['tomli'] = None; sys.path.insert(0, sys.argv[1]);"
+                " import qproxy; sys.exit(qproxy.main(['demo']))")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", launcher, str(QPROXY.parent)], capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert time.monotonic() - started < 5
+    assert result.returncode == 1
+    assert one_error_line(result.stderr).startswith("qproxy: error: reading a config file needs tomli")
 
 
 @pytest.mark.parametrize("role", ["host", "enclave", "check-config"])

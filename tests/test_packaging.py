@@ -26,6 +26,7 @@ def test_pip_install_gives_the_qproxy_command(tmp_path):
                            capture_output=True, text=True, env=env)
     assert check.returncode == 0, check.stderr
     assert "host: listen tcp 0.0.0.0:5050 -> vsock <enclave CID>:9995" in check.stdout
+    assert sorted(path.name for path in target.glob("*.py")) == ["qproxy.py"], "only qproxy is a top-level module"
 
 
 def read_version() -> str:
