@@ -1929,12 +1929,15 @@ class ControlLink:
     """
 
     def __init__(self, sock: socket.socket, reader: MessageReader, other: str, other_heartbeat: float | None,
-                 on_message: Callable[[dict], None], outbox: LogOutbox | None = None):
+                 on_message: Callable[[dict], None], outbox: LogOutbox | None = None, confirm_logs: bool = False):
+        """confirm_logs: answer the log records taken with an "ack" (the host half)."""
         self.sock, self.reader = sock, reader
         self.other = other  # "host" or "enclave", for the log
         self.other_heartbeat = other_heartbeat
         self.on_message = on_message
         self.outbox = outbox
+        self.confirm_logs = confirm_logs
+        self.logs_taken = 0
         self.budget = Budget(CONTROL_MESSAGE_RATE, CONTROL_BYTE_RATE)
 
     def run(self) -> None:
@@ -1986,9 +1989,13 @@ class ControlLink:
         return True
 
     def handle_messages(self) -> None:
+        taken = self.logs_taken
         for message in self.reader.messages():
             self.budget.spend(1, 0)
             self.on_message(message)
+            self.logs_taken += message["type"] == "log"
+        if self.confirm_logs and self.logs_taken > taken:
+            send_message(self.sock, {"type": "ack", "log": self.logs_taken})
 
 
 class Budget:
@@ -2118,12 +2125,18 @@ class LogOutbox(logging.Handler):
 
     It holds the newest LOG_BACKLOG records while no host half listens, and
     counts those it drops: a host half that comes late gets the recent past
-    and learns how much it missed.
+    and learns how much it missed.  A host half that confirms what it wrote
+    (an "ack" message, protocol 2 with "log_acks" in its hello) leaves no
+    record in doubt: those sent but not confirmed when a link ends are sent
+    again on the next, so each is written, or counted as dropped, at least once.
     """
 
     def __init__(self):
         super().__init__()
         self.records: collections.deque[dict] = collections.deque(maxlen=LOG_BACKLOG)
+        self.confirming = False  # whether the host half on this link confirms what it writes
+        self.unconfirmed: collections.deque[dict] = collections.deque()  # sent on this link, not yet confirmed
+        self.confirmed = 0  # records the host half confirmed on this link
         self.lost = 0
         self.wakeup = Wakeup()
         self.emptied = threading.Condition(self.lock)
@@ -2142,7 +2155,8 @@ class LogOutbox(logging.Handler):
         self.records.append(entry)
 
     def send(self, sock: socket.socket) -> bool:
-        """Send the records held when called; True if more have come since.
+        """Send the records held when called; True if more have come since.  When the host half
+        confirms what it writes, each sent record is kept until it does.
 
         A record that could not be sent goes back to be sent on the next link.
         """
@@ -2151,17 +2165,17 @@ class LogOutbox(logging.Handler):
         for _ in range(held):
             with self.lock:
                 record = self.records.popleft()
+                if self.confirming:
+                    self.unconfirmed.append(record)
             try:
                 send_message(sock, record)
             except BaseException:
-                with self.lock:
-                    if len(self.records) == LOG_BACKLOG:
-                        self.lost += 1  # appendleft drops the newest
-                    self.records.appendleft(record)
-                raise
+                if not self.confirming:
+                    self.give_back([record])
+                raise  # the link ends, and with it the unconfirmed go back: end_link()
         with self.lock:
             lost, self.lost = self.lost, 0
-            if not self.records:
+            if not (self.records or self.unconfirmed):
                 self.emptied.notify_all()
             more = bool(self.records)
         if lost:
@@ -2169,10 +2183,39 @@ class LogOutbox(logging.Handler):
                         " too slowly (%d are kept)", lost, LOG_BACKLOG)
         return more
 
+    def confirm(self, count: object) -> None:
+        """The host half has written count records of this link (its "ack")."""
+        if not isinstance(count, int) or isinstance(count, bool):
+            return
+        with self.lock:
+            while self.confirmed < count and self.unconfirmed:
+                self.unconfirmed.popleft()
+                self.confirmed += 1
+            if not (self.records or self.unconfirmed):
+                self.emptied.notify_all()
+
+    def start_link(self, confirming: bool) -> None:
+        self.confirming = confirming
+
+    def end_link(self) -> None:
+        """The link ended: what was sent on it but not confirmed is sent again on the next, first."""
+        with self.lock:
+            unconfirmed, self.unconfirmed, self.confirmed = list(self.unconfirmed), collections.deque(), 0
+            self.confirming = False
+        self.give_back(unconfirmed)
+
+    def give_back(self, records: list[dict]) -> None:
+        with self.lock:
+            for record in reversed(records):
+                if len(self.records) == LOG_BACKLOG:
+                    self.lost += 1  # appendleft drops the newest
+                self.records.appendleft(record)
+
     def wait_sent(self, timeout: float) -> None:
-        """Give a connected host half up to timeout seconds to receive what is held: the last records at a stop."""
+        """Give a connected host half up to timeout seconds to receive (and confirm) what is held: the
+        last records at a stop."""
         with self.emptied:
-            self.emptied.wait_for(lambda: not self.records, timeout)
+            self.emptied.wait_for(lambda: not (self.records or self.unconfirmed), timeout)
 
 
 class EnclaveLog:
@@ -2280,13 +2323,14 @@ class ControlServer:
         if previous is not None:
             throttled.warning("control-replace", "control: a new enclave half replaces the one connected before")
         try:
-            send_message(sock, hello("host"))
+            send_message(sock, hello("host", log_acks=True))
             log_arrival(self.seen, "control: enclave half connected%s from %s (qproxy %s)", peer,
                         told(greeting.get("version")))
             self.seen = True
             notify_systemd(f"STATUS=enclave half connected (qproxy {told(greeting.get('version'))})")
             self.compare(greeting)
-            ControlLink(sock, reader, "enclave", announced_heartbeat(greeting), self.on_message).run()
+            ControlLink(sock, reader, "enclave", announced_heartbeat(greeting), self.on_message,
+                        confirm_logs=True).run()
         except (OSError, ValueError) as error:
             log.warning("control: the enclave half (%s) failed: %s", peer, reason(error))
         except Exception as error:  # a bug, not the peer's doing: end this link, keep the control port
@@ -2370,6 +2414,10 @@ class ControlClient(threading.Thread):
             self.stopping.wait(delay)
             delay = min(delay * 2, CONTROL_RETRY_MAX)
 
+    def on_message(self, message: dict) -> None:
+        if message["type"] == "ack" and self.outbox:
+            self.outbox.confirm(message.get("log"))
+
     def talk(self, sock: socket.socket) -> bool:
         """Say hello and follow the connection until it ends.
 
@@ -2392,11 +2440,14 @@ class ControlClient(threading.Thread):
                 log_arrival(self.seen, "control: connected%s to the host half (qproxy %s)", told(answer.get("version")))
                 self.seen = True
                 self.linked = True
+                if self.outbox:
+                    self.outbox.start_link(confirming=answer.get("log_acks") is True)
                 try:
-                    ControlLink(sock, reader, "host", announced_heartbeat(answer), lambda message: None,
-                                self.outbox).run()
+                    ControlLink(sock, reader, "host", announced_heartbeat(answer), self.on_message, self.outbox).run()
                 finally:
                     self.linked = False
+                    if self.outbox:
+                        self.outbox.end_link()
             except (OSError, ValueError) as error:
                 throttled.warning("control-failed", "control: connection to the host half failed: %s", reason(error))
             else:

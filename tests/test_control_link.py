@@ -336,6 +336,44 @@ def test_the_host_half_writes_the_enclave_halfs_log_as_the_enclave_wrote_it(prox
     wait_for(lambda: "enclave half stopped" in copy.read_text(), "the enclave half's last record on the host")
 
 
+def test_records_sent_as_the_host_half_dies_are_written_when_it_is_back(proxy, echo_server, tmp_path):
+    """Records on their way when the host half is killed (in its socket, not yet written) are sent again
+    to the next one: every record of the enclave's own log reaches the host's copy, none silently lost."""
+    host_port = free_port()
+    proxy.write_config(inbound(host_port, echo_server.port) + log_location(tmp_path / "logs"))
+    own = tmp_path / "logs" / "enclave" / "enclave.log"
+    copy = tmp_path / "logs" / "host" / "enclave.log"
+    quiet = {"RUST_LOG": ""}  # the file's level, info: two records a connection
+    proxy.start("enclave", ready=False, env=quiet)
+    wait_ready(own, "enclave")
+    host = proxy.start("host", ready=False, env=quiet)
+    wait_ready(tmp_path / "logs" / "host" / "host.log", "host")
+    wait_for(lambda: "control: connected to the host half" in own.read_text(), "the control link")
+    burst = threading.Event()
+
+    def log_a_lot() -> None:  # a few hundred records a second: what a link takes, so none is dropped for speed
+        while not burst.wait(0.005):
+            with socket.create_connection(("127.0.0.1", host_port), timeout=DEADLINE):
+                pass
+
+    load = threading.Thread(target=log_a_lot)
+    load.start()
+    try:
+        wait_for(lambda: copy.exists() and copy.read_text().count("closed") >= 100, "records on their way")
+        host.process.kill()  # mid-stream: some were sent and not yet written
+    finally:
+        burst.set()
+        load.join(DEADLINE)
+    host.process.wait()
+    proxy.start("host", ready=False, env=quiet)
+    wait_for(lambda: "control: connected again to the host half" in own.read_text(), "the control link again",
+             timeout=2 * DEADLINE)
+    own_lines = own.read_text().splitlines()
+    wait_for(lambda: set(own_lines) <= set(copy.read_text().splitlines()),
+             "every record of the enclave's own log in the host's copy")
+    assert "dropped" not in copy.read_text()
+
+
 def test_records_made_while_the_host_half_is_away_wait_and_overflow_is_counted(proxy, tmp_path):
     app_port = free_port()
     proxy.write_config(outbound("127.0.0.1", 1, app_port) + log_location(tmp_path / "logs"))
