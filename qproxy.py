@@ -2987,10 +2987,10 @@ def run_demo() -> int:
             print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {processes[-1].pid})")
         deadline = time.monotonic() + 15
         answer = http_get(host_port, deadline)
-        print(f"demo: inbound:  curl 127.0.0.1:{host_port} -> host half -> vsock 9995 -> enclave half "
+        print(f"demo: inbound:  GET http://127.0.0.1:{host_port}/ -> host half -> vsock 9995 -> enclave half "
               f"-> 127.0.0.1:{inside.server_address[1]}: {answer!r}")
         answer_out = http_get(app_port, deadline)
-        print(f"demo: outbound: app -> 127.0.0.1:{app_port} -> enclave half -> vsock 7777 -> host half "
+        print(f"demo: outbound: GET http://127.0.0.1:{app_port}/ (the app) -> enclave half -> vsock 7777 -> host half "
               f"-> 127.0.0.1:{outside.server_address[1]}: {answer_out!r}")
         if (answer, answer_out) != ("Hello world!", "Hello from outside!"):
             raise StartError("a reply was not what the service sent")
@@ -3000,12 +3000,14 @@ def run_demo() -> int:
         if codes != [0, 0]:
             raise StartError(f"the halves exited with {codes} after SIGTERM, expected [0, 0]")
         print("demo: both halves stopped cleanly on SIGTERM; all good")
+        shutil.rmtree(folder, ignore_errors=True)  # kept, logs and all, when anything failed
         return EXIT_OK
     except (StartError, OSError, subprocess.TimeoutExpired) as error:
         print(f"demo failed: {error}", file=sys.stderr)
         for role, process in zip(("enclave", "host"), processes):
             with open(os.path.join(folder, f"{role}.log"), errors="replace") as logfile:
-                print(f"--- {role} half's log ---\n{logfile.read()}", file=sys.stderr)
+                print(f"--- {role} half's log ({logfile.name}) ---\n{logfile.read()}", file=sys.stderr)
+        print(f"demo: its folder, with both halves' logs and the config, is kept: {folder}", file=sys.stderr)
         return EXIT_CANNOT_START
     finally:
         for process in processes:
@@ -3014,7 +3016,6 @@ def run_demo() -> int:
                 process.wait()
         inside.server_close()
         outside.server_close()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------

@@ -383,6 +383,26 @@ def test_demo_runs_the_walkthrough():
     assert "'Hello world!'" in result.stdout
     assert "'Hello from outside!'" in result.stdout
     assert "stopped cleanly" in result.stdout
+    folder = re.search(r"demo: folder (\S+),", result.stdout).group(1)
+    assert not os.path.exists(folder), "a demo that worked leaves nothing behind"
+
+
+def test_a_demo_that_fails_keeps_its_folder_and_says_where():
+    """The outbound request made to fail (its client raises): the halves' logs are kept, and named."""
+    launcher = ("import sys; sys.path.insert(0, sys.argv[1]); import qproxy; get = qproxy.http_get\n"
+                "def failing(port, deadline):\n"
+                "    if failing.calls: raise qproxy.StartError('made to fail')\n"
+                "    failing.calls = 1; return get(port, deadline)\n"
+                "failing.calls = 0; qproxy.http_get = failing; sys.exit(qproxy.main(['demo']))")
+    result = subprocess.run([sys.executable, "-c", launcher, str(QPROXY.parent)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1, result.stderr
+    folder = re.search(r"is kept: (\S+)$", result.stderr, re.M).group(1)
+    try:
+        assert "host half ready" in open(os.path.join(folder, "host.log")).read()
+        assert "enclave half ready" in open(os.path.join(folder, "enclave.log")).read()
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_the_demos_ports_are_all_different():
