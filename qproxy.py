@@ -640,10 +640,12 @@ class LogQueue(logging.handlers.QueueHandler):
     def __init__(self):
         super().__init__(queue.Queue(LOG_QUEUE))
         self.dropped = 0
+        self.queued = self.written = 0  # records put in the queue, and written (or failed and counted) of them
 
     def enqueue(self, record: logging.LogRecord) -> None:  # logging holds self.lock here
         try:
             self.queue.put_nowait(record)
+            self.queued += 1
         except queue.Full:
             self.dropped += 1
 
@@ -681,6 +683,7 @@ class LogWriter(logging.handlers.QueueListener):
             super().handle(log.makeRecord(log.name, logging.WARNING, "", 0, "%d log records were dropped: the log"
                                           " could not be written as fast as they came", (dropped,), None))
         super().handle(record)
+        self.source.written += 1
 
     def reopen(self) -> None:
         """Have the log files reopened before the next record is written (from any thread, a signal handler too)."""
@@ -1828,6 +1831,7 @@ CONTROL_HELLO_INTERVAL = 1.0  # seconds between the hellos the host half answers
 CONTROL_MISMATCHES_LOGGED = 20  # config mismatches logged one by one for a hello; the rest are counted
 CONTROL_RETRY_MAX = 5.0
 HEARTBEAT_INTERVAL = 5.0  # seconds between the heartbeats a half sends; announced in its hello
+ACK_POLL = 0.05  # seconds between the host half's looks at whether the log records it took are written yet
 HEARTBEAT_RANGE = (1.0, 3600.0)  # the other's announced interval, kept within this: no log-flooding flaps
 SILENT_AFTER = 3  # heartbeat intervals without a word before the other half counts as silent
 LOG_BACKLOG = 1000  # enclave log records kept while no host half listens; older ones are dropped
@@ -1929,15 +1933,18 @@ class ControlLink:
     """
 
     def __init__(self, sock: socket.socket, reader: MessageReader, other: str, other_heartbeat: float | None,
-                 on_message: Callable[[dict], None], outbox: LogOutbox | None = None, confirm_logs: bool = False):
-        """confirm_logs: answer the log records taken with an "ack" (the host half)."""
+                 on_message: Callable[[dict], None], outbox: LogOutbox | None = None,
+                 written_by: LogQueue | None = None):
+        """written_by: the host half's log queue, whose writer writes the log records taken; each is
+        confirmed to the enclave half ("ack") once written, not before."""
         self.sock, self.reader = sock, reader
         self.other = other  # "host" or "enclave", for the log
         self.other_heartbeat = other_heartbeat
         self.on_message = on_message
         self.outbox = outbox
-        self.confirm_logs = confirm_logs
+        self.written_by = written_by
         self.logs_taken = 0
+        self.unwritten: collections.deque[tuple[int, int]] = collections.deque()  # (queue position, logs_taken)
         self.budget = Budget(CONTROL_MESSAGE_RATE, CONTROL_BYTE_RATE)
 
     def run(self) -> None:
@@ -1952,6 +1959,8 @@ class ControlLink:
                 selector.register(self.outbox.wakeup.reader, READ)
             while True:
                 wait = max(min(next_beat, self.silent_at()) - time.monotonic(), 0)
+                if self.unwritten and self.confirm_written():
+                    wait = min(wait, ACK_POLL)  # some are still on their way to the file
                 if self.outbox and self.outbox.send(self.sock):
                     wait = 0  # more came while it sent: send them once the other half has been heard
                 ready = selector.select(wait)
@@ -1994,8 +2003,17 @@ class ControlLink:
             self.budget.spend(1, 0)
             self.on_message(message)
             self.logs_taken += message["type"] == "log"
-        if self.confirm_logs and self.logs_taken > taken:
-            send_message(self.sock, {"type": "ack", "log": self.logs_taken})
+        if self.written_by and self.logs_taken > taken:
+            self.unwritten.append((self.written_by.queued, self.logs_taken))
+
+    def confirm_written(self) -> bool:
+        """Confirm the log records the writer has written; True while some taken are not written yet."""
+        confirmed = None
+        while self.unwritten and self.written_by.written >= self.unwritten[0][0]:
+            confirmed = self.unwritten.popleft()[1]
+        if confirmed is not None:
+            send_message(self.sock, {"type": "ack", "log": confirmed})
+        return bool(self.unwritten)
 
 
 class Budget:
@@ -2162,6 +2180,8 @@ class LogOutbox(logging.Handler):
         """
         with self.lock:
             held = len(self.records)
+            if self.confirming:  # no more than LOG_BACKLOG in doubt: a host that stops confirming holds this back
+                held = min(held, LOG_BACKLOG - len(self.unconfirmed))
         for _ in range(held):
             with self.lock:
                 record = self.records.popleft()
@@ -2177,7 +2197,7 @@ class LogOutbox(logging.Handler):
             lost, self.lost = self.lost, 0
             if not (self.records or self.unconfirmed):
                 self.emptied.notify_all()
-            more = bool(self.records)
+            more = bool(self.records) and not (self.confirming and len(self.unconfirmed) >= LOG_BACKLOG)
         if lost:
             log.warning("control: %d log records were dropped while the host half was away or took them"
                         " too slowly (%d are kept)", lost, LOG_BACKLOG)
@@ -2330,7 +2350,7 @@ class ControlServer:
             notify_systemd(f"STATUS=enclave half connected (qproxy {told(greeting.get('version'))})")
             self.compare(greeting)
             ControlLink(sock, reader, "enclave", announced_heartbeat(greeting), self.on_message,
-                        confirm_logs=True).run()
+                        written_by=self.enclave_log.handler).run()
         except (OSError, ValueError) as error:
             log.warning("control: the enclave half (%s) failed: %s", peer, reason(error))
         except Exception as error:  # a bug, not the peer's doing: end this link, keep the control port
