@@ -1948,6 +1948,12 @@ class ControlLink:
         self.budget = Budget(CONTROL_MESSAGE_RATE, CONTROL_BYTE_RATE)
 
     def run(self) -> None:
+        try:
+            self.follow()
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the other half closed, seen by a send (an ack, a record) before its EOF was read
+
+    def follow(self) -> None:
         # A send that the other half does not take in this long fails, as silence would.
         self.sock.settimeout(SILENT_AFTER * HEARTBEAT_INTERVAL)
         self.heard, self.silent = time.monotonic(), False
