@@ -686,7 +686,7 @@ class LogWriter(logging.handlers.QueueListener):
         self.source.written += 1
 
     def reopen(self) -> None:
-        """Have the log files reopened before the next record is written (from any thread, a signal handler too)."""
+        """Have the log files reopened before the next record is written (from any thread)."""
         self.reopening = True
         with contextlib.suppress(queue.Full):  # then the next record that fits does it
             self.queue.put_nowait(self.WAKE)
@@ -2581,27 +2581,34 @@ class Half:
         self.relayer.reactor.start()
         # From here on a signal stops the half, even one that arrives while it is still starting;
         # none that a person or a tool is likely to send ends it without its grace period.
-        for number in STOP_SIGNALS:
-            signal.signal(number, self.on_stop_signal)
-        signal.signal(signal.SIGHUP, self.on_sighup)
+        self.signals: collections.deque[int] = collections.deque()  # received, not yet acted on
+        for number in (*STOP_SIGNALS, signal.SIGHUP):
+            signal.signal(number, self.on_signal)
         for number in IGNORED_SIGNALS:
             signal.signal(number, signal.SIG_IGN)
         signal.set_wakeup_fd(self.admission.wakeup.writer.fileno(), warn_on_full_buffer=False)
 
-    def on_stop_signal(self, number: int, frame: object) -> None:
-        """The first signal drains; a second one exits at once, resetting every connection left."""
-        if self.stopping.is_set():
-            log.warning("second signal: exiting now")
-            self.admission.abort()
-            self.logs.flush(LOG_DRAIN / 4)
-            os._exit(EXIT_OK)
-        log.info("%s: stopping", signal.Signals(number).name)
-        self.stopping.set()
+    def on_signal(self, number: int, frame: object) -> None:
+        """Only note the signal: the accept loop, which set_wakeup_fd wakes, acts on it.  A handler
+        that logged could wait for ever on a lock that the code it interrupted holds (the log queue's)."""
+        self.signals.append(number)
 
-    def on_sighup(self, number: int, frame: object) -> None:
-        """Reopen the log files (after logrotate), and reload what can be (the host half's entries)."""
-        self.logs.reopen()
-        self.reloading = self.reload is not None
+    def handle_signals(self) -> None:
+        """The first stop signal drains; a second one exits at once, resetting every connection left.
+        SIGHUP reopens the log files (after logrotate), and reloads what can be (the host half's entries)."""
+        while self.signals:
+            number = self.signals.popleft()
+            if number == signal.SIGHUP:
+                self.logs.reopen()
+                self.reloading = self.reload is not None
+            elif self.stopping.is_set():
+                log.warning("second signal: exiting now")
+                self.admission.abort()
+                self.logs.flush(LOG_DRAIN / 4)
+                os._exit(EXIT_OK)
+            else:
+                log.info("%s: stopping", signal.Signals(number).name)
+                self.stopping.set()
 
     def fail(self, what: str, exc_info: object = True) -> None:
         """An unexpected error where the half cannot go on without: say so, reset what is open, exit."""
@@ -2714,7 +2721,10 @@ class Half:
 
     def serve(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
         """The accept loop: accept, admit and expire until until() is true."""
-        while not until():
+        while True:
+            self.handle_signals()
+            if until():
+                return
             if self.reloading and not self.stopping.is_set():
                 self.reloading = False
                 self.reload()
