@@ -318,7 +318,7 @@ TABLES = {
 }
 
 
-# A checked configuration: a tuple of Inbound, a tuple of Outbound, a LogLocation or None, Limits.
+# A checked configuration: a tuple of Inbound, a tuple of Outbound, a LogLocation or None, Limits, and lines.
 Inbound = collections.namedtuple("Inbound", "host_port enclave_port vsock_port bind_address")
 Outbound = collections.namedtuple("Outbound", "hostname vsock_port tcp_port enclave_port")
 LogLocation = collections.namedtuple(
@@ -329,7 +329,9 @@ Limits = collections.namedtuple(
     "Limits", "connections_per_listener connect_timeout idle_timeout queue_timeout buffer_memory"
 )
 DEFAULT_LIMITS = Limits(**{key: field.default for key, field in TABLES["limits"].fields.items()})
-Config = collections.namedtuple("Config", "inbound outbound log_location limits", defaults=((), (), None, DEFAULT_LIMITS))
+# lines: where each entry begins in the file, by (table, entry number); only messages use it.
+Config = collections.namedtuple("Config", "inbound outbound log_location limits lines",
+                                defaults=((), (), None, DEFAULT_LIMITS, {}))
 
 
 def is_ip_literal(text: str) -> bool:
@@ -424,56 +426,113 @@ def check_table(where: str, fields: dict, entry: object, problems: list[str]) ->
     return values
 
 
-def check_document(document: dict, control_port: int) -> tuple[Config, list[str]]:
-    """Turn a parsed TOML document into a Config, collecting every problem."""
-    problems: list[str] = []
-    for key in document:
-        if key not in TABLES:
-            problems.append(unknown_key(key, iter(TABLES)))
+class Problem(collections.namedtuple("Problem", "line text")):
+    """What is wrong at a line of the file; line 0 when no line can be named."""
+
+    __slots__ = ()
+
+    def at(self, path: str) -> str:
+        """As compilers put it, so that editors can jump to it: PATH:LINE: text."""
+        return f"{path}:{self.line}: {self.text}" if self.line else f"{path}: {self.text}"
+
+
+# A top-level table's header, [name] or [[name]], its name bare or quoted; and any header at all.
+TABLE_HEADER = re.compile(r"""[ \t]*\[\[?[ \t]*(["']?)([A-Za-z0-9_-]+)\1[ \t]*\]""")
+ANY_HEADER = re.compile(r"[ \t]*\[")
+# A top-level key, name = value or name.key = value, before the first header.
+TOP_LEVEL_KEY = re.compile(r"""[ \t]*(["']?)([A-Za-z0-9_-]+)\1[ \t]*[.=]""")
+
+
+def entry_lines(text: str, document: dict) -> dict[tuple[str, int], int]:
+    """The line where each entry of the file begins, by (table name, entry number from 1); entry
+    number 0 is where the table's name first appears, as a header or as a top-level key.
+
+    tomllib keeps no lines, so they are read off the text.  A line that only
+    looks like a header (inside a multi-line string) makes a table's headers
+    and entries differ in number; such a table's entries go without lines
+    rather than with wrong ones.  An inline array's entries have the line of its key.
+    """
+    headers: dict[str, list[int]] = collections.defaultdict(list)
+    keys: dict[str, int] = {}
+    top_level = True
+    for number, line in enumerate(text.split("\n"), 1):  # TOML's newline; splitlines() knows more
+        header = TABLE_HEADER.match(line)
+        if header:
+            headers[header.group(2)].append(number)
+        top_level = top_level and not ANY_HEADER.match(line)
+        key = TOP_LEVEL_KEY.match(line) if top_level else None
+        if key:
+            keys.setdefault(key.group(2), number)
+    lines = {}
+    for name, found in document.items():
+        if name in keys:
+            lines[(name, 0)] = keys[name]
+        elif name in headers and len(headers[name]) == (len(found) if isinstance(found, list) else 1):
+            lines[(name, 0)] = headers[name][0]
+            lines.update(((name, entry), line) for entry, line in enumerate(headers[name], 1))
+    return lines
+
+
+def line_of(lines: dict[tuple[str, int], int], table: str, number: int) -> int:
+    """The line of an entry, or of its table's name when the entry's own is not known; 0: neither."""
+    return lines.get((table, number)) or lines.get((table, 0), 0)
+
+
+def entry_name(table: str, number: int) -> str:
+    return f"[[{table}]] entry {number}" if TABLES[table].array else f"[{table}]"
+
+
+def entry_at(lines: dict[tuple[str, int], int], table: str, number: int) -> str:
+    """An entry named for a reader who looks for it: with its line, where it has one."""
+    line = line_of(lines, table, number)
+    return entry_name(table, number) + (f" (line {line})" if line else "")
+
+
+def check_document(document: dict, control_port: int, lines: dict[tuple[str, int], int]) -> tuple[Config, list[Problem]]:
+    """Turn a parsed TOML document into a Config, collecting every problem, in file order."""
+    problems = [Problem(line_of(lines, key, 0), unknown_key(key, iter(TABLES))) for key in document if key not in TABLES]
     entries: dict[str, list[dict]] = {}
     for name, table in TABLES.items():
-        if name not in document:
-            entries[name] = []
-            continue
-        found = document[name]
+        found = document.get(name, [])
         if table.array and not isinstance(found, list):
-            problems.append(f"{name}: expected an array of tables ([[{name}]]), found {describe(found)}")
+            problems.append(Problem(line_of(lines, name, 0),
+                                    f"{name}: expected an array of tables ([[{name}]]), found {describe(found)}"))
             found = []
         if not table.array:
-            found = [found]
+            found = [found] if name in document else []
         entries[name] = []
         for number, entry in enumerate(found, 1):
-            where = f"[[{name}]] entry {number}" if table.array else f"[{name}]"
-            before = len(problems)
-            values = check_table(where, table.fields, entry, problems)
-            if len(problems) == before:
-                entries[name].append(values)
-            else:
-                entries[name].append({})  # keeps numbering for the cross-field checks
-    problems.extend(cross_check(entries, control_port))
+            found_here: list[str] = []
+            values = check_table(entry_name(name, number), table.fields, entry, found_here)
+            problems += [Problem(line_of(lines, name, number), problem) for problem in found_here]
+            entries[name].append({} if found_here else values)  # {} keeps numbering for the cross-field checks
+    problems += cross_check(entries, control_port, lines)
     config = Config(
         inbound=tuple(Inbound(**e) for e in entries["inbound_connections"] if e),
         outbound=tuple(Outbound(**e) for e in entries["outbound_connections"] if e),
         log_location=next((LogLocation(**e) for e in entries["log_location"] if e), None),
         limits=next((Limits(**e) for e in entries["limits"] if e), DEFAULT_LIMITS),
+        lines=lines,
     )
-    return config, problems
+    return config, sorted(problems, key=lambda problem: problem.line)  # stable: a line's own order stays
 
 
-def cross_check(entries: dict[str, list[dict]], control_port: int) -> list[str]:
+def cross_check(entries: dict[str, list[dict]], control_port: int, lines: dict[tuple[str, int], int]) -> list[Problem]:
     """The rules that span entries: ports that must be unique."""
     problems = []
 
-    def unique(label: str, uses: list[tuple[str, int]], reserved: dict[int, str]) -> None:
+    def unique(label: str, uses: list[tuple[str, int, str]], reserved: dict[int, str]) -> None:
         seen = dict(reserved)
-        for where, port in uses:
+        for table, number, key in uses:
+            port = entries[table][number - 1][key]
             if port in seen:
-                problems.append(f"{where}: {port} is already used by {seen[port]}; every {label} must be unique")
+                problems.append(Problem(line_of(lines, table, number), f"{entry_name(table, number)}: {key}: {port} is already used by"
+                                              f" {seen[port]}; every {label} must be unique"))
             else:
-                seen[port] = where
+                seen[port] = f"the {key} of {entry_at(lines, table, number)}"
 
-    def ports(table: str, key: str) -> list[tuple[str, int]]:
-        return [(f"[[{table}]] entry {n}: {key}", e[key]) for n, e in enumerate(entries[table], 1) if e]
+    def ports(table: str, key: str) -> list[tuple[str, int, str]]:
+        return [(table, number, key) for number, entry in enumerate(entries[table], 1) if entry]
 
     unique(
         "vsock port",
@@ -489,7 +548,12 @@ def cross_check(entries: dict[str, list[dict]], control_port: int) -> list[str]:
     return problems
 
 
-def loop_warnings(config: Config) -> list[str]:
+def entry_problem(config: Config, table: str, number: int, text: str) -> Problem:
+    """A problem of a checked config's entry, at its line in the file."""
+    return Problem(line_of(config.lines, table, number), f"{entry_name(table, number)}: {text}")
+
+
+def loop_warnings(config: Config) -> list[Problem]:
     """Inbound entries aimed at a port where the enclave half itself listens for outbound traffic.
 
     A warning, not an error: the vendor's own reference file has one (443 both
@@ -497,12 +561,28 @@ def loop_warnings(config: Config) -> list[str]:
     """
     listening = {entry.enclave_port: number for number, entry in enumerate(config.outbound, 1)}
     return [
-        f"[[inbound_connections]] entry {number}: enclave_port: {entry.enclave_port} is where the enclave half"
-        f" listens for [[outbound_connections]] entry {listening[entry.enclave_port]}; inbound traffic to it"
-        " goes back out of the enclave, and the service cannot listen there too"
+        entry_problem(
+            config, "inbound_connections", number,
+            f"enclave_port: {entry.enclave_port} is where the enclave half listens for"
+            f" {entry_at(config.lines, 'outbound_connections', listening[entry.enclave_port])}; inbound traffic"
+            " to it goes back out of the enclave, and the service cannot listen there too",
+        )
         for number, entry in enumerate(config.inbound, 1)
         if entry.enclave_port in listening
     ]
+
+
+def load_configs(*paths: str, control_port: int) -> list[Config]:
+    """Several files, each loaded as load_config does; ConfigError lists the problems of all of them."""
+    configs, problems = [], []
+    for path in paths:
+        try:
+            configs.append(load_config(path, control_port))
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(problems)
+    return configs
 
 
 def require_tomllib() -> None:
@@ -522,7 +602,11 @@ def load_config(path: str, control_port: int) -> Config:
             raise ConfigError([f"{path}: {status.st_size} bytes, more than a configuration file has"
                                f" ({CONFIG_MAX_SIZE} at most)"])
         with open(path, "rb") as file:
-            document = tomllib.load(file)
+            data = file.read(CONFIG_MAX_SIZE + 1)  # the bound again: a file may grow after stat()
+        if len(data) > CONFIG_MAX_SIZE:
+            raise ConfigError([f"{path}: more than a configuration file has ({CONFIG_MAX_SIZE} bytes at most)"])
+        text = data.decode()
+        document = tomllib.loads(text)
     except OSError as error:
         raise ConfigError([f"{path}: cannot read: {error.strerror or error}"]) from None
     except UnicodeDecodeError:
@@ -530,9 +614,9 @@ def load_config(path: str, control_port: int) -> Config:
     except (ValueError, RecursionError) as error:  # tomllib.TOMLDecodeError is a ValueError
         detail = str(error).splitlines()[0] if str(error) else "nested too deeply"
         raise ConfigError([f"{path}: invalid TOML: {detail}"]) from None
-    config, problems = check_document(document, control_port)
+    config, problems = check_document(document, control_port, entry_lines(text, document))
     if problems:
-        raise ConfigError([f"{path}: {problem}" for problem in problems])
+        raise ConfigError([problem.at(path) for problem in problems])
     return config
 
 
@@ -2812,7 +2896,7 @@ class Half:
 
 def run_host(args: argparse.Namespace, config: Config, vsock: Vsock, logs: LogWriter) -> int:
     family = socket.AF_INET if args.ipv4 else socket.AF_INET6 if args.ipv6 else socket.AF_UNSPEC
-    check_literals_match_family(config, family)
+    check_literals_match_family(args.config, config, family)
     vsock.check_available()
     raise_fd_limit()
     half = Half("host", vsock, family, args.threads, config.limits, args.cid, logs)
@@ -2837,7 +2921,7 @@ def reload_host(half: Half, control: ControlServer, running: Config, args: argpa
     notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         config = load_config(args.config, args.control_port)
-        check_literals_match_family(config, family)
+        check_literals_match_family(args.config, config, family)
     except (ConfigError, UsageError, StartError) as error:
         for problem in getattr(error, "problems", [str(error)]):
             log.error("reload: %s", problem)
@@ -2853,14 +2937,16 @@ def reload_host(half: Half, control: ControlServer, running: Config, args: argpa
     notify_systemd(f"READY=1\nSTATUS=reloaded: {summary}")
 
 
-def check_literals_match_family(config: Config, family: int) -> None:
+def check_literals_match_family(path: str, config: Config, family: int) -> None:
     for number, entry in enumerate(config.outbound, 1):
         if not is_ip_literal(entry.hostname) or family == socket.AF_UNSPEC:
             continue
         literal_family = socket.AF_INET6 if ":" in entry.hostname else socket.AF_INET
         if literal_family != family:
             flag = "--ipv4" if family == socket.AF_INET else "--ipv6"
-            raise UsageError(f"[[outbound_connections]] entry {number}: hostname {entry.hostname} cannot be reached with {flag}")
+            problem = entry_problem(config, "outbound_connections", number,
+                                    f"hostname {entry.hostname} cannot be reached with {flag}")
+            raise UsageError(problem.at(path))
 
 
 def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: LogWriter,
@@ -2872,7 +2958,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: Lo
     raise_fd_limit()
     half = Half("enclave", vsock, socket.AF_UNSPEC, args.threads, config.limits, args.parent_cid, logs)
     for warning in loop_warnings(config):
-        log.warning("%s", warning)
+        log.warning("%s", warning.at(args.config))
     try:
         for route in enclave_routes(config, str(args.parent_cid)):
             half.add_route(route)
@@ -2894,10 +2980,12 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: Lo
 
 
 def describe_config(path: str, config: Config, parent_cid: int, control_port: int,
-                    enclave_config: Config | None = None) -> list[str]:
+                    enclave_path: str | None = None, enclave_config: Config | None = None) -> list[str]:
     """What each half does with config; the enclave half's lines from enclave_config when it has its own."""
     lines = [f"{path}: valid"]
-    lines += [f"warning: {warning}" for warning in loop_warnings(enclave_config or config)]  # the enclave's own
+    lines += [  # the enclave half's own: it is the one that listens
+        f"warning: {warning.at(enclave_path or path)}" for warning in loop_warnings(enclave_config or config)
+    ]
     if not (config.inbound or config.outbound):
         lines.append("no connections configured: the halves will only talk to each other")
     lines += [f"host: listen {route.listen} -> {route.target}" for route in host_routes(config, "<enclave CID>")]
@@ -3205,9 +3293,10 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         path = args.path or args.config_option
         if not path:
             raise UsageError("check-config needs a file: qproxy check-config PATH")
-        config = load_config(path, args.control_port)
-        enclave_config = load_config(args.enclave_config, args.control_port) if args.enclave_config else None
-        print("\n".join(describe_config(path, config, args.parent_cid, args.control_port, enclave_config)))
+        config, enclave_config = (load_configs(path, args.enclave_config, control_port=args.control_port) if args.enclave_config
+                                  else (load_config(path, args.control_port), None))
+        print("\n".join(describe_config(path, config, args.parent_cid, args.control_port,
+                                         args.enclave_config, enclave_config)))
         if enclave_config:
             mismatches = config_mismatches(entries_of(config), entries_of(enclave_config))
             if mismatches:

@@ -351,6 +351,7 @@ def test_address_family_flag_against_a_literal_of_the_other_family(capsys, no_st
     code, out, err = cli(capsys, "host", "--config", str(config), flag, "4")
     assert_usage_error(code, err, hostname, flag)
     one_error_line(err)
+    assert f"{config}:1: [[outbound_connections]] entry 1: hostname {hostname} " in err  # where to change it
     starts(capsys, "host", "--config", str(config), "4")  # without the flag the same file is fine
 
 

@@ -102,10 +102,10 @@ def problems_in(path: str, control_port: int = qproxy.DEFAULT_CONTROL_PORT) -> l
 def problems(tmp_path, document: dict | str, control_port: int = qproxy.DEFAULT_CONTROL_PORT) -> list[str]:
     text = document if isinstance(document, str) else to_toml(document)
     path = write(tmp_path, text)
-    # Every complaint names the file, first thing on its line.
+    # Every complaint names the file, first thing on its line, and the line in it where it can.
     found = problems_in(path, control_port)
-    assert all(line.startswith(f"{path}: ") for line in found), found
-    return [line[len(path) + 2:] for line in found]
+    assert all(re.match(re.escape(path) + r"(:[0-9]+)?: ", line) for line in found), found
+    return [re.sub(re.escape(path) + r"(:[0-9]+)?: ", "", line, count=1) for line in found]
 
 
 @pytest.fixture
@@ -542,8 +542,8 @@ def outbound(vsock: int, tcp: int, enclave: int | None = None, hostname: str = "
 def test_vsock_ports_unique_among_inbound(tmp_path):
     found = problems(tmp_path, {"inbound_connections": [inbound(1, 1, 9000), inbound(2, 2, 9000)]})
     assert found == [
-        "[[inbound_connections]] entry 2: vsock_port: 9000 is already used by [[inbound_connections]] entry 1:"
-        " vsock_port; every vsock port must be unique"
+        "[[inbound_connections]] entry 2: vsock_port: 9000 is already used by the vsock_port of"
+        " [[inbound_connections]] entry 1 (line 2); every vsock port must be unique"
     ]
 
 
@@ -551,14 +551,14 @@ def test_vsock_ports_unique_among_outbound(tmp_path):
     found = problems(tmp_path, {"outbound_connections": [outbound(9000, 1), outbound(9001, 2), outbound(9000, 3)]})
     assert len(found) == 1
     assert found[0].startswith("[[outbound_connections]] entry 3: vsock_port: 9000 is already used by"
-                               " [[outbound_connections]] entry 1: vsock_port")
+                               " the vsock_port of [[outbound_connections]] entry 1 (line 2);")
 
 
 def test_vsock_ports_unique_across_inbound_and_outbound(tmp_path):
     found = problems(tmp_path, {"inbound_connections": [inbound(1, 1, 9000)], "outbound_connections": [outbound(9000, 2)]})
     assert len(found) == 1
     assert found[0].startswith("[[outbound_connections]] entry 1: vsock_port: 9000 is already used by"
-                               " [[inbound_connections]] entry 1: vsock_port")
+                               " the vsock_port of [[inbound_connections]] entry 1 (line 2);")
 
 
 @pytest.mark.parametrize("table", ["inbound_connections", "outbound_connections"])
@@ -581,7 +581,7 @@ def test_check_config_takes_the_control_port_from_option_and_environment(check_c
     assert check_config(path)[0] == 0
     code, out, err = check_config(path, "--control-port", "7000")
     assert (code, out) == (2, [])
-    assert err == [f"qproxy: error: {path}: [[inbound_connections]] entry 1: vsock_port: 7000 is already used by"
+    assert err == [f"qproxy: error: {path}:2: [[inbound_connections]] entry 1: vsock_port: 7000 is already used by"
                    " the control port; every vsock port must be unique"]
     clean_env.setenv("QPROXY_CONTROL_PORT", "7000")
     assert check_config(path)[0] == 2
@@ -589,22 +589,22 @@ def test_check_config_takes_the_control_port_from_option_and_environment(check_c
 
 def test_host_ports_unique(tmp_path):
     found = problems(tmp_path, {"inbound_connections": [inbound(80, 1, 9000), inbound(80, 2, 9001)]})
-    assert found == ["[[inbound_connections]] entry 2: host_port: 80 is already used by [[inbound_connections]]"
-                     " entry 1: host_port; every host_port must be unique"]
+    assert found == ["[[inbound_connections]] entry 2: host_port: 80 is already used by the host_port of"
+                     " [[inbound_connections]] entry 1 (line 2); every host_port must be unique"]
 
 
 def test_outbound_enclave_ports_unique(tmp_path):
     found = problems(tmp_path, {"outbound_connections": [outbound(9000, 443, 8443), outbound(9001, 444, 8443)]})
     assert len(found) == 1
     assert found[0].startswith("[[outbound_connections]] entry 2: enclave_port: 8443 is already used by"
-                               " [[outbound_connections]] entry 1: enclave_port")
+                               " the enclave_port of [[outbound_connections]] entry 1 (line 2);")
 
 
 def test_outbound_enclave_port_defaults_count_as_listening_ports(tmp_path):
     found = problems(tmp_path, {"outbound_connections": [outbound(9000, 443), outbound(9001, 443)]})
     assert len(found) == 1
     assert found[0].startswith("[[outbound_connections]] entry 2: enclave_port: 443 is already used by"
-                               " [[outbound_connections]] entry 1: enclave_port")
+                               " the enclave_port of [[outbound_connections]] entry 1 (line 2);")
     # ...and the extension is the way out: same upstream port, another local one.
     assert problems(tmp_path, {"outbound_connections": [outbound(9000, 443), outbound(9001, 443, 8443)]}) == []
     found = problems(tmp_path, {"outbound_connections": [outbound(9000, 443), outbound(9001, 8443, 443)]})
@@ -617,10 +617,29 @@ def test_inbound_to_an_outbound_listening_port_is_a_warning(tmp_path, check_conf
     path = write(tmp_path, to_toml({"inbound_connections": [inbound(80, 5000, 9000)], "outbound_connections": [out]}))
     code, lines, errors = check_config(path)
     assert (code, errors) == (0, [])
-    assert lines[1] == ("warning: [[inbound_connections]] entry 1: enclave_port: 5000 is where the enclave half"
-                        " listens for [[outbound_connections]] entry 1; inbound traffic to it goes back out of the"
-                        " enclave, and the service cannot listen there too")
+    assert lines[1] == (f"warning: {path}:2: [[inbound_connections]] entry 1: enclave_port: 5000 is where the"
+                        " enclave half listens for [[outbound_connections]] entry 1 (line 7); inbound traffic to it"
+                        " goes back out of the enclave, and the service cannot listen there too")
     assert sum(line.startswith("warning:") for line in lines) == 1
+
+
+def test_a_warning_names_the_file_it_comes_from(tmp_path, check_config):
+    """With --enclave-config the loop is the enclave file's, which is the one a warning names."""
+    host = write(tmp_path, to_toml({"inbound_connections": [inbound(80, 5000, 9000)]}), "host.toml")
+    enclave = write(tmp_path, "# the enclave's own copy\n\n" + to_toml(
+        {"inbound_connections": [inbound(80, 5000, 9000)], "outbound_connections": [outbound(9001, 5000)]}
+    ), "enclave.toml")
+    code, lines, errors = check_config(host, "--enclave-config", enclave)
+    assert [line.partition(" [[")[0] for line in lines if line.startswith("warning:")] == [f"warning: {enclave}:4:"]
+
+
+def test_check_config_lists_the_problems_of_both_files(tmp_path, check_config):
+    host = write(tmp_path, to_toml({"inbound_connections": [inbound(0, 5000, 9000)]}), "host.toml")
+    enclave = write(tmp_path, to_toml({"inbound_connections": [inbound(80, 0, 9000)]}), "enclave.toml")
+    code, lines, errors = check_config(host, "--enclave-config", enclave)
+    assert (code, lines) == (2, [])
+    assert [error.partition(" [[")[0] for error in errors] == [f"qproxy: error: {host}:2:",
+                                                                f"qproxy: error: {enclave}:2:"]
 
 
 def test_same_number_in_different_port_spaces_is_fine(tmp_path):
@@ -645,27 +664,74 @@ def test_entries_with_errors_do_not_cascade_into_cross_field_errors(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_all_errors_are_reported_in_file_order(tmp_path):
-    document = {
-        "inbound_connections": [
-            {"host_port": 0, "enclave_port": "80", "vsock_port": 9000},
-            {"host_port": 81, "enclave_port": 81, "vsock_prot": 9001},
-            inbound(82, 82, 9002),
-        ],
-        "outbound_connections": [outbound(9002, 443, hostname="1.2.3")],
-        "log_location": {"log_level": "INFO", "host_log": ""},
-        "extra": {},
-    }
-    assert problems(tmp_path, document) == [
-        "unknown key 'extra'",
-        "[[inbound_connections]] entry 1: host_port: expected an integer from 1 to 65535, found 0",
-        "[[inbound_connections]] entry 1: enclave_port: expected an integer from 1 to 65535, found '80'",
-        "[[inbound_connections]] entry 2: unknown key 'vsock_prot'; did you mean 'vsock_port'?",
-        "[[inbound_connections]] entry 2: vsock_port: missing (required)",
-        "[[outbound_connections]] entry 1: hostname: expected a DNS name or an IP address, found '1.2.3'",
-        "[log_location]: host_log: expected a non-empty string without NUL, found ''",
-        f"[log_location]: log_level: expected one of {LEVEL_CHOICES}, found 'INFO'",
+def test_all_errors_are_reported_in_file_order_with_their_lines(tmp_path):
+    # Tables out of the order the validator checks them in, and one entry between two of another table.
+    path = write(tmp_path, """\
+# problems, each at the line of the entry it names
+[log_location]
+log_level = "INFO"
+host_log = ""
+
+[[inbound_connections]]
+host_port = 0
+enclave_port = "80"
+vsock_port = 9000
+
+[[outbound_connections]]
+hostname = "1.2.3"
+vsock_port = 9002
+tcp_port = 443
+
+[extra]
+
+[[inbound_connections]]
+host_port = 81
+enclave_port = 81
+vsock_prot = 9001
+""")
+    assert problems_in(path) == [
+        f"{path}:2: [log_location]: host_log: expected a non-empty string without NUL, found ''",
+        f"{path}:2: [log_location]: log_level: expected one of {LEVEL_CHOICES}, found 'INFO'",
+        f"{path}:6: [[inbound_connections]] entry 1: host_port: expected an integer from 1 to 65535, found 0",
+        f"{path}:6: [[inbound_connections]] entry 1: enclave_port: expected an integer from 1 to 65535, found '80'",
+        f"{path}:11: [[outbound_connections]] entry 1: hostname: expected a DNS name or an IP address, found '1.2.3'",
+        f"{path}:16: unknown key 'extra'",
+        f"{path}:18: [[inbound_connections]] entry 2: unknown key 'vsock_prot'; did you mean 'vsock_port'?",
+        f"{path}:18: [[inbound_connections]] entry 2: vsock_port: missing (required)",
     ]
+
+
+def test_cross_field_errors_name_both_entries_by_line(tmp_path):
+    path = write(tmp_path, to_toml({"inbound_connections": [inbound(80, 1, 9000), inbound(81, 2, 9000)]}))
+    assert problems_in(path) == [
+        f"{path}:7: [[inbound_connections]] entry 2: vsock_port: 9000 is already used by the vsock_port of"
+        " [[inbound_connections]] entry 1 (line 2); every vsock port must be unique"
+    ]
+
+
+@pytest.mark.parametrize("text, expected_line", [
+    # Top-level keys: the line of the key; dotted keys: the first line that names the table.
+    ("\n\nlog_location = 5\n", 3),
+    ("\nlimits.idle_timeout = -1\nlimits.connect_timeout = 1\n", 2),
+    # A quoted header, and one with spaces, are headers all the same.
+    ("# x\n[[ 'inbound_connections' ]]\nhost_port = 0\nenclave_port = 1\nvsock_port = 1\n", 2),
+    ('[ "limits" ]  # the limits\nidle_timeout = -1\n', 1),
+])
+def test_a_problem_names_the_line_however_the_table_is_written(tmp_path, text, expected_line):
+    path = write(tmp_path, text)
+    found = problems_in(path)
+    assert found and all(line.startswith(f"{path}:{expected_line}: ") for line in found), found
+
+
+def test_lines_that_only_look_like_headers_never_give_a_wrong_line(tmp_path):
+    """A header inside a multi-line string is not where an entry begins: the entry goes without a line
+    rather than with a wrong one.  An inline array's entries have the line of its key."""
+    path = write(tmp_path, '[log_location]\nhost_log = """\n[[inbound_connections]]\n"""\n'
+                           '[[inbound_connections]]\nhost_port = 0\nenclave_port = 1\nvsock_port = 1\n')
+    assert [line.partition(" ")[0] for line in problems_in(path)] == [f"{path}:"]
+    path = write(tmp_path, "outbound_connections = [\n  {hostname = 'a..b', vsock_port = 1, tcp_port = 1},\n"
+                           "  {hostname = 'c..d', vsock_port = 2, tcp_port = 2},\n]\n")
+    assert [line.partition(" ")[0] for line in problems_in(path)] == [f"{path}:1:", f"{path}:1:"]
 
 
 def test_all_cross_field_errors_are_reported(tmp_path):
@@ -676,9 +742,9 @@ def test_all_cross_field_errors_are_reported(tmp_path):
     found = problems(tmp_path, document)
     assert [line.split(" is ")[0] for line in found] == [
         "[[inbound_connections]] entry 2: vsock_port: 9000",
+        "[[inbound_connections]] entry 2: host_port: 80",
         "[[inbound_connections]] entry 3: vsock_port: 6666",
         "[[outbound_connections]] entry 2: vsock_port: 9001",
-        "[[inbound_connections]] entry 2: host_port: 80",
         "[[outbound_connections]] entry 2: enclave_port: 443",
     ]
 
@@ -693,9 +759,9 @@ def test_invalid_config_exit_2_one_line_per_problem(tmp_path):
     result = run_qproxy("check-config", path)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.splitlines() == [
-        f"qproxy: error: {path}: [[inbound_connections]] entry 1: host_port: expected an integer from 1 to 65535,"
+        f"qproxy: error: {path}:1: [[inbound_connections]] entry 1: host_port: expected an integer from 1 to 65535,"
         " found 0",
-        f"qproxy: error: {path}: [[inbound_connections]] entry 1: vsock_port: expected an integer from 1 to"
+        f"qproxy: error: {path}:1: [[inbound_connections]] entry 1: vsock_port: expected an integer from 1 to"
         " 4294967294, found 4294967295",
     ]
 
@@ -782,7 +848,7 @@ def assert_exit_0_or_errors(code: int, out: list[str], err: list[str], path: str
     else:
         assert out == [] and err, (code, err)
         for line in err:
-            assert line.startswith(f"qproxy: error: {path}: "), line
+            assert re.match(re.escape(f"qproxy: error: {path}") + "(:[0-9]+)?: ", line), line
     assert not any("Traceback" in line or "internal error" in line for line in err)
 
 

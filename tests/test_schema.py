@@ -164,7 +164,7 @@ def documents(draw) -> dict:
 @settings(max_examples=300, deadline=None)
 @given(document=documents())
 def test_schema_accepts_exactly_what_qproxy_accepts(document):
-    _, problems = qproxy.check_document(document, CONTROL_PORT)
+    _, problems = qproxy.check_document(document, CONTROL_PORT, {})
     assert not any("already used" in p or "loop" in p for p in problems), problems  # the generator's promise
     schema_errors = [error.message for error in VALIDATOR.iter_errors(document)]
     assert (schema_errors == []) == (problems == []), (problems, schema_errors)
@@ -184,7 +184,7 @@ def comparable(value: object) -> bool:
 def test_schema_agrees_on_every_pinned_value(table, key, value):
     """test_config's valid and invalid values for every field, boundaries included, judged by both."""
     document = test_config.with_value(table, key, value)
-    assert VALIDATOR.is_valid(document) is (qproxy.check_document(document, CONTROL_PORT)[1] == [])
+    assert VALIDATOR.is_valid(document) is (qproxy.check_document(document, CONTROL_PORT, {})[1] == [])
 
 
 @pytest.mark.parametrize("text, valid", [
@@ -196,7 +196,7 @@ def test_hostname_schema(text, valid):
     """A few pinned cases, so a broken hostname schema fails here by name, not only in the property."""
     document = {"outbound_connections": [{"hostname": text, "vsock_port": 7777, "tcp_port": 443}]}
     assert VALIDATOR.is_valid(document) is valid
-    assert (qproxy.check_document(document, CONTROL_PORT)[1] == []) is valid
+    assert (qproxy.check_document(document, CONTROL_PORT, {})[1] == []) is valid
 
 
 @settings(max_examples=300, deadline=None)
