@@ -3025,14 +3025,14 @@ def describe_config(path: str, config: Config, parent_cid: int, control_port: in
 
 
 class CannedService(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """A tiny HTTP service that answers every request with the same body."""
+    """A tiny HTTP service on 127.0.0.1:port (0: any) that answers every request with the same body."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, body: str):
+    def __init__(self, body: str, port: int = 0):
         self.body = body.encode()
-        super().__init__(("127.0.0.1", 0), None)
+        super().__init__(("127.0.0.1", port), None)
 
     def finish_request(self, request: socket.socket, client_address: object) -> None:
         request.settimeout(5)
@@ -3041,6 +3041,22 @@ class CannedService(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 pass  # the request head; the answer does not depend on it
         head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(self.body)}\r\n\r\n"
         request.sendall(head.encode() + self.body)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def unshare_network() -> None:
+    """Give the calling thread a network namespace of its own, with only a loopback interface, down,
+    as an enclave has; sockets it makes and processes it starts are in it.  OSError unless root."""
+    if hasattr(os, "unshare"):  # Python 3.12
+        os.unshare(os.CLONE_NEWNET)
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
 def free_ports(count: int) -> list[int]:
@@ -3079,43 +3095,72 @@ def http_get(port: int, deadline: float) -> str:
 
 
 def run_demo() -> int:
-    """Both halves as processes, one request each way, then a clean stop."""
+    """Both halves as processes, one request each way, then a clean stop.
+
+    What the enclave runs (its half, its service, the app's request out) is
+    started from one thread, the enclave side, which takes a network namespace
+    of its own when it may (root): then the vendor's layout works as it is, one
+    port on both sides of each entry.  Without one the enclave's ports differ
+    from the parent's, which share this machine's network.
+    """
+    import concurrent.futures
     import shutil
     import subprocess
     import tempfile  # the demo's own needs, kept out of the halves' memory
 
     require_tomllib()  # the halves read a config file: say so now, not after waiting for them
     folder = tempfile.mkdtemp(prefix="qproxy-demo-")
-    inside, outside = CannedService("Hello world!"), CannedService("Hello from outside!")
+    enclave_side = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one thread: everything it runs shares it
+
+    def in_enclave(function: Callable, *args, **kwargs) -> object:
+        return enclave_side.submit(function, *args, **kwargs).result()
+
+    try:
+        in_enclave(unshare_network)
+        own_network, why_not = True, ""
+    except (OSError, AttributeError) as error:  # not root, or no namespaces here
+        own_network, why_not = False, getattr(error, "strerror", None) or "not on Linux"
+    host_port, outside_port, app_port = free_ports(3)
+    if own_network:
+        app_port = outside_port  # the vendor's layout: each entry's port the same on both sides
+    inside = in_enclave(CannedService, "Hello world!", host_port if own_network else 0)
+    outside = CannedService("Hello from outside!", outside_port)
     processes: list[subprocess.Popen] = []
     try:
         for service in (inside, outside):
             threading.Thread(target=service.serve_forever, daemon=True).start()
-        host_port, app_port = free_ports(2)
         config = os.path.join(folder, "config_qproxy.toml")
         with open(config, "w") as file:
             file.write(
                 f"[[inbound_connections]]\nhost_port = {host_port}\n"
                 f"enclave_port = {inside.server_address[1]}\nvsock_port = 9995\n\n"
                 f'[[outbound_connections]]\nhostname = "127.0.0.1"\nvsock_port = 7777\n'
-                f"tcp_port = {outside.server_address[1]}\nenclave_port = {app_port}\n"
+                f"tcp_port = {outside_port}\nenclave_port = {app_port}\n"
             )
         environ = dict(os.environ, QPROXY_VSOCK_EMULATION=os.path.join(folder, "vsock"), RUST_LOG="info")
         print(f"demo: folder {folder}, vsock emulated with Unix sockets in {folder}/vsock")
+        if own_network:
+            print("demo: the enclave half and its service run in a network namespace of their own, as in an"
+                  " enclave: the vendor's layout, each entry's port the same on both sides")
+        else:
+            print(f"demo: no network namespace for the enclave half ({why_not}; it takes root), so it shares this"
+                  " machine's network and its ports differ from the parent's; as root the demo runs the vendor's"
+                  " layout, one port on both sides")
         print(f"demo: 'Hello world!' service (in the enclave) on 127.0.0.1:{inside.server_address[1]}")
-        print(f"demo: 'Hello from outside!' service (outside) on 127.0.0.1:{outside.server_address[1]}")
+        print(f"demo: 'Hello from outside!' service (outside) on 127.0.0.1:{outside_port}")
         for role, extra in (("enclave", []), ("host", ["4"])):
             with open(os.path.join(folder, f"{role}.log"), "wb") as logfile:
                 command = [sys.executable, os.path.abspath(__file__), role, "--config", config] + extra
-                processes.append(subprocess.Popen(command, env=environ, stdout=logfile, stderr=logfile))
+                start = in_enclave if role == "enclave" else lambda function, *a, **k: function(*a, **k)
+                processes.append(start(subprocess.Popen, command, env=environ, stdout=logfile, stderr=logfile))
             print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {processes[-1].pid})")
         deadline = time.monotonic() + 15
         answer = http_get(host_port, deadline)
         print(f"demo: inbound:  GET http://127.0.0.1:{host_port}/ -> host half -> vsock 9995 -> enclave half "
               f"-> 127.0.0.1:{inside.server_address[1]}: {answer!r}")
-        answer_out = http_get(app_port, deadline)
+        answer_out = in_enclave(http_get, app_port, deadline)
         print(f"demo: outbound: GET http://127.0.0.1:{app_port}/ (the app) -> enclave half -> vsock 7777 -> host half "
-              f"-> 127.0.0.1:{outside.server_address[1]}: {answer_out!r}")
+              f"-> 127.0.0.1:{outside_port}: {answer_out!r}")
         if (answer, answer_out) != ("Hello world!", "Hello from outside!"):
             raise StartError("a reply was not what the service sent")
         for process in processes:
@@ -3140,6 +3185,7 @@ def run_demo() -> int:
                 process.wait()
         inside.server_close()
         outside.server_close()
+        enclave_side.shutdown()
 
 
 # ---------------------------------------------------------------------------
@@ -3243,7 +3289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "demo", help="Run both halves on this machine over emulated vsock and send a request each way",
-        description="Run the vendor's walk-through on this machine, no enclave needed.",
+        description="Run the vendor's walk-through on this machine, no enclave needed. As root the enclave half"
+                    " gets a network namespace of its own, and each entry one port on both sides, as the vendor's"
+                    " layout has.",
     )
     help_command = commands.add_parser("help", help="Print this message or the help of the given subcommand")
     help_command.add_argument("topic", nargs="?", metavar="COMMAND")

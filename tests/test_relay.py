@@ -377,14 +377,32 @@ def test_enclave_without_the_right_to_raise_loopback_names_the_command(proxy):
 # --- the demo ---------------------------------------------------------------------------
 
 
-def test_demo_runs_the_walkthrough():
-    result = subprocess.run([sys.executable, str(QPROXY), "demo"], capture_output=True, text=True, timeout=60)
+def run_demo(wrapper: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    """The demo's output, and for each request (inbound, outbound) the port asked and the service's port."""
+    result = subprocess.run(wrapper + [sys.executable, str(QPROXY), "demo"], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     assert "'Hello world!'" in result.stdout
     assert "'Hello from outside!'" in result.stdout
     assert "stopped cleanly" in result.stdout
     folder = re.search(r"demo: folder (\S+),", result.stdout).group(1)
     assert not os.path.exists(folder), "a demo that worked leaves nothing behind"
+    return result.stdout, re.findall(r"GET http://127\.0\.0\.1:(\d+)/ .*-> 127\.0\.0\.1:(\d+): ", result.stdout)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace takes root")
+def test_demo_runs_the_vendors_layout_with_the_enclave_in_its_own_network():
+    """Each entry's port the same on both sides: only works if the enclave's listeners are not the host's."""
+    output, ports = run_demo([])
+    assert "in a network namespace of their own" in output
+    assert len(ports) == 2 and all(asked == served for asked, served in ports), output
+
+
+@pytest.mark.skipif(not shutil.which("setpriv") or os.geteuid() != 0, reason="needs root and setpriv")
+def test_demo_without_a_network_namespace_uses_ports_of_its_own():
+    output, ports = run_demo(["setpriv", "--bounding-set=-sys_admin"])  # unshare(CLONE_NEWNET) is then refused
+    assert "no network namespace for the enclave half (Operation not permitted" in output
+    assert len(ports) == 2 and all(asked != served for asked, served in ports), output
 
 
 def test_a_demo_that_fails_keeps_its_folder_and_says_where():
