@@ -30,7 +30,12 @@ Design, in the order the data meets it:
   it is the same code on both transports.
 * Data path.  Raw bytes, no framing, so either half also works against a
   plain relay such as socat.  The accept loop (the main thread) accepts on
-  every listener without blocking; a worker thread dials the far side of each
+  every listener without blocking.  It is this file's own, some forty lines,
+  not socketserver's: a server there owns one listener and decides alone
+  when to accept, where a half must turn between hundreds of listeners, hold
+  back the ones at a limit while the others go on, and keep connections
+  waiting for room in arrival order across them; socketserver's hooks would
+  all be overridden and its cleanup bypassed.  A worker thread dials the far side of each
   admitted connection, which may block on DNS or a slow connect.  Once both
   sockets are open the worker hands them to the reactor and is free for the
   next connection: the reactor, one thread per process, moves the bytes of
@@ -117,18 +122,73 @@ EXIT_FAILED = 3  # a running half stopped on an internal error, logged at CRITIC
 
 DEFAULT_PARENT_CID = 3
 DEFAULT_CONTROL_PORT = 6666
-DEFAULT_MAX_CONNECTIONS = 1024  # per direction of a half (-t): inbound and outbound each
-GRACE_PERIOD = 5.0  # seconds the connections accepted before SIGTERM may finish
-BUFFER_SIZE = 256 * 1024  # one read's worth of bytes, held only while its destination lags
-SPARE_BUFFERS = 4  # freed buffers kept for reuse; the rest go back to the system
-LISTEN_BACKLOG = 1024
-WAITING_PER_LISTENER = LISTEN_BACKLOG  # accepted connections one listener holds while they wait for room
-ACCEPTS_PER_TURN = 64  # connections one listener accepts before the accept loop turns to the others
-SHORTAGE_RETRY = 1.0  # seconds after which a half that ran out of descriptors or threads tries again
-DESCRIPTOR_RESERVE = 16  # descriptors kept free of connections: for the control link, DNS, the log
 # SIGQUIT stops as gracefully as SIGTERM, as nginx's does; the user signals, which would kill, do nothing.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+# ---------------------------------------------------------------------------
+# Bounds: every limit and timing of a half, in one place
+# ---------------------------------------------------------------------------
+# README's Limits table gives each of them, with the [limits] keys of the
+# configuration; tests/test_readme.py holds the two equal.
+#
+# Worst-case memory of a half, beyond the interpreter and this file (about
+# 24 MB resident on CPython 3.11): [limits] buffer_memory (32 MiB by default)
+# plus SPARE_BUFFERS + 1 buffers; about 4 KB of objects per connection open or
+# waiting for room (-t each way, WAITING_PER_LISTENER per listener); up to
+# LOG_QUEUE records waiting for a stalled log writer, about 0.6 KB each, or
+# 4.7 KB each for the enclave's records on the host half (up to ~47 MB);
+# LOG_BACKLOG records of LOG_MESSAGE_MAX characters in the enclave half; and
+# one CONTROL_MAX_MESSAGE a control connection.  Socket buffers are the kernel's.
+
+# Connections
+DEFAULT_MAX_CONNECTIONS = 1024  # per direction of a half (-t): inbound and outbound each
+LISTEN_BACKLOG = 1024  # connections the kernel holds for a listener before the half accepts them
+WAITING_PER_LISTENER = LISTEN_BACKLOG  # accepted connections one listener holds while they wait for room
+ACCEPTS_PER_TURN = 64  # connections one listener accepts before the accept loop turns to the others
+DESCRIPTOR_RESERVE = 16  # descriptors kept free of connections: for the control link, DNS, the log
+SHORTAGE_RETRY = 1.0  # seconds after which a half that ran out of descriptors or threads tries again
+SETUP_THREAD_IDLE = 5.0  # seconds a setup thread without work lives on, so a burst leaves no threads behind
+
+# Memory
+BUFFER_SIZE = 256 * 1024  # one read's worth of bytes, held only while its destination lags
+SPARE_BUFFERS = 4  # freed buffers kept for reuse; the rest go back to the system
+CONFIG_MAX_SIZE = 1024 * 1024  # bytes; a bigger file is not a configuration (/dev/zero, a log)
+
+# Time
+GRACE_PERIOD = 5.0  # seconds the connections accepted before SIGTERM may finish
+CUT_WAIT = 1.0  # seconds a stop waits for the connections it cut to be closed
+IDLE_SWEEP = (0.05, 1.0)  # seconds between looks for idle connections: a quarter of idle_timeout, within these
+
+# Logging
+LOG_QUEUE = 10_000  # records waiting for the log writer; more are dropped and counted
+LOG_DRAIN = 1.0  # seconds a stopping half gives the log writer to write what waits
+LOG_DRAIN_POLL = 0.01  # seconds between a stopping half's looks at whether its log is written
+LOG_ERROR_REPORT = 60.0  # seconds between the lines on stderr that say a log cannot be written
+WARNING_INTERVAL = 10.0  # seconds between two warnings of one recurring problem; the ones between are counted
+
+# Control link
+CONTROL_MAX_MESSAGE = 64 * 1024  # bytes of one message, and of one read
+CONTROL_HELLO_TIMEOUT = 10.0  # seconds for a whole hello, however slowly its bytes come
+CONTROL_MAX_UNGREETED = 8  # control connections that have not said hello yet, at once
+CONTROL_HELLO_INTERVAL = 1.0  # seconds between the hellos the host half answers: a redial loop floods no log
+CONTROL_MISMATCHES_LOGGED = 20  # config mismatches logged one by one for a hello; the rest are counted
+CONTROL_VALUE_SHOWN = 100  # characters of a value from the other half that its log lines show
+CONTROL_RETRY = (0.1, 5.0)  # seconds between the enclave half's dials of the host half: doubling, within these
+HEARTBEAT_INTERVAL = 5.0  # seconds between the heartbeats a half sends; announced in its hello
+HEARTBEAT_RANGE = (1.0, 3600.0)  # the other's announced interval, kept within this: no log-flooding flaps
+SILENT_AFTER = 3  # heartbeat intervals without a word before the other half counts as silent
+ACK_POLL = 0.05  # seconds between the host half's looks at whether the log records it took are written yet
+LOG_BACKLOG = 1000  # enclave log records kept while no host half listens; older ones are dropped
+STOP_RECORDS_WAIT = 1.0  # seconds a stopping enclave half gives the host half to take its last records
+# Characters of one forwarded log message; the rest is cut.  JSON spends at most
+# 12 bytes on a character (an escaped surrogate pair), so a record stays well
+# within CONTROL_MAX_MESSAGE.
+LOG_MESSAGE_MAX = 4096
+# What a half takes from the other on a greeted link in a second; the rest waits in the socket,
+# so the other half is held back, not this one's CPU spent (a whole log backlog in half a second).
+CONTROL_MESSAGE_RATE = 2 * LOG_BACKLOG
+CONTROL_BYTE_RATE = 1024 * 1024
 
 log = logging.getLogger("qproxy")
 
@@ -175,7 +235,6 @@ HOSTNAME_PATTERN = (
 # ...whose last label is not all digits: "10.1.2" is no name, and no address either.
 NUMERIC_NAME_PATTERN = r"(^|\.)[0-9]+\.?$"
 HOSTNAME_MAX_LENGTH = 253
-CONFIG_MAX_SIZE = 1024 * 1024  # bytes; a bigger file is not a configuration (/dev/zero, a log)
 
 
 # Records are namedtuples, not dataclasses: importing dataclasses (and typing,
@@ -659,11 +718,6 @@ def level_from_rust_log(value: str) -> str:
     return chosen[1] if chosen else "warn"
 
 
-LOG_QUEUE = 10_000  # records waiting for the log writer; more are dropped and counted
-LOG_DRAIN = 1.0  # seconds a stopping half gives the log writer to write what waits
-LOG_ERROR_REPORT = 60.0  # seconds between the lines on stderr that say a log cannot be written
-
-
 def setup_logging(role: str, config: Config, environ: dict) -> LogWriter:
     """Send records to the configured file, or to stderr when there is none or it cannot be written,
     through a bounded queue and one writer thread; the host half also writes the enclave's copy."""
@@ -782,7 +836,7 @@ class LogWriter(logging.handlers.QueueListener):
         while self.queue.unfinished_tasks:
             if time.monotonic() >= end:
                 return False
-            time.sleep(0.01)
+            time.sleep(LOG_DRAIN_POLL)
         return True
 
     def drain(self) -> bool:
@@ -1055,8 +1109,6 @@ def resetting(sock: socket.socket) -> None:
 class Throttle:
     """At most one warning a while for a recurring problem, counting the ones held back."""
 
-    INTERVAL = 10.0  # seconds
-
     def __init__(self):
         self.lock = threading.Lock()
         self.last: dict[str, float] = {}
@@ -1066,7 +1118,7 @@ class Throttle:
         """How many times key was held back since its last report, or None (and counted) while that is recent."""
         now = time.monotonic()
         with self.lock:
-            if key in self.last and now - self.last[key] < self.INTERVAL:
+            if key in self.last and now - self.last[key] < WARNING_INTERVAL:
                 self.held[key] += 1
                 return None
             self.last[key] = now
@@ -1370,12 +1422,10 @@ class Workers:
 
     Starting a thread costs more than the rest of a short connection's setup,
     and threading.Thread.start() would also hold the accept loop until the new
-    thread runs.  A worker idle for IDLE_SECONDS ends, so a burst leaves no
+    thread runs.  A worker idle for SETUP_THREAD_IDLE ends, so a burst leaves no
     threads behind.  A job's own errors are its business (it logs them and
     cleans up); an error in the pool itself ends the half through ``fail``.
     """
-
-    IDLE_SECONDS = 5.0
 
     def __init__(self, fail: Callable[[str], None]):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -1402,7 +1452,7 @@ class Workers:
     def work(self) -> None:
         while True:
             try:
-                job, args = self.jobs.get(timeout=self.IDLE_SECONDS)
+                job, args = self.jobs.get(timeout=SETUP_THREAD_IDLE)
             except queue.Empty:
                 with self.lock:
                     if self.idle:  # no queued job counts on this worker: it may end
@@ -1812,7 +1862,7 @@ class Reactor(threading.Thread):
         self.selector.register(self.wakeup.reader, READ)
         self.idle_timeout = idle_timeout  # 0: never
         # A connection is cut between idle_timeout and idle_timeout + sweep_interval after its last byte.
-        self.sweep_interval = min(max(idle_timeout / 4, 0.05), 1.0) if idle_timeout else None
+        self.sweep_interval = min(max(idle_timeout / 4, IDLE_SWEEP[0]), IDLE_SWEEP[1]) if idle_timeout else None
         self.cutting = False  # set once, when a stop's grace period ends: every connection is cut
 
     def add(self, connection: Connection) -> None:
@@ -1908,25 +1958,6 @@ class Reactor(threading.Thread):
 # ---------------------------------------------------------------------------
 
 CONTROL_PROTOCOL = 2
-CONTROL_MAX_MESSAGE = 64 * 1024
-CONTROL_HELLO_TIMEOUT = 10.0  # seconds for a whole hello, however slowly its bytes come
-CONTROL_MAX_UNGREETED = 8  # control connections that have not said hello yet, at once
-CONTROL_HELLO_INTERVAL = 1.0  # seconds between the hellos the host half answers: a redial loop floods no log
-CONTROL_MISMATCHES_LOGGED = 20  # config mismatches logged one by one for a hello; the rest are counted
-CONTROL_RETRY_MAX = 5.0
-HEARTBEAT_INTERVAL = 5.0  # seconds between the heartbeats a half sends; announced in its hello
-ACK_POLL = 0.05  # seconds between the host half's looks at whether the log records it took are written yet
-HEARTBEAT_RANGE = (1.0, 3600.0)  # the other's announced interval, kept within this: no log-flooding flaps
-SILENT_AFTER = 3  # heartbeat intervals without a word before the other half counts as silent
-LOG_BACKLOG = 1000  # enclave log records kept while no host half listens; older ones are dropped
-# Characters of one forwarded log message; the rest is cut.  JSON spends at most
-# 12 bytes on a character (an escaped surrogate pair), so a record stays well
-# within CONTROL_MAX_MESSAGE.
-LOG_MESSAGE_MAX = 4096
-# What a half takes from the other on a greeted link in a second; the rest waits in the socket,
-# so the other half is held back, not this one's CPU spent (a whole log backlog in half a second).
-CONTROL_MESSAGE_RATE = 2 * LOG_BACKLOG
-CONTROL_BYTE_RATE = 1024 * 1024
 
 
 def encode_message(message: dict) -> bytes:
@@ -1955,7 +1986,7 @@ class MessageReader:
 
     def receive(self) -> int:
         """Take what one recv() gives; how many bytes that was, 0 at EOF."""
-        chunk = self.sock.recv(65536)
+        chunk = self.sock.recv(CONTROL_MAX_MESSAGE)
         if not chunk:
             if self.pending:
                 raise ValueError("a message cut short")
@@ -2225,7 +2256,7 @@ def one_line(text: str) -> str:
 
 def told(value: object) -> str:
     """Something the other half said, short and fit for one line of this half's log."""
-    return one_line(str(value)[:100])
+    return one_line(str(value)[:CONTROL_VALUE_SHOWN])
 
 
 class LogOutbox(logging.Handler):
@@ -2507,7 +2538,7 @@ class ControlClient(threading.Thread):
         self.linked = False  # whether a host half is listening now
 
     def run(self) -> None:
-        delay = 0.1
+        delay = CONTROL_RETRY[0]
         while not self.stopping.is_set():
             try:
                 sock = self.vsock.connect(self.parent_cid, self.port, CONTROL_HELLO_TIMEOUT)
@@ -2516,13 +2547,13 @@ class ControlClient(threading.Thread):
             else:
                 try:
                     if self.talk(sock):
-                        delay = 0.1  # back-off starts afresh only after a link that lasted
+                        delay = CONTROL_RETRY[0]  # back-off starts afresh only after a link that lasted
                 except Exception as error:  # a bug, not the peer's doing: log it and dial again
                     log.error("control: unexpected error on the link to the host half: %s", reason(error))
                     log.debug("control: traceback", exc_info=True)
             # Wait even after a connection: one the host half closes at once must not become a busy loop.
             self.stopping.wait(delay)
-            delay = min(delay * 2, CONTROL_RETRY_MAX)
+            delay = min(delay * 2, CONTROL_RETRY[1])
 
     def on_message(self, message: dict) -> None:
         if message["type"] == "ack" and self.outbox:
@@ -2772,7 +2803,7 @@ class Half:
                 log.warning("grace period over: cutting %d open connections", len(self.admission.live))
                 self.admission.cut_waiting()
                 self.relayer.reactor.cut_all()
-                end = time.monotonic() + 1.0
+                end = time.monotonic() + CUT_WAIT
                 self.serve(until=lambda: not self.admission.live or time.monotonic() >= end, deadline=end)
         except Exception:
             self.fail("the accept loop")
@@ -2970,7 +3001,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: Lo
     control.start()
     code = half.run()
     if outbox and control.linked:
-        outbox.wait_sent(1.0)  # the records of the stop itself, for the host half
+        outbox.wait_sent(STOP_RECORDS_WAIT)  # the records of the stop itself, for the host half
     return code
 
 

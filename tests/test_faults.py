@@ -25,8 +25,8 @@ from test_relay import connect, exchange, process_counts
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count descriptors and threads")
 
-# Worker threads outlive their last job by IDLE_SECONDS, so counts settle only after that.
-SETTLE = qproxy.Workers.IDLE_SECONDS + DEADLINE
+# Worker threads outlive their last job by SETUP_THREAD_IDLE, so counts settle only after that.
+SETTLE = qproxy.SETUP_THREAD_IDLE + DEADLINE
 QUIET = 0.5  # seconds without progress after which a sender counts as blocked
 FLOOD = 200 * 1024 * 1024  # what a flooding sender offers: far more than every buffer on the way holds
 # qproxy holds at most one BUFFER_SIZE (256 KiB) buffer per direction of a connection, plus a few

@@ -1,4 +1,5 @@
-"""README.md's "Configuration reference" says what qproxy.TABLES says.
+"""README.md's "Configuration reference" says what qproxy.TABLES says, and its
+"Limits" table what the Bounds block of qproxy.py says.
 
 One markdown table per TOML table, under a heading naming it (``[[name]]`` for
 an array of tables, ``[name]`` for a table), columns ``key | type | default |
@@ -93,3 +94,77 @@ def test_rows_match_fields(name):
         if field.kind == "log_level":
             assert all(f"`{level}`" in row[1] for level in qproxy.LOG_LEVELS), row
         assert row[3] == field.description, key
+
+
+# ---------------------------------------------------------------------------
+# The Limits section: its table and the "Bounds" block of qproxy.py
+# ---------------------------------------------------------------------------
+
+LIMITS = "## Limits"
+
+
+def limits_table() -> list[list[str]]:
+    """The rows of README's Limits table: (limit, default, how to change it)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n{LIMITS}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [cells(line) for line in section.splitlines() if line.startswith("|")]
+    assert rows[0] == ["limit", "default", "how to change it"]
+    return rows[2:]
+
+
+def bounds_block() -> dict[str, object]:
+    """Every constant of qproxy.py's Bounds block, by name."""
+    source = (ROOT / "qproxy.py").read_text(encoding="utf-8")
+    parts = re.split(r"^# -{20,}$", source, flags=re.M)  # a section's heading, then its text, then the next
+    block = parts[1 + [part.strip() for part in parts].index("# Bounds: every limit and timing of a half, in one place")]
+    return {name: getattr(qproxy, name) for name in re.findall(r"^([A-Z][A-Z_]+) = ", block, re.M)}
+
+
+def renderings(value: object) -> list[str]:
+    """The ways README writes a value: 1024 or 1,024; 64 KiB; 5 s, or 50 ms below a second."""
+    if isinstance(value, float):
+        return [f"{value:g} s"] + ([f"{value * 1000:g} ms"] if value < 1 else [])
+    found = [str(value), f"{value:,}"]
+    for unit, size in (("KiB", 1024), ("MiB", 1024 * 1024)):
+        if value % size == 0:
+            found.append(f"{value // size} {unit}")
+    return found
+
+
+NUMBER_BEFORE, NUMBER_AFTER = r"(?<![\d.])(?<!\d,)", r"(?!,?\d)"  # no more of the number either side
+
+
+def shows(cell: str, value: object) -> bool:
+    """Whether cell gives value as a number of its own (not the 1 of 0.1 s or of 16)."""
+    values = value if isinstance(value, tuple) else (value,)
+    return all(
+        any(re.search(NUMBER_BEFORE + re.escape(text) + NUMBER_AFTER, cell) for text in renderings(item))
+        for item in values
+    )
+
+
+def test_the_limits_table_names_every_bound_and_no_other():
+    named = [name for row in limits_table() for name in re.findall(r"`([A-Z][A-Z_]+)`", row[2])]
+    assert sorted(named) == sorted(bounds_block())
+    assert len(named) == len(set(named)), "a bound in two rows"
+
+
+@pytest.mark.parametrize("name", sorted(bounds_block()))
+def test_the_limits_table_gives_each_bound_its_value(name):
+    value = bounds_block()[name]
+    row = next(row for row in limits_table() if f"`{name}`" in row[2])
+    assert shows(row[1], value), f"{name} = {value!r}, but README says {row[1]!r}"
+
+
+CONFIGURED = [(table, key) for table in ("limits", "log_location") for key, field in qproxy.TABLES[table].fields.items()
+              if field.kind in ("seconds", "mebibytes", "count")]
+
+
+@pytest.mark.parametrize("table, key", CONFIGURED)
+def test_the_limits_table_gives_each_configured_bound_its_default(table, key):
+    field = qproxy.TABLES[table].fields[key]
+    rows = [row for row in limits_table() if re.search(rf"`(\[{table}\] )?{key}`", row[2])]
+    assert len(rows) == 1, f"[{table}] {key}: in {len(rows)} rows of the Limits table"
+    if field.default:  # 0 turns the bound off, which each row says in words
+        unit = {"seconds": " s", "mebibytes": " MiB"}.get(field.kind, "")
+        assert re.search(NUMBER_BEFORE + f"{field.default:g}{unit}" + NUMBER_AFTER, rows[0][1]), (key, rows[0][1])

@@ -455,10 +455,10 @@ def test_fds_and_threads_return_to_baseline_after_a_burst(proxy, echo_server):
     assert all(busy[pid][0] >= baseline[pid][0] + 120 for pid in halves), (baseline, busy)  # 2 fds a connection
     for sock in sockets:
         sock.close()
-    # Connections close at once; setup threads end after Workers.IDLE_SECONDS without work.
+    # Connections close at once; setup threads end after SETUP_THREAD_IDLE without work.
     import qproxy
     wait_for(lambda: all(process_counts(pid) == baseline[pid] for pid in halves),
-             "descriptors and threads back to their baseline", timeout=qproxy.Workers.IDLE_SECONDS + DEADLINE)
+             "descriptors and threads back to their baseline", timeout=qproxy.SETUP_THREAD_IDLE + DEADLINE)
 
 
 def cpu_seconds(pid: int) -> float:
