@@ -1956,6 +1956,13 @@ class Reactor(threading.Thread):
 # ---------------------------------------------------------------------------
 # Control channel: hello, heartbeats, the enclave's log records
 # ---------------------------------------------------------------------------
+# What a peer on the control link can cause, and no more: log lines, escaped by
+# one_line() and cut, at most CONTROL_MESSAGE_RATE messages and CONTROL_BYTE_RATE
+# bytes a second; the interval its heartbeats are expected at, within
+# HEARTBEAT_RANGE; the host half's systemd status text, naming the enclave
+# half's version; in the enclave half, the confirmation of log records the host
+# half says it wrote.  No message opens, closes or changes a data connection, a
+# listener or the configuration: the data path never reads this section.
 
 CONTROL_PROTOCOL = 2
 
@@ -2240,7 +2247,11 @@ def config_mismatches(host: dict, enclave: dict) -> list[str]:
     return problems
 
 
-# The enclave half's log, forwarded: kept in the enclave while no host half listens, written on the host.
+# ---------------------------------------------------------------------------
+# Log forwarding: the enclave half's records, kept in the enclave while no host
+# half listens, escaped, sent over the control link and written on the host
+# ---------------------------------------------------------------------------
+
 
 def one_line(text: str) -> str:
     """text with the backslash and every character that is not printable escaped, as Python
@@ -2389,6 +2400,11 @@ class EnclaveLog:
         record.enclave_time = when
         self.handler.handle(record)
         return True
+
+
+# ---------------------------------------------------------------------------
+# Control: the host half's end of the link, and the enclave half's
+# ---------------------------------------------------------------------------
 
 
 class ControlServer:

@@ -9,6 +9,7 @@ description``, one row per key in TABLES order.  A default cell is "required",
 
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
@@ -168,3 +169,45 @@ def test_the_limits_table_gives_each_configured_bound_its_default(table, key):
     if field.default:  # 0 turns the bound off, which each row says in words
         unit = {"seconds": " s", "mebibytes": " MiB"}.get(field.kind, "")
         assert re.search(NUMBER_BEFORE + f"{field.default:g}{unit}" + NUMBER_AFTER, rows[0][1]), (key, rows[0][1])
+
+
+# ---------------------------------------------------------------------------
+# SECURITY.md: the audit guide names functions that exist, and paths as long as it says
+# ---------------------------------------------------------------------------
+
+
+def definitions() -> dict[str, int]:
+    """Every top-level function and class of qproxy.py, and every method as Class.method: its length in lines."""
+    tree = ast.parse((ROOT / "qproxy.py").read_text(encoding="utf-8"))
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found[node.name] = node.end_lineno - node.lineno + 1
+            for member in node.body if isinstance(node, ast.ClassDef) else ():
+                if isinstance(member, ast.FunctionDef):
+                    found[f"{node.name}.{member.name}"] = member.end_lineno - member.lineno + 1
+    return found
+
+
+def audit_paths() -> dict[str, tuple[int, list[str]]]:
+    """Each guarantee of SECURITY.md: (the length it states, the functions its bullets begin with)."""
+    text = (ROOT / "SECURITY.md").read_text(encoding="utf-8")
+    paths = {}
+    for part in text.split("\n### ")[1:]:
+        heading, body = part.split("\n", 1)
+        stated = re.search(r"\(([0-9]+) lines\):", body)
+        assert stated, f"{heading}: says not how long its path is"
+        names = [name for line in body.splitlines() if line.startswith("- ")
+                 for name in re.findall(r"`([\w.]+)`", line.partition(": ")[0])]
+        paths[heading] = (int(stated.group(1)), names)
+    assert len(paths) == 3
+    return paths
+
+
+@pytest.mark.parametrize("heading", sorted(audit_paths()))
+def test_the_audit_guide_names_only_what_exists_and_says_how_long_it_is(heading):
+    stated, names = audit_paths()[heading]
+    lengths = definitions()
+    assert names and [name for name in names if name not in lengths] == []
+    actual = sum(lengths[name] for name in names)
+    assert abs(actual - stated) <= max(10, actual // 10), f"{heading}: {stated} lines stated, {actual} to read"
