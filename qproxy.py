@@ -223,7 +223,17 @@ SECONDS_RANGE = (0, 86400)  # a timeout; 0 turns it off
 MEBIBYTES_RANGE = (1, 65536)
 INTEGER_RANGES = {"tcp_port": TCP_PORT_RANGE, "vsock_port": VSOCK_PORT_RANGE, "count": COUNT_RANGE,
                   "mebibytes": MEBIBYTES_RANGE}
-LOG_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
+# The log levels, as the file and RUST_LOG name them, in the order of tracing's numbers (0 off ... 5 trace).
+TRACE = 5
+LEVEL_NUMBERS = {
+    "off": logging.CRITICAL + 10,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+    "trace": TRACE,
+}
+LOG_LEVELS = tuple(LEVEL_NUMBERS)
 
 # A DNS name: dot-separated labels of letters, digits, '_' and '-', neither
 # first nor last character a hyphen, at most 63 characters a label.  The
@@ -683,15 +693,6 @@ def load_config(path: str, control_port: int) -> Config:
 # Logging
 # ---------------------------------------------------------------------------
 
-TRACE = 5
-LEVEL_NUMBERS = {
-    "off": logging.CRITICAL + 10,
-    "error": logging.ERROR,
-    "warn": logging.WARNING,
-    "info": logging.INFO,
-    "debug": logging.DEBUG,
-    "trace": TRACE,
-}
 
 
 def level_from_rust_log(value: str) -> str:
@@ -2381,8 +2382,9 @@ class EnclaveLog:
     than about 2.5 MiB a second to the parent's disk.
     """
 
-    LEVELS = {"ERROR": logging.ERROR, "WARN": logging.WARNING, "INFO": logging.INFO, "DEBUG": logging.DEBUG,
-              "TRACE": TRACE}
+    # A record's level as its line shows it (setup_logging names WARNING "WARN"); CRITICAL is a failing half's.
+    LEVELS = {"CRITICAL": logging.CRITICAL, **{name.upper(): number for name, number in LEVEL_NUMBERS.items()
+                                                if name != "off"}}
     TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 
     NAME = "qproxy.enclave"  # the logger name of its records, which setup_logging's handlers tell apart
@@ -3045,8 +3047,8 @@ def describe_config(path: str, config: Config, parent_cid: int, control_port: in
     where = config.log_location
     if where:
         lines.append(
-            f"log: host {os.path.join(where.host_log_dir, where.host_log)}, "
-            f"enclave {os.path.join(where.enclave_log_dir, where.enclave_log)}, level {where.log_level}, "
+            f"log: host {log_path(config, 'host', 'host')}, "
+            f"enclave {log_path(config, 'enclave', 'enclave')}, level {where.log_level}, "
             + (f"rotated at {where.log_max_size} MiB, {where.log_backups} kept" if where.log_backups
                else "never rotated by qproxy")
         )

@@ -421,6 +421,23 @@ def test_a_forwarded_record_cannot_forge_a_host_log_line(proxy, tmp_path):
         peer.close()
 
 
+def test_a_record_of_every_level_an_enclave_half_logs_is_written(proxy, tmp_path):
+    """CRITICAL included: the line a failing enclave half logs last is the one most worth having."""
+    proxy.write_config(log_location(tmp_path / "logs"))
+    proxy.start("host", ready=False)
+    wait_ready(tmp_path / "logs" / "host" / "host.log", "host")
+    peer = as_enclave(proxy, 5, no_entries())
+    levels = ["CRITICAL", "ERROR", "WARN", "INFO", "DEBUG", "TRACE"]
+    try:
+        for level in levels:
+            peer.send(type="log", time="2026-11-27T10:00:00.000Z", level=level, message=f"at {level}")
+        copy = tmp_path / "logs" / "host" / "enclave.log"
+        wait_for(lambda: copy.exists() and "at TRACE" in copy.read_text(), "the records on the host")
+        assert [line.split()[1] for line in copy.read_text().splitlines()] == levels
+    finally:
+        peer.close()
+
+
 @pytest.mark.parametrize("bad", [
     {"level": [], "time": "2026-11-27T10:00:00.000Z", "message": "unhashable level"},
     {"level": "LOUD", "time": "2026-11-27T10:00:00.000Z", "message": "no such level"},
