@@ -474,7 +474,7 @@ def unknown_key(key: str, known: Iterator[str]) -> str:
 
 
 def check_table(where: str, fields: dict, entry: object, problems: list[str]) -> dict:
-    """The entry's values with defaults filled in; what is wrong goes to problems."""
+    """The entry's valid values, defaults filled in; what is wrong goes to problems (and its key is left out)."""
     if not isinstance(entry, dict):
         problems.append(f"{where}: expected a table, found {describe(entry)}")
         return {}
@@ -487,11 +487,14 @@ def check_table(where: str, fields: dict, entry: object, problems: list[str]) ->
             problem = check_value(field, entry[key])
             if problem:
                 problems.append(f"{where}: {key}: {problem}")
-            values[key] = entry[key]
+            else:
+                values[key] = entry[key]
         elif field.required:
             problems.append(f"{where}: {key}: missing (required)")
-        else:
-            values[key] = entry.get(field.same_as) if field.same_as else field.default
+        elif not field.same_as:
+            values[key] = field.default
+        elif field.same_as in values:
+            values[key] = values[field.same_as]
     return values
 
 
@@ -505,46 +508,55 @@ class Problem(collections.namedtuple("Problem", "line text")):
         return f"{path}:{self.line}: {self.text}" if self.line else f"{path}: {self.text}"
 
 
-# A top-level table's header, [name] or [[name]], its name bare or quoted; and any header at all.
+# A line that looks like a table's header, [name] or [[name]], its name bare or quoted; one that looks
+# like a key, name = value or name.key = value; and keys no configuration has, which mark a line.
 TABLE_HEADER = re.compile(r"""[ \t]*\[\[?[ \t]*(["']?)([A-Za-z0-9_-]+)\1[ \t]*\]""")
-ANY_HEADER = re.compile(r"[ \t]*\[")
-# A top-level key, name = value or name.key = value, before the first header.
-TOP_LEVEL_KEY = re.compile(r"""[ \t]*(["']?)([A-Za-z0-9_-]+)\1[ \t]*[.=]""")
+KEY_LINE = re.compile(r"""[ \t]*(["']?)([A-Za-z0-9_-]+)\1[ \t]*[.=]""")
+LINE_MARK = re.compile(r"qproxy (header|key) at line ([0-9]+)")
 
 
-def entry_lines(text: str, document: dict) -> dict[tuple[str, int], int]:
+def entry_lines(text: str) -> dict[tuple[str, int], int]:
     """The line where each entry of the file begins, by (table name, entry number from 1); entry
     number 0 is where the table's name first appears, as a header or as a top-level key.
 
-    tomllib keeps no lines, so they are read off the text.  A line that only
-    looks like a header (inside a multi-line string) makes a table's headers
-    and entries differ in number; such a table's entries go without lines
-    rather than with wrong ones.  An inline array's entries have the line of its key.
+    tomllib keeps no lines.  So a copy of the text is parsed with a marker key
+    naming its line after each line that looks like a header, and before each
+    that looks like a top-level key.  A marker that tomllib puts in an entry, or
+    at the top level, says where that entry or key is; one next to a line that
+    only looks like a header or a key (inside a multi-line string) lands in the
+    string and says nothing.  A copy that does not parse gives no lines: none
+    rather than a wrong one.
     """
-    headers: dict[str, list[int]] = collections.defaultdict(list)
-    keys: dict[str, int] = {}
-    top_level = True
-    for number, line in enumerate(text.split("\n"), 1):  # TOML's newline; splitlines() knows more
-        header = TABLE_HEADER.match(line)
-        if header:
-            headers[header.group(2)].append(number)
-        top_level = top_level and not ANY_HEADER.match(line)
-        key = TOP_LEVEL_KEY.match(line) if top_level else None
-        if key:
-            keys.setdefault(key.group(2), number)
-    lines = {}
+    source = text.split("\n")  # TOML's newline; splitlines() knows more
+    marked, top_level = [], True
+    for number, line in enumerate(source, 1):
+        if TABLE_HEADER.match(line):
+            marked += [line, f'"qproxy header at line {number}" = true']
+            top_level = False
+        elif top_level and KEY_LINE.match(line):
+            marked += [f'"qproxy key at line {number}" = true', line]
+        else:
+            marked.append(line)
+    try:
+        document = tomllib.loads("\n".join(marked))
+    except ValueError:
+        return {}
+
+    def marks(table: object, kind: str) -> list[int]:
+        found = (LINE_MARK.fullmatch(key) for key in (table if isinstance(table, dict) else ()))
+        return sorted(int(mark.group(2)) for mark in found if mark and mark.group(1) == kind)
+
+    lines = {(KEY_LINE.match(source[number - 1]).group(2), 0): number for number in reversed(marks(document, "key"))}
     for name, found in document.items():
-        if name in keys:
-            lines[(name, 0)] = keys[name]
-        elif name in headers and len(headers[name]) == (len(found) if isinstance(found, list) else 1):
-            lines[(name, 0)] = headers[name][0]
-            lines.update(((name, entry), line) for entry, line in enumerate(headers[name], 1))
+        for entry, table in enumerate(found if isinstance(found, list) else [found], 1):
+            header = marks(table, "header")
+            if header:
+                lines[(name, entry)] = header[0]
+            elif (name, 0) in lines:  # an inline array's entries, or a table of dotted keys: where its key is
+                lines[(name, entry)] = lines[(name, 0)]
+        if (name, 1) in lines:
+            lines.setdefault((name, 0), lines[(name, 1)])
     return lines
-
-
-def line_of(lines: dict[tuple[str, int], int], table: str, number: int) -> int:
-    """The line of an entry, or of its table's name when the entry's own is not known; 0: neither."""
-    return lines.get((table, number)) or lines.get((table, 0), 0)
 
 
 def entry_name(table: str, number: int) -> str:
@@ -553,18 +565,18 @@ def entry_name(table: str, number: int) -> str:
 
 def entry_at(lines: dict[tuple[str, int], int], table: str, number: int) -> str:
     """An entry named for a reader who looks for it: with its line, where it has one."""
-    line = line_of(lines, table, number)
+    line = lines.get((table, number), 0)
     return entry_name(table, number) + (f" (line {line})" if line else "")
 
 
 def check_document(document: dict, control_port: int, lines: dict[tuple[str, int], int]) -> tuple[Config, list[Problem]]:
-    """Turn a parsed TOML document into a Config, collecting every problem, in file order."""
-    problems = [Problem(line_of(lines, key, 0), unknown_key(key, iter(TABLES))) for key in document if key not in TABLES]
+    """Turn a parsed TOML document into a Config; or, when it has any, every problem, in file order."""
+    problems = [Problem(lines.get((key, 0), 0), unknown_key(key, iter(TABLES))) for key in document if key not in TABLES]
     entries: dict[str, list[dict]] = {}
     for name, table in TABLES.items():
         found = document.get(name, [])
         if table.array and not isinstance(found, list):
-            problems.append(Problem(line_of(lines, name, 0),
+            problems.append(Problem(lines.get((name, 0), 0),
                                     f"{name}: expected an array of tables ([[{name}]]), found {describe(found)}"))
             found = []
         if not table.array:
@@ -573,17 +585,19 @@ def check_document(document: dict, control_port: int, lines: dict[tuple[str, int
         for number, entry in enumerate(found, 1):
             found_here: list[str] = []
             values = check_table(entry_name(name, number), table.fields, entry, found_here)
-            problems += [Problem(line_of(lines, name, number), problem) for problem in found_here]
-            entries[name].append({} if found_here else values)  # {} keeps numbering for the cross-field checks
+            problems += [Problem(lines.get((name, number), 0), problem) for problem in found_here]
+            entries[name].append(values)  # the valid values of an entry with problems too: its ports are checked
     problems += cross_check(entries, control_port, lines)
+    if problems:
+        return Config(), sorted(problems, key=lambda problem: problem.line)
     config = Config(
-        inbound=tuple(Inbound(**e) for e in entries["inbound_connections"] if e),
-        outbound=tuple(Outbound(**e) for e in entries["outbound_connections"] if e),
-        log_location=next((LogLocation(**e) for e in entries["log_location"] if e), None),
-        limits=next((Limits(**e) for e in entries["limits"] if e), DEFAULT_LIMITS),
+        inbound=tuple(Inbound(**e) for e in entries["inbound_connections"]),
+        outbound=tuple(Outbound(**e) for e in entries["outbound_connections"]),
+        log_location=next((LogLocation(**e) for e in entries["log_location"]), None),
+        limits=next((Limits(**e) for e in entries["limits"]), DEFAULT_LIMITS),
         lines=lines,
     )
-    return config, sorted(problems, key=lambda problem: problem.line)  # stable: a line's own order stays
+    return config, []
 
 
 def cross_check(entries: dict[str, list[dict]], control_port: int, lines: dict[tuple[str, int], int]) -> list[Problem]:
@@ -595,13 +609,13 @@ def cross_check(entries: dict[str, list[dict]], control_port: int, lines: dict[t
         for table, number, key in uses:
             port = entries[table][number - 1][key]
             if port in seen:
-                problems.append(Problem(line_of(lines, table, number), f"{entry_name(table, number)}: {key}: {port} is already used by"
+                problems.append(Problem(lines.get((table, number), 0), f"{entry_name(table, number)}: {key}: {port} is already used by"
                                               f" {seen[port]}; every {label} must be unique"))
             else:
                 seen[port] = f"the {key} of {entry_at(lines, table, number)}"
 
     def ports(table: str, key: str) -> list[tuple[str, int, str]]:
-        return [(table, number, key) for number, entry in enumerate(entries[table], 1) if entry]
+        return [(table, number, key) for number, entry in enumerate(entries[table], 1) if key in entry]
 
     unique(
         "vsock port",
@@ -619,7 +633,7 @@ def cross_check(entries: dict[str, list[dict]], control_port: int, lines: dict[t
 
 def entry_problem(config: Config, table: str, number: int, text: str) -> Problem:
     """A problem of a checked config's entry, at its line in the file."""
-    return Problem(line_of(config.lines, table, number), f"{entry_name(table, number)}: {text}")
+    return Problem(config.lines.get((table, number), 0), f"{entry_name(table, number)}: {text}")
 
 
 def loop_warnings(config: Config) -> list[Problem]:
@@ -660,9 +674,19 @@ def require_tomllib() -> None:
                          " copy tomli's folder next to qproxy.py (README: Python 3.9 and 3.10)")
 
 
+def toml_problem(message: str, text: str) -> Problem:
+    """tomllib's complaint, at its line as every problem is: "Invalid statement (at line 3, column 1)"."""
+    at = re.search(r" \(at line ([0-9]+), column ([0-9]+)\)$", message)
+    detail = message[:at.start()] + f" (column {at.group(2)})" if at else message
+    if text.startswith("\ufeff"):
+        detail += "; the file begins with a byte-order mark, which TOML does not allow: save it as UTF-8 without one"
+    return Problem(int(at.group(1)) if at else 0, f"invalid TOML: {detail}")
+
+
 def load_config(path: str, control_port: int) -> Config:
     """Read and check a configuration file; raise ConfigError listing every problem."""
     require_tomllib()
+    text = ""
     try:
         status = os.stat(path)  # before open(), which would wait for ever on a FIFO
         if not stat.S_ISREG(status.st_mode):
@@ -680,10 +704,11 @@ def load_config(path: str, control_port: int) -> Config:
         raise ConfigError([f"{path}: cannot read: {error.strerror or error}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: invalid TOML: the file is not UTF-8"]) from None
-    except (ValueError, RecursionError) as error:  # tomllib.TOMLDecodeError is a ValueError
-        detail = str(error).splitlines()[0] if str(error) else "nested too deeply"
-        raise ConfigError([f"{path}: invalid TOML: {detail}"]) from None
-    config, problems = check_document(document, control_port, entry_lines(text, document))
+    except RecursionError:
+        raise ConfigError([f"{path}: invalid TOML: nested too deeply"]) from None
+    except ValueError as error:  # tomllib.TOMLDecodeError
+        raise ConfigError([toml_problem(str(error).partition("\n")[0], text).at(path)]) from None
+    config, problems = check_document(document, control_port, entry_lines(text))
     if problems:
         raise ConfigError([problem.at(path) for problem in problems])
     return config
@@ -2987,15 +3012,17 @@ def reload_host(half: Half, control: ControlServer, running: Config, args: argpa
 
 
 def check_literals_match_family(path: str, config: Config, family: int) -> None:
-    for number, entry in enumerate(config.outbound, 1):
-        if not is_ip_literal(entry.hostname) or family == socket.AF_UNSPEC:
-            continue
-        literal_family = socket.AF_INET6 if ":" in entry.hostname else socket.AF_INET
-        if literal_family != family:
-            flag = "--ipv4" if family == socket.AF_INET else "--ipv6"
-            problem = entry_problem(config, "outbound_connections", number,
-                                    f"hostname {entry.hostname} cannot be reached with {flag}")
-            raise UsageError(problem.at(path))
+    """ConfigError for every outbound IP literal that --ipv4 or --ipv6 rules out."""
+    if family == socket.AF_UNSPEC:
+        return
+    flag = "--ipv4" if family == socket.AF_INET else "--ipv6"
+    problems = [
+        entry_problem(config, "outbound_connections", number, f"hostname {entry.hostname} cannot be reached with {flag}")
+        for number, entry in enumerate(config.outbound, 1)
+        if is_ip_literal(entry.hostname) and (socket.AF_INET6 if ":" in entry.hostname else socket.AF_INET) != family
+    ]
+    if problems:
+        raise ConfigError([problem.at(path) for problem in problems])
 
 
 def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: LogWriter,

@@ -355,6 +355,16 @@ def test_address_family_flag_against_a_literal_of_the_other_family(capsys, no_st
     starts(capsys, "host", "--config", str(config), "4")  # without the flag the same file is fine
 
 
+def test_every_literal_the_address_family_flag_rules_out_is_named(capsys, no_start, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(outbound_config("::1", 443, 8443, 7777) + "\n" + outbound_config("127.0.0.1", 80, 8080, 7778)
+                      + "\n" + outbound_config("2001:db8::1", 443, 8444, 7779))
+    code, out, err = cli(capsys, "host", "--config", str(config), "--ipv4", "4")
+    assert code == 2
+    assert [line.partition(" [[")[0] for line in err.splitlines()] == [f"qproxy: error: {config}:1:",
+                                                                       f"qproxy: error: {config}:13:"]
+
+
 @pytest.mark.parametrize("flag, works", [(None, True), ("--ipv4", True), ("--ipv6", False)])
 def test_address_family_flag_decides_how_hostnames_resolve(proxy, echo_server, flag, works):
     # The upstream listens on IPv4 only; "localhost" reaches it over IPv4 and never with --ipv6
