@@ -3123,16 +3123,47 @@ CLONE_NEWNET = 0x40000000
 
 
 def unshare_network() -> None:
-    """Give the calling thread a network namespace of its own, with only a loopback interface, down,
-    as an enclave has; sockets it makes and processes it starts are in it.  OSError unless root."""
+    """Give the calling thread a network namespace of its own, its loopback up, as an enclave half
+    would bring it: sockets the thread makes and processes it starts are in it.  OSError or
+    StartError without CAP_SYS_ADMIN and CAP_NET_ADMIN, which root has."""
     if hasattr(os, "unshare"):  # Python 3.12
         os.unshare(os.CLONE_NEWNET)
-        return
-    import ctypes
+    else:
+        import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    ensure_loopback_up()
+
+
+class EnclaveSide(threading.Thread):
+    """The demo's enclave: one thread that starts what the enclave runs (its half, its service, the
+    app's request out), so that all of it shares the thread's network.  A daemon: an interrupted
+    demo never waits for a request it sent."""
+
+    def __init__(self):
+        super().__init__(name="enclave side", daemon=True)
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            function, args, result = self.jobs.get()
+            try:
+                result.put((True, function(*args)))
+            except BaseException as error:  # the caller's to handle, as if it had called function itself
+                result.put((False, error))
+
+    def call(self, function: Callable, *args: object) -> object:
+        result: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs.put((function, args, result))
+        while result.empty():  # not get() alone: a signal another thread took would not wake it to raise
+            time.sleep(0.05)
+        done, value = result.get()
+        if not done:
+            raise value
+        return value
 
 
 def free_ports(count: int) -> list[int]:
@@ -3148,8 +3179,9 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def http_get(port: int, deadline: float) -> str:
-    """GET / through a port, retrying until the deadline while the proxy comes up."""
+def http_get(port: int, deadline: float, halves: dict) -> str:
+    """GET / through a port, retrying until the deadline while the halves (role: process) come up;
+    StartError at once when one of them has exited."""
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -3165,6 +3197,9 @@ def http_get(port: int, deadline: float) -> str:
                 return reply.decode(errors="replace").partition("\r\n\r\n")[2]
         except OSError:
             pass
+        for role, process in halves.items():
+            if process.poll() is not None:
+                raise StartError(f"the {role} half exited with {process.returncode} (its log says why)")
         if time.monotonic() > deadline:
             raise StartError(f"no answer through 127.0.0.1:{port} within the deadline")
         time.sleep(0.1)
@@ -3173,95 +3208,104 @@ def http_get(port: int, deadline: float) -> str:
 def run_demo() -> int:
     """Both halves as processes, one request each way, then a clean stop.
 
-    What the enclave runs (its half, its service, the app's request out) is
-    started from one thread, the enclave side, which takes a network namespace
-    of its own when it may (root): then the vendor's layout works as it is, one
-    port on both sides of each entry.  Without one the enclave's ports differ
-    from the parent's, which share this machine's network.
+    The enclave side takes a network namespace of its own when it may (root):
+    then the vendor's layout works as it is, one port on both sides of each
+    entry.  Without one the enclave's ports differ from the parent's, which
+    share this machine's network.  SIGINT and SIGTERM stop the halves and keep
+    the folder, as a failure does.
     """
-    import concurrent.futures
+    import functools
     import shutil
     import subprocess
     import tempfile  # the demo's own needs, kept out of the halves' memory
 
     require_tomllib()  # the halves read a config file: say so now, not after waiting for them
-    folder = tempfile.mkdtemp(prefix="qproxy-demo-")
-    enclave_side = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one thread: everything it runs shares it
-
-    def in_enclave(function: Callable, *args, **kwargs) -> object:
-        return enclave_side.submit(function, *args, **kwargs).result()
-
     try:
-        in_enclave(unshare_network)
-        own_network, why_not = True, ""
-    except (OSError, AttributeError) as error:  # not root, or no namespaces here
-        own_network, why_not = False, getattr(error, "strerror", None) or "not on Linux"
+        folder = tempfile.mkdtemp(prefix="qproxy-demo-")
+    except OSError as error:
+        raise StartError(f"cannot make a folder for the demo ({error.strerror or error}): set TMPDIR to one"
+                         " where it can") from None
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)  # KeyboardInterrupt, handled below
+    enclave = EnclaveSide()
+    try:
+        enclave.call(unshare_network)
+        why_not = ""
+    except (OSError, AttributeError, StartError) as error:  # no right to, or no namespaces here
+        enclave = EnclaveSide()  # the first may be in a namespace it cannot use
+        why_not = getattr(error, "strerror", None) or ("not on Linux" if isinstance(error, AttributeError)
+                                                       else "cannot bring its loopback up")
     host_port, outside_port, app_port = free_ports(3)
-    if own_network:
+    if not why_not:
         app_port = outside_port  # the vendor's layout: each entry's port the same on both sides
-    inside = in_enclave(CannedService, "Hello world!", host_port if own_network else 0)
+    inside = enclave.call(CannedService, "Hello world!", 0 if why_not else host_port)
     outside = CannedService("Hello from outside!", outside_port)
-    processes: list[subprocess.Popen] = []
+    halves: dict[str, subprocess.Popen] = {}
     try:
         for service in (inside, outside):
             threading.Thread(target=service.serve_forever, daemon=True).start()
         config = os.path.join(folder, "config_qproxy.toml")
         with open(config, "w") as file:
             file.write(
-                f"[[inbound_connections]]\nhost_port = {host_port}\n"
+                f'[[inbound_connections]]\nhost_port = {host_port}\nbind_address = "127.0.0.1"\n'
                 f"enclave_port = {inside.server_address[1]}\nvsock_port = 9995\n\n"
                 f'[[outbound_connections]]\nhostname = "127.0.0.1"\nvsock_port = 7777\n'
                 f"tcp_port = {outside_port}\nenclave_port = {app_port}\n"
             )
         environ = dict(os.environ, QPROXY_VSOCK_EMULATION=os.path.join(folder, "vsock"), RUST_LOG="info")
         print(f"demo: folder {folder}, vsock emulated with Unix sockets in {folder}/vsock")
-        if own_network:
+        if not why_not:
             print("demo: the enclave half and its service run in a network namespace of their own, as in an"
                   " enclave: the vendor's layout, each entry's port the same on both sides")
         else:
-            print(f"demo: no network namespace for the enclave half ({why_not}; it takes root), so it shares this"
-                  " machine's network and its ports differ from the parent's; as root the demo runs the vendor's"
-                  " layout, one port on both sides")
+            print(f"demo: no network namespace for the enclave half ({why_not}; that takes CAP_SYS_ADMIN and"
+                  " CAP_NET_ADMIN, which root has), so it shares this machine's network and its ports differ"
+                  " from the parent's; as root the demo runs the vendor's layout, one port on both sides")
         print(f"demo: 'Hello world!' service (in the enclave) on 127.0.0.1:{inside.server_address[1]}")
         print(f"demo: 'Hello from outside!' service (outside) on 127.0.0.1:{outside_port}")
         for role, extra in (("enclave", []), ("host", ["4"])):
             with open(os.path.join(folder, f"{role}.log"), "wb") as logfile:
                 command = [sys.executable, os.path.abspath(__file__), role, "--config", config] + extra
-                start = in_enclave if role == "enclave" else lambda function, *a, **k: function(*a, **k)
-                processes.append(start(subprocess.Popen, command, env=environ, stdout=logfile, stderr=logfile))
-            print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {processes[-1].pid})")
+                start = functools.partial(subprocess.Popen, command, env=environ, stdout=logfile, stderr=logfile)
+                halves[role] = enclave.call(start) if role == "enclave" else start()
+            print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {halves[role].pid})")
         deadline = time.monotonic() + 15
-        answer = http_get(host_port, deadline)
+        answer = http_get(host_port, deadline, halves)
         print(f"demo: inbound:  GET http://127.0.0.1:{host_port}/ -> host half -> vsock 9995 -> enclave half "
               f"-> 127.0.0.1:{inside.server_address[1]}: {answer!r}")
-        answer_out = in_enclave(http_get, app_port, deadline)
+        answer_out = enclave.call(http_get, app_port, deadline, halves)
         print(f"demo: outbound: GET http://127.0.0.1:{app_port}/ (the app) -> enclave half -> vsock 7777 -> host half "
               f"-> 127.0.0.1:{outside_port}: {answer_out!r}")
         if (answer, answer_out) != ("Hello world!", "Hello from outside!"):
             raise StartError("a reply was not what the service sent")
-        for process in processes:
+        for process in halves.values():
             process.send_signal(signal.SIGTERM)
-        codes = [process.wait(timeout=15) for process in processes]
+        codes = [process.wait(timeout=15) for process in halves.values()]
         if codes != [0, 0]:
             raise StartError(f"the halves exited with {codes} after SIGTERM, expected [0, 0]")
         print("demo: both halves stopped cleanly on SIGTERM; all good")
         shutil.rmtree(folder, ignore_errors=True)  # kept, logs and all, when anything failed
         return EXIT_OK
-    except (StartError, OSError, subprocess.TimeoutExpired) as error:
-        print(f"demo failed: {error}", file=sys.stderr)
-        for role, process in zip(("enclave", "host"), processes):
-            with open(os.path.join(folder, f"{role}.log"), errors="replace") as logfile:
-                print(f"--- {role} half's log ({logfile.name}) ---\n{logfile.read()}", file=sys.stderr)
+    except BrokenPipeError:  # whoever read the output went away: nobody to tell where a folder is
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    except (StartError, OSError, subprocess.TimeoutExpired, KeyboardInterrupt) as error:
+        if isinstance(error, KeyboardInterrupt):
+            print("demo interrupted", file=sys.stderr)
+        else:
+            print(f"demo failed: {error}", file=sys.stderr)
+            for role in halves:
+                with open(os.path.join(folder, f"{role}.log"), errors="replace") as logfile:
+                    print(f"--- {role} half's log ({logfile.name}) ---\n{logfile.read()}", file=sys.stderr)
         print(f"demo: its folder, with both halves' logs and the config, is kept: {folder}", file=sys.stderr)
         return EXIT_CANNOT_START
     finally:
-        for process in processes:
+        for process in halves.values():
             if process.poll() is None:
                 process.kill()
                 process.wait()
         inside.server_close()
         outside.server_close()
-        enclave_side.shutdown()
 
 
 # ---------------------------------------------------------------------------
@@ -3468,6 +3512,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except StartError as error:
         print(f"qproxy: error: {error}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    except BrokenPipeError:  # the output's reader went away (| head): end quietly, as Python's documentation advises
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail too
         return EXIT_CANNOT_START
     except Exception as error:  # a bug: say so in one line, with the traceback only when asked for
         log.debug("internal error", exc_info=True)

@@ -582,6 +582,18 @@ def test_RUST_LOG_with_digits_of_other_scripts_is_a_usage_error(capsys, no_start
     assert "internal error" not in err
 
 
+def test_output_whose_reader_goes_away_ends_quietly(tmp_path):
+    """`qproxy check-config FILE | head -1`: no traceback, no "internal error", on a pipe closed early."""
+    config = tmp_path / "config.toml"
+    config.write_text("".join(inbound_config(port, port, port) for port in range(1, 3001)))
+    reader = subprocess.Popen([sys.executable, str(QPROXY), "check-config", str(config)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    assert reader.stdout.readline().endswith(b": valid\n")
+    reader.stdout.close()  # more than a pipe holds is still to come
+    assert reader.wait(timeout=DEADLINE) == 1
+    assert reader.stderr.read() == b""
+
+
 def test_the_demo_without_a_toml_parser_says_so_at_once(tmp_path):
     """Below Python 3.11 without tomli: the first line says what to install, without waiting for the halves."""
     launcher = ("import sys; sys.modules['tomllib'] = sys.modules['tomli'] = None; sys.path.insert(0, sys.argv[1]);"

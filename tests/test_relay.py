@@ -408,9 +408,9 @@ def test_demo_without_a_network_namespace_uses_ports_of_its_own():
 def test_a_demo_that_fails_keeps_its_folder_and_says_where():
     """The outbound request made to fail (its client raises): the halves' logs are kept, and named."""
     launcher = ("import sys; sys.path.insert(0, sys.argv[1]); import qproxy; get = qproxy.http_get\n"
-                "def failing(port, deadline):\n"
+                "def failing(*args):\n"
                 "    if failing.calls: raise qproxy.StartError('made to fail')\n"
-                "    failing.calls = 1; return get(port, deadline)\n"
+                "    failing.calls = 1; return get(*args)\n"
                 "failing.calls = 0; qproxy.http_get = failing; sys.exit(qproxy.main(['demo']))")
     result = subprocess.run([sys.executable, "-c", launcher, str(QPROXY.parent)], capture_output=True, text=True,
                             timeout=60)
@@ -421,6 +421,48 @@ def test_a_demo_that_fails_keeps_its_folder_and_says_where():
         assert "enclave half ready" in open(os.path.join(folder, "enclave.log")).read()
     finally:
         shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_demo_stopped_midway_stops_its_halves_and_keeps_its_folder(stop):
+    """Ctrl-C, or a SIGTERM, while the outbound request hangs: no traceback, no half left running."""
+    launcher = ("import sys, threading; sys.path.insert(0, sys.argv[1]); import qproxy; get = qproxy.http_get\n"
+                "def hanging(*args):\n"
+                "    if hanging.calls: print('demo: hanging', flush=True); threading.Event().wait()\n"
+                "    hanging.calls = 1; return get(*args)\n"
+                "hanging.calls = 0; qproxy.http_get = hanging; sys.exit(qproxy.main(['demo']))")
+    demo = subprocess.Popen([sys.executable, "-c", launcher, str(QPROXY.parent)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    output = []
+    for line in demo.stdout:
+        output.append(line)
+        if line.startswith("demo: hanging"):
+            break
+    halves = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", "".join(output))]
+    assert len(halves) == 2, output
+    demo.send_signal(stop)
+    out, err = demo.communicate(timeout=DEADLINE)
+    assert demo.returncode == 1 and "Traceback" not in err, err
+    folder = re.search(r"is kept: (\S+)$", err, re.M).group(1)
+    try:
+        assert err.startswith("demo interrupted\n")
+        for pid in halves:  # reaped by the demo, so no such process, not even a zombie
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_half_that_exits_at_once_fails_the_demo_at_once():
+    """A half that cannot start (here: a bad TOKIO_WORKER_THREADS it inherits) fails the demo in
+    seconds, not after the whole deadline."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(QPROXY), "demo"], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, TOKIO_WORKER_THREADS="junk"))
+    assert result.returncode == 1
+    assert re.search(r"^demo failed: the (enclave|host) half exited with 2", result.stderr, re.M), result.stderr
+    assert time.monotonic() - started < 10
+    shutil.rmtree(re.search(r"is kept: (\S+)$", result.stderr, re.M).group(1))
 
 
 def test_the_demos_ports_are_all_different():
