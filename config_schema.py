@@ -35,7 +35,7 @@ misses ``port = 80.0``; qproxy does not.
 
 import json
 import sys
-from typing import List, Literal
+from typing import Any, Literal
 
 if sys.version_info >= (3, 11):
     from typing import NotRequired, TypedDict
@@ -97,8 +97,8 @@ class Limits(TypedDict, total=False):
 class QproxyConfig(TypedDict, total=False):
     """A whole configuration file, as tomllib.load returns it."""
 
-    inbound_connections: List[InboundConnection]
-    outbound_connections: List[OutboundConnection]
+    inbound_connections: list[InboundConnection]
+    outbound_connections: list[OutboundConnection]
     log_location: LogLocation
     limits: Limits
 
@@ -135,7 +135,7 @@ HOSTNAME_SCHEMA = {
 }
 
 
-def field_schema(field: qproxy.Field) -> dict:
+def field_schema(field: qproxy.Field) -> dict[str, Any]:
     """The JSON Schema of one key, from its kind, range and default."""
     if field.kind in qproxy.INTEGER_RANGES:
         low, high = qproxy.INTEGER_RANGES[field.kind]
@@ -164,7 +164,7 @@ def field_schema(field: qproxy.Field) -> dict:
     return schema
 
 
-def table_schema(table: qproxy.Table) -> dict:
+def table_schema(table: qproxy.Table) -> dict[str, Any]:
     """The JSON Schema of one table, or of one entry of an array of tables."""
     required = [key for key, field in table.fields.items() if field.required]
     schema = {
@@ -180,7 +180,7 @@ def table_schema(table: qproxy.Table) -> dict:
     return schema
 
 
-def json_schema() -> dict:
+def json_schema() -> dict[str, Any]:
     """The JSON Schema of the whole file."""
     properties = {}
     for name, table in qproxy.TABLES.items():

@@ -84,6 +84,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import io
 import ipaddress
 import itertools
 import json
@@ -103,15 +104,23 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import typing
+from collections.abc import Callable, Iterator, Mapping
+
+if typing.TYPE_CHECKING:
+    import subprocess  # the demo's, which imports it where it runs: the halves never do
+
+# A control message, as JSON decodes it; a socket's address: (host, port, ...) or (cid, port), a Unix path.
+Message = dict[str, typing.Any]
+Address = typing.Union[tuple[typing.Any, ...], str, bytes]
 
 try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11 reads TOML with tomli, the same parser
-    try:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python < 3.11 reads TOML with tomli, the same parser
         import tomli as tomllib
-    except ModuleNotFoundError:
-        tomllib = None
+except ModuleNotFoundError:  # below 3.11 without tomli: a command that reads a file says what to install
+    tomllib = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
 
@@ -247,12 +256,11 @@ NUMERIC_NAME_PATTERN = r"(^|\.)[0-9]+\.?$"
 HOSTNAME_MAX_LENGTH = 253
 
 
-# Records are namedtuples, not dataclasses: importing dataclasses (and typing,
-# which it brings) would cost every half a few megabytes of memory, which an
-# enclave pays for.
+# Records are typing.NamedTuple: tomllib imports typing anyway (Python 3.11 on);
+# below it typing costs a half about 0.6 MB (measured on 3.9), dataclasses more.
 
 
-class Field(collections.namedtuple("Field", "kind description default same_as extension", defaults=(None, None, False))):
+class Field(typing.NamedTuple):
     """One key of a configuration table.
 
     kind: "tcp_port", "vsock_port", "count", "mebibytes", "seconds", "boolean", "hostname",
@@ -262,15 +270,23 @@ class Field(collections.namedtuple("Field", "kind description default same_as ex
     required.  extension: not in the vendor's format.
     """
 
-    __slots__ = ()
+    kind: str
+    description: str
+    default: object = None
+    same_as: str | None = None
+    extension: bool = False
 
     @property
     def required(self) -> bool:
         return self.default is None and self.same_as is None
 
 
-# A top-level table: array is True for [[name]] (any number of entries), False for [name] (one).
-Table = collections.namedtuple("Table", "array description fields")
+class Table(typing.NamedTuple):
+    """A top-level table: array is True for [[name]] (any number of entries), False for [name] (one)."""
+
+    array: bool
+    description: str
+    fields: dict[str, Field]
 
 
 TABLES = {
@@ -387,20 +403,51 @@ TABLES = {
 }
 
 
-# A checked configuration: a tuple of Inbound, a tuple of Outbound, a LogLocation or None, Limits, and lines.
-Inbound = collections.namedtuple("Inbound", "host_port enclave_port vsock_port bind_address")
-Outbound = collections.namedtuple("Outbound", "hostname vsock_port tcp_port enclave_port")
-LogLocation = collections.namedtuple(
-    "LogLocation",
-    "host_log enclave_log log_level host_log_dir enclave_log_dir forward_enclave_log log_max_size log_backups",
-)
-Limits = collections.namedtuple(
-    "Limits", "connections_per_listener connect_timeout idle_timeout queue_timeout buffer_memory"
-)
-DEFAULT_LIMITS = Limits(**{key: field.default for key, field in TABLES["limits"].fields.items()})
-# lines: where each entry begins in the file, by (table, entry number); only messages use it.
-Config = collections.namedtuple("Config", "inbound outbound log_location limits lines",
-                                defaults=((), (), None, DEFAULT_LIMITS, {}))
+# A checked configuration: one record a table, its fields those of TABLES (tests/test_config.py holds them equal).
+
+
+class Inbound(typing.NamedTuple):
+    host_port: int
+    enclave_port: int
+    vsock_port: int
+    bind_address: str
+
+
+class Outbound(typing.NamedTuple):
+    hostname: str
+    vsock_port: int
+    tcp_port: int
+    enclave_port: int
+
+
+class LogLocation(typing.NamedTuple):
+    host_log: str
+    enclave_log: str
+    log_level: str
+    host_log_dir: str
+    enclave_log_dir: str
+    forward_enclave_log: bool
+    log_max_size: int
+    log_backups: int
+
+
+class Limits(typing.NamedTuple):
+    connections_per_listener: int
+    connect_timeout: float
+    idle_timeout: float
+    queue_timeout: float
+    buffer_memory: int
+
+
+DEFAULT_LIMITS = Limits._make(field.default for field in TABLES["limits"].fields.values())
+
+
+class Config(typing.NamedTuple):
+    inbound: tuple[Inbound, ...] = ()
+    outbound: tuple[Outbound, ...] = ()
+    log_location: LogLocation | None = None
+    limits: Limits = DEFAULT_LIMITS
+    lines: Mapping[tuple[str, int], int] = {}  # where each entry begins in the file; only messages use it
 
 
 def is_ip_literal(text: str) -> bool:
@@ -473,12 +520,12 @@ def unknown_key(key: str, known: Iterator[str]) -> str:
     return f"unknown key {key!r}{hint}"
 
 
-def check_table(where: str, fields: dict, entry: object, problems: list[str]) -> dict:
+def check_table(where: str, fields: dict[str, Field], entry: object, problems: list[str]) -> dict[str, typing.Any]:
     """The entry's valid values, defaults filled in; what is wrong goes to problems (and its key is left out)."""
     if not isinstance(entry, dict):
         problems.append(f"{where}: expected a table, found {describe(entry)}")
         return {}
-    values = {}
+    values: dict[str, typing.Any] = {}
     for key in entry:
         if key not in fields:
             problems.append(f"{where}: {unknown_key(key, iter(fields))}")
@@ -498,10 +545,11 @@ def check_table(where: str, fields: dict, entry: object, problems: list[str]) ->
     return values
 
 
-class Problem(collections.namedtuple("Problem", "line text")):
+class Problem(typing.NamedTuple):
     """What is wrong at a line of the file; line 0 when no line can be named."""
 
-    __slots__ = ()
+    line: int
+    text: str
 
     def at(self, path: str) -> str:
         """As compilers put it, so that editors can jump to it: PATH:LINE: text."""
@@ -527,14 +575,15 @@ def entry_lines(text: str) -> dict[tuple[str, int], int]:
     string and says nothing.  A copy that does not parse gives no lines: none
     rather than a wrong one.
     """
-    source = text.split("\n")  # TOML's newline; splitlines() knows more
-    marked, top_level = [], True
-    for number, line in enumerate(source, 1):
+    marked, keys, top_level = [], {}, True
+    for number, line in enumerate(text.split("\n"), 1):  # TOML's newline; splitlines() knows more
+        key = KEY_LINE.match(line) if top_level else None
         if TABLE_HEADER.match(line):
             marked += [line, f'"qproxy header at line {number}" = true']
             top_level = False
-        elif top_level and KEY_LINE.match(line):
+        elif key:
             marked += [f'"qproxy key at line {number}" = true', line]
+            keys[number] = key.group(2)
         else:
             marked.append(line)
     try:
@@ -546,7 +595,7 @@ def entry_lines(text: str) -> dict[tuple[str, int], int]:
         found = (LINE_MARK.fullmatch(key) for key in (table if isinstance(table, dict) else ()))
         return sorted(int(mark.group(2)) for mark in found if mark and mark.group(1) == kind)
 
-    lines = {(KEY_LINE.match(source[number - 1]).group(2), 0): number for number in reversed(marks(document, "key"))}
+    lines = {(keys[number], 0): number for number in reversed(marks(document, "key"))}
     for name, found in document.items():
         for entry, table in enumerate(found if isinstance(found, list) else [found], 1):
             header = marks(table, "header")
@@ -563,16 +612,17 @@ def entry_name(table: str, number: int) -> str:
     return f"[[{table}]] entry {number}" if TABLES[table].array else f"[{table}]"
 
 
-def entry_at(lines: dict[tuple[str, int], int], table: str, number: int) -> str:
+def entry_at(lines: Mapping[tuple[str, int], int], table: str, number: int) -> str:
     """An entry named for a reader who looks for it: with its line, where it has one."""
     line = lines.get((table, number), 0)
     return entry_name(table, number) + (f" (line {line})" if line else "")
 
 
-def check_document(document: dict, control_port: int, lines: dict[tuple[str, int], int]) -> tuple[Config, list[Problem]]:
+def check_document(document: dict[str, typing.Any], control_port: int,
+                   lines: Mapping[tuple[str, int], int]) -> tuple[Config, list[Problem]]:
     """Turn a parsed TOML document into a Config; or, when it has any, every problem, in file order."""
     problems = [Problem(lines.get((key, 0), 0), unknown_key(key, iter(TABLES))) for key in document if key not in TABLES]
-    entries: dict[str, list[dict]] = {}
+    entries: dict[str, list[dict[str, typing.Any]]] = {}
     for name, table in TABLES.items():
         found = document.get(name, [])
         if table.array and not isinstance(found, list):
@@ -600,7 +650,8 @@ def check_document(document: dict, control_port: int, lines: dict[tuple[str, int
     return config, []
 
 
-def cross_check(entries: dict[str, list[dict]], control_port: int, lines: dict[tuple[str, int], int]) -> list[Problem]:
+def cross_check(entries: dict[str, list[dict[str, typing.Any]]], control_port: int,
+                lines: Mapping[tuple[str, int], int]) -> list[Problem]:
     """The rules that span entries: ports that must be unique."""
     problems = []
 
@@ -744,7 +795,7 @@ def level_from_rust_log(value: str) -> str:
     return chosen[1] if chosen else "warn"
 
 
-def setup_logging(role: str, config: Config, environ: dict) -> LogWriter:
+def setup_logging(role: str, config: Config, environ: Mapping[str, str]) -> LogWriter:
     """Send records to the configured file, or to stderr when there is none or it cannot be written,
     through a bounded queue and one writer thread; the host half also writes the enclave's copy."""
     if environ.get("RUST_LOG", "").strip():
@@ -778,12 +829,13 @@ def log_path(config: Config, folder_of: str, file_of: str) -> str | None:
     where = config.log_location
     if not where:
         return None
-    return os.path.join(getattr(where, f"{folder_of}_log_dir"), getattr(where, f"{file_of}_log"))
+    folder = where.host_log_dir if folder_of == "host" else where.enclave_log_dir
+    return os.path.join(folder, where.host_log if file_of == "host" else where.enclave_log)
 
 
 def log_handler(path: str | None, where: LogLocation | None) -> logging.Handler:
     """A handler writing to the file at path, or to stderr when there is none or it cannot be written."""
-    if path:
+    if path and where:
         try:
             os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
             return LogFile(path, where.log_max_size * 1024 * 1024, where.log_backups)
@@ -801,8 +853,11 @@ class LogQueue(logging.handlers.QueueHandler):
     in the thread that logs, as QueueHandler.prepare does.
     """
 
-    def __init__(self):
-        super().__init__(queue.Queue(LOG_QUEUE))
+    lock: threading.Lock  # made by logging.Handler (an RLock), which holds it around emit()
+
+    def __init__(self) -> None:
+        self.records: queue.Queue[logging.LogRecord | str] = queue.Queue(LOG_QUEUE)
+        super().__init__(self.records)
         self.dropped = 0
         self.queued = self.written = 0  # records put in the queue, and written (or failed and counted) of them
 
@@ -834,13 +889,13 @@ class LogWriter(logging.handlers.QueueListener):
 
     WAKE = "reopen"  # queued by reopen(), so that it happens even when nothing else is logged
 
-    def handle(self, record: logging.LogRecord) -> None:
+    def handle(self, record: logging.LogRecord | str) -> None:
         if self.reopening:
             self.reopening = False
             for handler in self.handlers:
                 if isinstance(handler, LogFile):
                     handler.reopen()
-        if record is self.WAKE:
+        if isinstance(record, str):  # WAKE
             return
         dropped = self.source.take_dropped()
         if dropped:
@@ -859,7 +914,7 @@ class LogWriter(logging.handlers.QueueListener):
     def flush(self, timeout: float = LOG_DRAIN) -> bool:
         """Wait up to timeout for the writer to write what waits (from any thread); whether it did."""
         end = time.monotonic() + timeout
-        while self.queue.unfinished_tasks:
+        while self.source.records.unfinished_tasks:
             if time.monotonic() >= end:
                 return False
             time.sleep(LOG_DRAIN_POLL)
@@ -880,7 +935,7 @@ class LogWriter(logging.handlers.QueueListener):
         return code
 
 
-class ReportsFailures:
+class ReportsFailures(logging.Handler):
     """For the log's handlers: a write that fails (a full disk, a closed stderr) costs one line on
     stderr every LOG_ERROR_REPORT, never a traceback a record; once writes go through again,
     the number of records lost meanwhile is written first."""
@@ -896,22 +951,23 @@ class ReportsFailures:
             super().emit(log.makeRecord(log.name, logging.WARNING, "", 0, "%d log records were lost while the"
                                         " log could not be written", (lost,), None))
 
-    def handleError(self, record: logging.LogRecord) -> None:
+    def handleError(self, record: logging.LogRecord | None) -> None:
         self.lost += 1
         now = time.monotonic()
         if now - self.reported < LOG_ERROR_REPORT:
             return
         self.reported = now
         where = getattr(self, "baseFilename", "stderr")
+        error = sys.exc_info()[1]
         try:
-            sys.stderr.write(f"qproxy: cannot write the log to {where} ({reason(sys.exc_info()[1])}); records are"
+            sys.stderr.write(f"qproxy: cannot write the log to {where} ({reason(error) if error else 'failed'}); records are"
                              " lost until it can be written again\n")
             sys.stderr.flush()
         except Exception:
             pass  # stderr is what failed
 
 
-class LogStream(ReportsFailures, logging.StreamHandler):
+class LogStream(ReportsFailures, logging.StreamHandler):  # type: ignore[type-arg]
     """Writes records to stderr."""
 
 
@@ -921,10 +977,12 @@ class LogFile(ReportsFailures, logging.handlers.RotatingFileHandler):
     reopen() writes to whatever file the path names now, so that logrotate works too, renaming
     or truncating it."""
 
+    lock: threading.Lock  # made by logging.Handler (an RLock)
+
     def __init__(self, path: str, max_size: int, backups: int):
         super().__init__(path, maxBytes=max_size if backups else 0, backupCount=backups, encoding="utf-8")
 
-    def _open(self):  # logging's hook for opening the file, also after a rotation
+    def _open(self) -> io.TextIOWrapper:  # logging's hook for opening the file, also after a rotation
         return os.fdopen(os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640), "a",
                          encoding=self.encoding)
 
@@ -935,15 +993,13 @@ class LogFile(ReportsFailures, logging.handlers.RotatingFileHandler):
                     self.stream.close()
                 self.stream = self._open()
             except OSError:
-                self.stream = None  # opened again at the next record, or reported then
+                self.stream = None  # type: ignore[assignment]  # logging's own "not open": opened at the next record
                 self.handleError(None)
 
 
 class UTCFormatter(logging.Formatter):
-    converter = time.gmtime
-
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
 TIME_FORMAT = UTCFormatter()  # a record's time as every log line shows it
@@ -954,14 +1010,16 @@ TIME_FORMAT = UTCFormatter()  # a record's time as every log line shows it
 # ---------------------------------------------------------------------------
 
 
-class Endpoint(collections.namedtuple("Endpoint", "kind host port")):
+class Endpoint(typing.NamedTuple):
     """Where a half listens or what it dials: TCP host:port, or vsock CID:port.
 
     kind is "tcp" or "vsock"; host is an address or hostname for tcp, a CID
     (as text) for vsock, where "" listens on any CID.
     """
 
-    __slots__ = ()
+    kind: str
+    host: str
+    port: int
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -981,10 +1039,10 @@ class Vsock:
 
     def __init__(self, emulation_dir: str | None):
         self.emulation_dir = emulation_dir
-        self.locks: dict[str, object] = {}  # socket file path -> its open lock file, held while it listens
+        self.locks: dict[str, typing.TextIO] = {}  # socket file path -> its open lock file, held while it listens
 
     @property
-    def family(self) -> int:
+    def family(self) -> socket.AddressFamily:
         return socket.AF_UNIX if self.emulation_dir else socket.AF_VSOCK
 
     def describe(self) -> str:
@@ -1007,13 +1065,10 @@ class Vsock:
                 "For a local run set QPROXY_VSOCK_EMULATION=DIR"
             ) from None
 
-    def path(self, port: int) -> str:
-        return os.path.join(self.emulation_dir, str(port))
-
-    def listen_address(self, port: int) -> object:
+    def listen_address(self, port: int) -> Address:
         if not self.emulation_dir:
             return (socket.VMADDR_CID_ANY, port)
-        path = self.path(port)
+        path = os.path.join(self.emulation_dir, str(port))
         # A lock, not a trial connection: connecting to a live listener would
         # make it dial its target for nothing.
         try:
@@ -1045,7 +1100,7 @@ class Vsock:
             if self.emulation_dir:
                 sock.bind("")  # an abstract name the kernel picks: both halves' logs name the connection by it
             sock.settimeout(timeout)
-            sock.connect(self.path(port) if self.emulation_dir else (cid, port))
+            sock.connect(os.path.join(self.emulation_dir, str(port)) if self.emulation_dir else (cid, port))
         except BaseException:
             sock.close()
             raise
@@ -1078,7 +1133,7 @@ class Dialer:
             asked = "IPv4 addresses (--ipv4)" if self.family == socket.AF_INET else "IPv6 addresses (--ipv6)"
             raise socket.gaierror(error.errno, f"{error.strerror}; only {asked} were asked for") from None
         if not flags:
-            log.debug("conn %d: %s resolves to %s", conn_id, host, ", ".join(address[4][0] for address in addresses))
+            log.debug("conn %d: %s resolves to %s", conn_id, host, ", ".join(str(address[4][0]) for address in addresses))
         failure: OSError | None = None
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
@@ -1095,12 +1150,12 @@ class Dialer:
         raise failure or OSError(errno.EHOSTUNREACH, "no address to try")
 
 
-def describe_peer(family: int, address: object) -> str:
-    if family in (socket.AF_INET, socket.AF_INET6):
-        return str(Endpoint("tcp", address[0], address[1]))
-    if family == socket.AF_UNIX:  # a qproxy half's connection has the name Vsock.connect gave it
-        return f"vsock (emulated) @{address[1:].decode()}" if isinstance(address, bytes) and address else "vsock (emulated)"
-    return str(Endpoint("vsock", str(address[0]), address[1]))
+def describe_peer(family: int, address: Address) -> str:
+    if isinstance(address, tuple):  # (host, port, ...) or (cid, port)
+        kind = "tcp" if family in (socket.AF_INET, socket.AF_INET6) else "vsock"
+        return str(Endpoint(kind, str(address[0]), address[1]))
+    # A Unix socket: a qproxy half's connection has the name Vsock.connect gave it.
+    return f"vsock (emulated) @{address[1:].decode()}" if isinstance(address, bytes) and address else "vsock (emulated)"
 
 
 def describe_dialed(far: socket.socket) -> str:
@@ -1135,10 +1190,10 @@ def resetting(sock: socket.socket) -> None:
 class Throttle:
     """At most one warning a while for a recurring problem, counting the ones held back."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.last: dict[str, float] = {}
-        self.held: collections.Counter = collections.Counter()
+        self.held: collections.Counter[str] = collections.Counter()
 
     def due(self, key: str) -> int | None:
         """How many times key was held back since its last report, or None (and counted) while that is recent."""
@@ -1168,8 +1223,13 @@ class Throttle:
 throttled = Throttle()
 
 
-# A listener and where each connection it accepts goes; direction is "inbound" or "outbound".
-Route = collections.namedtuple("Route", "listen target direction")
+class Route(typing.NamedTuple):
+    """A listener and where each connection it accepts goes; direction is "inbound" or "outbound"."""
+
+    listen: Endpoint
+    target: Endpoint
+    direction: str
+
 
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # accept() errors that concern one connection only, which went away or a firewall refused.
@@ -1184,7 +1244,7 @@ class Listener:
     """
 
     def __init__(self, sock: socket.socket, route: Route | None, limit: int, peer_cid: int,
-                 serve: Callable[[socket.socket, object], None] | None = None):
+                 serve: Callable[[socket.socket, Address], None] | None = None):
         sock.setblocking(False)
         self.sock = sock
         self.route = route  # None: the control port, which bounds itself; serve(sock, address) takes each connection
@@ -1205,7 +1265,7 @@ class Listener:
     def full(self) -> bool:
         return 0 < self.limit <= self.open
 
-    def accept(self) -> tuple[socket.socket, object] | None:
+    def accept(self) -> tuple[socket.socket, Address] | None:
         """The next connection from the listen queue, or None when there is none now.
 
         Raises OSError when the process or system is out of descriptors or memory."""
@@ -1216,10 +1276,11 @@ class Listener:
                 return None
             raise
 
-    def accepts(self, address: object) -> bool:
+    def accepts(self, address: Address) -> bool:
         """On real vsock, only the other half's CID may connect: the host's vsock ports
         are reachable from every VM on the machine, the enclave's from its parent."""
-        return self.sock.family != getattr(socket, "AF_VSOCK", None) or address[0] == self.peer_cid
+        return self.sock.family != getattr(socket, "AF_VSOCK", None) or (isinstance(address, tuple)
+                                                                         and address[0] == self.peer_cid)
 
     def close(self) -> None:
         self.sock.close()
@@ -1237,7 +1298,7 @@ def open_listener(endpoint: Endpoint, vsock: Vsock) -> socket.socket:
     """Bind and listen, turning the usual failures into a StartError that says what to do."""
     if endpoint.kind == "tcp":
         family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-        address: object = (endpoint.host, endpoint.port)
+        address: Address = (endpoint.host, endpoint.port)
         what = f"tcp port {endpoint.port}"
     else:
         family = vsock.family
@@ -1323,10 +1384,10 @@ class Admission:
         held = sum(gate.open + len(gate.waiting) for gate in self.gates.values())
         return 2 * (held + 1) <= self.descriptors
 
-    def arrive(self, listener: Listener, client: socket.socket, address: object) -> list[Connection]:
-        """Queue a connection just accepted; return those admitted now (from the accept loop)."""
-        connection = Connection(next(self.ids), listener, client, address)
-        gate = self.gates[listener.route.direction]
+    def arrive(self, listener: Listener, route: Route, client: socket.socket, address: Address) -> list[Connection]:
+        """Queue a connection just accepted on listener, for route; return those admitted now (from the accept loop)."""
+        connection = Connection(next(self.ids), listener, route, client, address)
+        gate = self.gates[route.direction]
         with self.lock:
             self.live.add(connection)
             gate.waiting.append(connection)
@@ -1365,7 +1426,7 @@ class Admission:
 
     def release(self, connection: Connection) -> None:
         """A connection ended, or its setup failed (from any thread): its room is free again."""
-        listener, gate = connection.listener, self.gates[connection.listener.route.direction]
+        listener, gate = connection.listener, self.gates[connection.route.direction]
         freed = []
         with self.lock:
             self.live.discard(connection)
@@ -1383,7 +1444,7 @@ class Admission:
 
     def requeue(self, connection: Connection, missing: str) -> None:
         """Its setup found no descriptor or thread (from any thread): it waits again, first in line."""
-        gate = self.gates[connection.listener.route.direction]
+        gate = self.gates[connection.route.direction]
         with self.lock:
             connection.admitted = False
             connection.listener.open -= 1
@@ -1454,12 +1515,12 @@ class Workers:
     """
 
     def __init__(self, fail: Callable[[str], None]):
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]]] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.idle = 0  # workers waiting for a job that no queued job has claimed yet
         self.fail = fail
 
-    def run(self, job: Callable, *args: object) -> None:
+    def run(self, job: Callable[..., object], *args: object) -> None:
         """Run job(*args) in a worker.  RuntimeError when no thread can be started; nothing is queued then."""
         with self.lock:
             start = self.idle == 0
@@ -1531,10 +1592,10 @@ class Relayer:
 
     def serve(self, connection: Connection) -> None:
         """Whatever goes wrong ends this connection only: its client is reset, its room freed."""
-        target = connection.listener.route.target
+        target = connection.route.target
         log.debug("conn %d: dialing for %s", connection.conn_id, connection.path)
         try:
-            if connection.client.family != socket.AF_UNIX and connection.listener.route.listen.kind == "tcp":
+            if connection.client.family != socket.AF_UNIX and connection.route.listen.kind == "tcp":
                 connection.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             far = self.dialer.connect(target, connection.conn_id)
             try:
@@ -1553,8 +1614,8 @@ class Relayer:
                                       connection.conn_id, target, reason(error))
             self.give_up(connection)
             return
-        except Exception:  # a bug: this connection ends, the half goes on
-            log.error("conn %d: unexpected error while setting it up: %s", connection.conn_id, reason(sys.exc_info()[1]))
+        except Exception as error:  # a bug: this connection ends, the half goes on
+            log.error("conn %d: unexpected error while setting it up: %s", connection.conn_id, reason(error))
             log.debug("conn %d: traceback", connection.conn_id, exc_info=True)
             self.give_up(connection)
             return
@@ -1584,7 +1645,7 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 class Wakeup:
     """Wakes a thread that waits in a selector, from any other thread: register ``reader``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.reader, self.writer = socket.socketpair()
         self.reader.setblocking(False)
         self.writer.setblocking(False)
@@ -1616,7 +1677,7 @@ class Buffers:
     """
 
     def __init__(self, budget: int):
-        self.limit = max(budget // BUFFER_SIZE, 1)
+        self.limit: float = max(budget // BUFFER_SIZE, 1)  # math.inf once unbounded
         self.lent = 0
         self.spare: list[memoryview] = []
         self.scratch = memoryview(bytearray(BUFFER_SIZE))  # for a read that keeps nothing
@@ -1694,7 +1755,7 @@ class Flow:
             buffers.give(self.buffer)
             self.buffer = None
             if isinstance(error, (BrokenPipeError, ConnectionResetError)):
-                raise DestinationClosed() from error
+                raise DestinationClosed(error) from error
             raise
         if self.start == self.end:
             buffers.give(self.buffer)
@@ -1720,7 +1781,7 @@ class Flow:
         except BlockingIOError:
             sent = 0
         except (BrokenPipeError, ConnectionResetError) as error:
-            raise DestinationClosed() from error
+            raise DestinationClosed(error) from error
         if sent:
             self.src.recv_into(buffers.scratch, sent)  # the bytes just sent, still first in src
             self.total += sent
@@ -1738,7 +1799,11 @@ class Flow:
 
 
 class DestinationClosed(ConnectionError):
-    """A flow's destination would take no more bytes: it closed, or reset."""
+    """A flow's destination would take no more bytes: it closed, or reset (error says which)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.errno, error.strerror)
+        self.error = error
 
 
 class Sink:
@@ -1787,12 +1852,12 @@ class Cut(Exception):
 class Connection:
     """One accepted connection, from accept to its end: the client, the far side once dialed, a flow each way."""
 
-    def __init__(self, conn_id: int, listener: Listener, client: socket.socket, address: object):
-        self.conn_id, self.listener, self.client = conn_id, listener, client
-        self.path = f"{describe_peer(client.family, address)} -> {listener.route.listen} -> {listener.route.target}"
+    def __init__(self, conn_id: int, listener: Listener, route: Route, client: socket.socket, address: Address):
+        self.conn_id, self.listener, self.route, self.client = conn_id, listener, route, client
+        self.path = f"{describe_peer(client.family, address)} -> {route.listen} -> {route.target}"
         self.accepted = time.monotonic()
         self.admitted = False  # counted against its listener's and its direction's limits
-        self.far: socket.socket | None = None
+        self.far: socket.socket | None = None  # until relay()
 
     def relay(self, far: socket.socket) -> None:
         """The far side answered: from here on the reactor moves the bytes."""
@@ -1804,7 +1869,7 @@ class Connection:
         self.interest = {self.client: 0, far: 0}  # what the reactor is asked to watch, per socket
 
     def wants(self) -> dict[socket.socket, int]:
-        wanted = {self.client: 0, self.far: 0}
+        wanted = {self.client: 0, self.down.src: 0}  # down.src: the far side
         for flow in (self.up, self.down):
             wait = flow.wanted()
             if wait:
@@ -1826,8 +1891,10 @@ class Connection:
                     flow.pump(buffers)
                 except DestinationClosed as error:
                     if not (back.eof and back.total):
-                        raise error.__cause__ from None  # a reset mid-stream, or a refusal: the connection is broken
-                    flow.dst = Sink  # it had said all it had to say, and left: what still comes for it is lost
+                        raise error.error from None  # a reset mid-stream, or a refusal: the connection is broken
+                    # It had said all it had to say, and left: what still comes for it is lost.  Sink
+                    # has what a flow calls on its destination from here on (send, shutdown).
+                    flow.dst = typing.cast(socket.socket, Sink)
         for flow, back in ((self.up, self.down), (self.down, self.up)):
             if flow.eof and not flow.done:
                 if not back.done and stopped_reading(flow.src):  # before its EOF could pass for an orderly end
@@ -1839,16 +1906,16 @@ class Connection:
     def close(self, error: BaseException | None = None) -> None:
         """Close both sockets (resetting a TCP client after an error) and log the outcome."""
         if isinstance(error, Closed) and error.refused:
-            outcome = f"refused by {self.listener.route.target} (the far side closed at once)"
+            outcome = f"refused by {self.route.target} (the far side closed at once)"
             reset(self.client)
         elif error is not None:
             outcome = f"cut {error}" if isinstance(error, Cut) else f"reset ({reason(error)})"
             reset(self.client)
-            reset(self.far)
+            reset(self.down.src)  # the far side
         else:
             outcome = "closed"
         self.client.close()
-        self.far.close()
+        self.down.src.close()
         log.info(
             "conn %d %s: %s, %d bytes up, %d bytes down, %.3f s",
             self.conn_id, outcome, self.path, self.up.total, self.down.total, time.monotonic() - self.started,
@@ -1905,11 +1972,11 @@ class Reactor(threading.Thread):
         next_sweep = time.monotonic()
         while True:
             now = self.serve(self.selector.select(self.sweep_interval))
-            if self.idle_timeout and now >= next_sweep:
+            if self.sweep_interval is not None and now >= next_sweep:
                 self.cut_idle(now)
                 next_sweep = now + self.sweep_interval
 
-    def serve(self, ready: list) -> float:
+    def serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> float:
         """Step every connection that is ready; return the time.  A method of its own so that no
         connection stays referenced from a finished round while the next select() waits."""
         now = time.monotonic()
@@ -1993,11 +2060,11 @@ class Reactor(threading.Thread):
 CONTROL_PROTOCOL = 2
 
 
-def encode_message(message: dict) -> bytes:
+def encode_message(message: Message) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def send_message(sock: socket.socket, message: dict) -> None:
+def send_message(sock: socket.socket, message: Message) -> None:
     sock.sendall(encode_message(message))
 
 
@@ -2008,7 +2075,7 @@ class MessageReader:
         self.sock = sock
         self.pending = b""
 
-    def read(self, deadline: float) -> dict | None:
+    def read(self, deadline: float) -> Message | None:
         """The next message, or None at EOF; ValueError for anything that is not one,
         socket.timeout when the deadline (a time.monotonic() value) passes first."""
         while b"\n" not in self.pending:
@@ -2029,12 +2096,12 @@ class MessageReader:
             raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
         return len(chunk)
 
-    def messages(self) -> Iterator[dict]:
+    def messages(self) -> Iterator[Message]:
         """Every whole message received so far."""
         while b"\n" in self.pending:
             yield self.next_message()
 
-    def next_message(self) -> dict:
+    def next_message(self) -> Message:
         line, _, self.pending = self.pending.partition(b"\n")
         if len(line) > CONTROL_MAX_MESSAGE:
             raise ValueError(f"a message over {CONTROL_MAX_MESSAGE} bytes")
@@ -2056,12 +2123,12 @@ def log_arrival(again: bool, message: str, *args: object) -> None:
     log.log(logging.WARNING if again else logging.INFO, message, " again" if again else "", *args)
 
 
-def hello(role: str, **more: object) -> dict:
+def hello(role: str, **more: object) -> Message:
     return {"type": "hello", "protocol": CONTROL_PROTOCOL, "role": role, "version": __version__,
             "heartbeat": HEARTBEAT_INTERVAL, **more}
 
 
-def announced_heartbeat(greeting: dict) -> float | None:
+def announced_heartbeat(greeting: Message) -> float | None:
     """The interval the other half promised to speak at, or None (an older qproxy promises none)."""
     value = greeting.get("heartbeat")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
@@ -2081,7 +2148,7 @@ class ControlLink:
     """
 
     def __init__(self, sock: socket.socket, reader: MessageReader, other: str, other_heartbeat: float | None,
-                 on_message: Callable[[dict], None], outbox: LogOutbox | None = None,
+                 on_message: Callable[[Message], None], outbox: LogOutbox | None = None,
                  written_by: LogQueue | None = None):
         """written_by: the host half's log queue, whose writer writes the log records taken; each is
         confirmed to the enclave half ("ack") once written, not before."""
@@ -2120,10 +2187,11 @@ class ControlLink:
                 ready = selector.select(wait)
                 now = time.monotonic()
                 for key, _ in ready:
-                    if key.fileobj is not self.sock:
+                    if key.fileobj is self.sock:
+                        if not self.receive(now):
+                            return
+                    elif self.outbox:
                         self.outbox.wakeup.clear()
-                    elif not self.receive(now):
-                        return
                 if now >= next_beat:
                     send_message(self.sock, {"type": "heartbeat"})
                     next_beat = now + HEARTBEAT_INTERVAL
@@ -2162,6 +2230,8 @@ class ControlLink:
 
     def confirm_written(self) -> bool:
         """Confirm the log records the writer has written; True while some taken are not written yet."""
+        if not self.written_by:
+            return False
         confirmed = None
         while self.unwritten and self.written_by.written >= self.unwritten[0][0]:
             confirmed = self.unwritten.popleft()[1]
@@ -2198,7 +2268,7 @@ ENTRY_KEYS = {
 }
 
 
-def entries_of(config: Config) -> dict:
+def entries_of(config: Config) -> dict[str, list[dict[str, typing.Any]]]:
     """A config's connection entries, as the enclave half's hello carries them."""
     return {
         direction: [{key: getattr(entry, key) for key in keys} for entry in getattr(config, direction)]
@@ -2206,7 +2276,7 @@ def entries_of(config: Config) -> dict:
     }
 
 
-def by_vsock_port(entries: object) -> dict[str, dict[int, dict]]:
+def by_vsock_port(entries: object) -> dict[str, dict[int, dict[str, typing.Any]]]:
     """Entries as sent in a hello, checked as the config file's are, per direction and vsock port.
 
     ValueError when they are not entries; its text shows what was found as the
@@ -2214,7 +2284,7 @@ def by_vsock_port(entries: object) -> dict[str, dict[int, dict]]:
     """
     if not isinstance(entries, dict):
         raise ValueError("entries is not an object")
-    found: dict[str, dict[int, dict]] = {}
+    found: dict[str, dict[int, dict[str, typing.Any]]] = {}
     for direction in ENTRY_KEYS:
         listed = entries.get(direction)
         if not isinstance(listed, list):
@@ -2233,7 +2303,7 @@ def by_vsock_port(entries: object) -> dict[str, dict[int, dict]]:
 
 
 # What each half does with an entry, in the words of the mismatch messages: (host half, enclave half).
-ENTRY_USES = {
+ENTRY_USES: dict[str, tuple[Callable[[dict[str, typing.Any]], str], Callable[[dict[str, typing.Any]], str]]] = {
     "inbound": (
         lambda entry: f"forwards tcp port {entry['host_port']} to vsock port {entry['vsock_port']}",
         lambda entry: f"serves vsock port {entry['vsock_port']} (for 127.0.0.1:{entry['enclave_port']})",
@@ -2245,7 +2315,7 @@ ENTRY_USES = {
 }
 
 
-def config_mismatches(host: dict, enclave: dict) -> list[str]:
+def config_mismatches(host: object, enclave: object) -> list[str]:
     """Every way the enclave half's entries and the host half's disagree, in plain words.
 
     Both are as entries_of() gives them.  Entries meet by direction and vsock port;
@@ -2307,11 +2377,13 @@ class LogOutbox(logging.Handler):
     again on the next, so each is written, or counted as dropped, at least once.
     """
 
-    def __init__(self):
+    lock: threading.Lock  # made by logging.Handler (an RLock), which holds it around emit()
+
+    def __init__(self) -> None:
         super().__init__()
-        self.records: collections.deque[dict] = collections.deque(maxlen=LOG_BACKLOG)
+        self.records: collections.deque[Message] = collections.deque(maxlen=LOG_BACKLOG)
         self.confirming = False  # whether the host half on this link confirms what it writes
-        self.unconfirmed: collections.deque[dict] = collections.deque()  # sent on this link, not yet confirmed
+        self.unconfirmed: collections.deque[Message] = collections.deque()  # sent on this link, not yet confirmed
         self.confirmed = 0  # records the host half confirmed on this link
         self.lost = 0
         self.wakeup = Wakeup()
@@ -2382,7 +2454,7 @@ class LogOutbox(logging.Handler):
             self.confirming = False
         self.give_back(unconfirmed)
 
-    def give_back(self, records: list[dict]) -> None:
+    def give_back(self, records: list[Message]) -> None:
         with self.lock:
             for record in reversed(records):
                 if len(self.records) == LOG_BACKLOG:
@@ -2414,10 +2486,10 @@ class EnclaveLog:
 
     NAME = "qproxy.enclave"  # the logger name of its records, which setup_logging's handlers tell apart
 
-    def __init__(self, handler: logging.Handler):
-        self.handler = handler  # the half's LogQueue
+    def __init__(self, handler: LogQueue):
+        self.handler = handler
 
-    def write(self, message: dict) -> bool:
+    def write(self, message: Message) -> bool:
         """Write one log message; False when it is not a well-formed one."""
         level, text, when = message.get("level"), message.get("message"), message.get("time")
         if not (isinstance(level, str) and level in self.LEVELS and isinstance(text, str)
@@ -2459,7 +2531,7 @@ class ControlServer:
         self.pacing = threading.Lock()
         self.next_hello = 0.0  # the time.monotonic() before which no other hello is answered
 
-    def serve(self, sock: socket.socket, address: object) -> None:
+    def serve(self, sock: socket.socket, address: Address) -> None:
         peer = describe_peer(sock.family, address)
         with sock:
             if not self.ungreeted.acquire(blocking=False):
@@ -2474,7 +2546,7 @@ class ControlServer:
             if greeting is not None:
                 self.follow(sock, peer, reader, greeting)
 
-    def greet(self, sock: socket.socket, peer: str) -> tuple[MessageReader, dict | None]:
+    def greet(self, sock: socket.socket, peer: str) -> tuple[MessageReader, Message | None]:
         reader = MessageReader(sock)
         try:
             greeting = reader.read(deadline=time.monotonic() + CONTROL_HELLO_TIMEOUT)
@@ -2493,7 +2565,7 @@ class ControlServer:
             time.sleep(max(self.next_hello - time.monotonic(), 0))
             self.next_hello = time.monotonic() + CONTROL_HELLO_INTERVAL
 
-    def follow(self, sock: socket.socket, peer: str, reader: MessageReader, greeting: dict) -> None:
+    def follow(self, sock: socket.socket, peer: str, reader: MessageReader, greeting: Message) -> None:
         """Answer the hello, then hold the connection until the enclave half leaves or is replaced."""
         with self.lock:
             previous, self.enclave = self.enclave, sock
@@ -2528,7 +2600,7 @@ class ControlServer:
                     self.enclave = None
                     notify_systemd("STATUS=waiting for the enclave half")
 
-    def compare(self, greeting: dict) -> None:
+    def compare(self, greeting: Message) -> None:
         """Log how the enclave half differs from this host half: protocol, version, entries."""
         if greeting.get("protocol") != CONTROL_PROTOCOL:
             log.warning("control: the enclave half speaks control protocol %s, this host half %d; upgrade the older",
@@ -2557,7 +2629,7 @@ class ControlServer:
                           " ENCLAVE_FILE` lists them all", len(mismatches) - CONTROL_MISMATCHES_LOGGED)
         self.reported = mismatches
 
-    def on_message(self, message: dict) -> None:
+    def on_message(self, message: Message) -> None:
         if message["type"] == "log" and not self.enclave_log.write(message):
             throttled.warning("control-log", "control: dropped a malformed log record from the enclave half")
 
@@ -2598,7 +2670,7 @@ class ControlClient(threading.Thread):
             self.stopping.wait(delay)
             delay = min(delay * 2, CONTROL_RETRY[1])
 
-    def on_message(self, message: dict) -> None:
+    def on_message(self, message: Message) -> None:
         if message["type"] == "ack" and self.outbox:
             self.outbox.confirm(message.get("log"))
 
@@ -2735,7 +2807,7 @@ class Half:
         self.selector.register(self.admission.wakeup.reader, READ)
         # A thread the half cannot work without that dies takes the half with it, loudly.
         threading.excepthook = lambda hook: self.fail(f"the {hook.thread.name if hook.thread else 'a'} thread",
-                                                      (hook.exc_type, hook.exc_value, hook.exc_traceback))
+                                                      hook.exc_value)
         self.relayer.reactor.start()
         # From here on a signal stops the half, even one that arrives while it is still starting;
         # none that a person or a tool is likely to send ends it without its grace period.
@@ -2768,7 +2840,7 @@ class Half:
                 log.info("%s: stopping", signal.Signals(number).name)
                 self.stopping.set()
 
-    def fail(self, what: str, exc_info: object = True) -> None:
+    def fail(self, what: str, exc_info: bool | BaseException | None = True) -> None:
         """An unexpected error where the half cannot go on without: say so, reset what is open, exit."""
         try:
             log.critical("internal error in %s; exiting with code %d so that a supervisor restarts this half",
@@ -2778,7 +2850,8 @@ class Half:
             self.logs.flush()
             os._exit(EXIT_FAILED)
 
-    def listen(self, endpoint: Endpoint, route: Route | None, serve: Callable | None = None) -> None:
+    def listen(self, endpoint: Endpoint, route: Route | None,
+               serve: Callable[[socket.socket, Address], None] | None = None) -> None:
         """Open a listener: for route's connections, or (route None) one whose connections go to serve(sock, address)."""
         sock = open_listener(endpoint, self.vsock)
         listener = Listener(sock, route, self.limits.connections_per_listener if route else 0, self.peer_cid, serve)
@@ -2810,7 +2883,7 @@ class Half:
         Returns what changed, in a few words."""
         current = {listener.route.listen: listener for listener in self.listeners if listener.route}
         wanted = {route.listen: route for route in routes}
-        changes = collections.Counter()
+        changes: collections.Counter[str] = collections.Counter()
         for listen, listener in current.items():
             if listen not in wanted:
                 self.close_listener(listener)
@@ -2883,7 +2956,7 @@ class Half:
             self.handle_signals()
             if until():
                 return
-            if self.reloading and not self.stopping.is_set():
+            if self.reloading and self.reload and not self.stopping.is_set():
                 self.reloading = False
                 self.reload()
             wake_at = min(self.admission.expire(time.monotonic()), deadline)
@@ -2891,10 +2964,10 @@ class Half:
             self.resume_listeners()
             timeout = None if wake_at == math.inf else max(wake_at - time.monotonic(), 0)
             for key, _ in self.selector.select(timeout):
-                if key.fileobj is self.admission.wakeup.reader:
-                    self.admission.wakeup.clear()
-                else:
+                if isinstance(key.fileobj, Listener):
                     self.accept(key.fileobj)
+                else:
+                    self.admission.wakeup.clear()
 
     def accept(self, listener: Listener) -> None:
         """Take what listener's queue holds, up to ACCEPTS_PER_TURN; pause it when it may take no more."""
@@ -2919,10 +2992,10 @@ class Half:
                 throttled.warning("peer", "refused a vsock connection to port %d from CID %d: only CID %d may connect",
                                   listener.sock.getsockname()[1], address[0], self.peer_cid)
                 client.close()
-            elif listener.route is None:
+            elif listener.serve:  # the control port, which serves its own connections
                 self.start_job(listener.serve, client, address)
-            else:
-                self.start(self.admission.arrive(listener, client, address))
+            elif listener.route:
+                self.start(self.admission.arrive(listener, listener.route, client, address))
 
     def start(self, admitted: list[Connection]) -> None:
         for index, connection in enumerate(admitted):
@@ -2934,7 +3007,8 @@ class Half:
                 throttled.warning("threads", "cannot start a thread (%s); connections wait until one ends", error)
                 return
 
-    def start_job(self, job: Callable, client: socket.socket, address: object) -> None:
+    def start_job(self, job: Callable[[socket.socket, Address], None], client: socket.socket,
+                  address: Address) -> None:
         try:
             self.workers.run(job, client, address)
         except RuntimeError as error:
@@ -2974,7 +3048,7 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock, logs: LogWr
     vsock.check_available()
     raise_fd_limit()
     half = Half("host", vsock, family, args.threads, config.limits, args.cid, logs)
-    control = ControlServer(config, EnclaveLog(log.handlers[0]))
+    control = ControlServer(config, EnclaveLog(logs.source))
     try:
         for route in host_routes(config, str(args.cid)):
             half.add_route(route)
@@ -3108,15 +3182,21 @@ class CannedService(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def __init__(self, body: str, port: int = 0):
         self.body = body.encode()
-        super().__init__(("127.0.0.1", port), None)
+        super().__init__(("127.0.0.1", port), CannedAnswer)
 
-    def finish_request(self, request: socket.socket, client_address: object) -> None:
-        request.settimeout(5)
-        with request.makefile("rb") as reader:
-            while reader.readline().strip():
-                pass  # the request head; the answer does not depend on it
-        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(self.body)}\r\n\r\n"
-        request.sendall(head.encode() + self.body)
+
+class CannedAnswer(socketserver.StreamRequestHandler):
+    """One request to a CannedService: its head is read, its answer the service's body."""
+
+    server: CannedService
+    timeout = 5
+
+    def handle(self) -> None:
+        while self.rfile.readline().strip():
+            pass  # the request head; the answer does not depend on it
+        body = self.server.body
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+        self.wfile.write(head.encode() + body)
 
 
 CLONE_NEWNET = 0x40000000
@@ -3126,7 +3206,7 @@ def unshare_network() -> None:
     """Give the calling thread a network namespace of its own, its loopback up, as an enclave half
     would bring it: sockets the thread makes and processes it starts are in it.  OSError or
     StartError without CAP_SYS_ADMIN and CAP_NET_ADMIN, which root has."""
-    if hasattr(os, "unshare"):  # Python 3.12
+    if sys.version_info >= (3, 12):
         os.unshare(os.CLONE_NEWNET)
     else:
         import ctypes
@@ -3137,14 +3217,18 @@ def unshare_network() -> None:
     ensure_loopback_up()
 
 
+Result = typing.TypeVar("Result")
+
+
 class EnclaveSide(threading.Thread):
     """The demo's enclave: one thread that starts what the enclave runs (its half, its service, the
     app's request out), so that all of it shares the thread's network.  A daemon: an interrupted
     demo never waits for a request it sent."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(name="enclave side", daemon=True)
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...], queue.SimpleQueue[
+            tuple[bool, typing.Any]]]] = queue.SimpleQueue()
         self.start()
 
     def run(self) -> None:
@@ -3155,15 +3239,16 @@ class EnclaveSide(threading.Thread):
             except BaseException as error:  # the caller's to handle, as if it had called function itself
                 result.put((False, error))
 
-    def call(self, function: Callable, *args: object) -> object:
-        result: queue.SimpleQueue = queue.SimpleQueue()
+    def call(self, function: Callable[..., Result], *args: object) -> Result:
+        """function(*args), run on this thread: what it returns, or raises."""
+        result: queue.SimpleQueue[tuple[bool, typing.Any]] = queue.SimpleQueue()
         self.jobs.put((function, args, result))
         while result.empty():  # not get() alone: a signal another thread took would not wake it to raise
             time.sleep(0.05)
         done, value = result.get()
         if not done:
             raise value
-        return value
+        return typing.cast(Result, value)
 
 
 def free_ports(count: int) -> list[int]:
@@ -3179,7 +3264,7 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def http_get(port: int, deadline: float, halves: dict) -> str:
+def http_get(port: int, deadline: float, halves: dict[str, subprocess.Popen[bytes]]) -> str:
     """GET / through a port, retrying until the deadline while the halves (role: process) come up;
     StartError at once when one of them has exited."""
     while True:
@@ -3214,7 +3299,6 @@ def run_demo() -> int:
     share this machine's network.  SIGINT and SIGTERM stop the halves and keep
     the folder, as a failure does.
     """
-    import functools
     import shutil
     import subprocess
     import tempfile  # the demo's own needs, kept out of the halves' memory
@@ -3240,7 +3324,7 @@ def run_demo() -> int:
         app_port = outside_port  # the vendor's layout: each entry's port the same on both sides
     inside = enclave.call(CannedService, "Hello world!", 0 if why_not else host_port)
     outside = CannedService("Hello from outside!", outside_port)
-    halves: dict[str, subprocess.Popen] = {}
+    halves: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for service in (inside, outside):
             threading.Thread(target=service.serve_forever, daemon=True).start()
@@ -3266,7 +3350,10 @@ def run_demo() -> int:
         for role, extra in (("enclave", []), ("host", ["4"])):
             with open(os.path.join(folder, f"{role}.log"), "wb") as logfile:
                 command = [sys.executable, os.path.abspath(__file__), role, "--config", config] + extra
-                start = functools.partial(subprocess.Popen, command, env=environ, stdout=logfile, stderr=logfile)
+
+                def start() -> subprocess.Popen[bytes]:
+                    return subprocess.Popen(command, env=environ, stdout=logfile, stderr=logfile)
+
                 halves[role] = enclave.call(start) if role == "enclave" else start()
             print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {halves[role].pid})")
         deadline = time.monotonic() + 15
@@ -3295,8 +3382,8 @@ def run_demo() -> int:
         else:
             print(f"demo failed: {error}", file=sys.stderr)
             for role in halves:
-                with open(os.path.join(folder, f"{role}.log"), errors="replace") as logfile:
-                    print(f"--- {role} half's log ({logfile.name}) ---\n{logfile.read()}", file=sys.stderr)
+                with open(os.path.join(folder, f"{role}.log"), errors="replace") as written:
+                    print(f"--- {role} half's log ({written.name}) ---\n{written.read()}", file=sys.stderr)
         print(f"demo: its folder, with both halves' logs and the config, is kept: {folder}", file=sys.stderr)
         return EXIT_CANNOT_START
     finally:
@@ -3329,7 +3416,8 @@ parse_port = number_in(*TCP_PORT_RANGE, "a port")
 parse_threads = number_in(1, COUNT_RANGE[1], "the connection limit")
 
 
-def from_environment(args: argparse.Namespace, name: str, variable: str, parse: Callable, default: object) -> None:
+def from_environment(args: argparse.Namespace, name: str, variable: str, parse: Callable[[str], object],
+                     default: object) -> None:
     """Fill an option the command line left out from its environment variable, then its default."""
     if not hasattr(args, name) or getattr(args, name) is not None:
         return
@@ -3347,7 +3435,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but an error is one line, as every error of qproxy's is, with a did-you-mean for a
     mistyped command; the subcommands' parsers are of this class too."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> typing.NoReturn:
         mistyped = re.match(r"argument <COMMAND>: invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if mistyped:
             import difflib  # only a mistyped command needs it: the halves do not carry it
