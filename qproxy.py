@@ -621,7 +621,9 @@ def entry_at(lines: Mapping[tuple[str, int], int], table: str, number: int) -> s
 def check_document(document: dict[str, typing.Any], control_port: int,
                    lines: Mapping[tuple[str, int], int]) -> tuple[Config, list[Problem]]:
     """Turn a parsed TOML document into a Config; or, when it has any, every problem, in file order."""
-    problems = [Problem(lines.get((key, 0), 0), unknown_key(key, iter(TABLES))) for key in document if key not in TABLES]
+    problems = [
+        Problem(lines.get((key, 0), 0), unknown_key(key, iter(TABLES))) for key in document if key not in TABLES
+    ]
     entries: dict[str, list[dict[str, typing.Any]]] = {}
     for name, table in TABLES.items():
         found = document.get(name, [])
@@ -660,8 +662,8 @@ def cross_check(entries: dict[str, list[dict[str, typing.Any]]], control_port: i
         for table, number, key in uses:
             port = entries[table][number - 1][key]
             if port in seen:
-                problems.append(Problem(lines.get((table, number), 0), f"{entry_name(table, number)}: {key}: {port} is already used by"
-                                              f" {seen[port]}; every {label} must be unique"))
+                text = f"{entry_name(table, number)}: {key}: {port} is already used by {seen[port]}"
+                problems.append(Problem(lines.get((table, number), 0), f"{text}; every {label} must be unique"))
             else:
                 seen[port] = f"the {key} of {entry_at(lines, table, number)}"
 
@@ -789,9 +791,9 @@ def level_from_rust_log(value: str) -> str:
             level = LOG_LEVELS[int(level)]  # tracing's numbers: 0 off, 1 error ... 5 trace
         if level not in LOG_LEVELS:
             raise UsageError(f"RUST_LOG={value}: {directive!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
-        if not target or target == "qproxy" or target.startswith("qproxy::"):
-            if target or chosen is None or not chosen[0]:
-                chosen = (target, level)
+        ours = not target or target == "qproxy" or target.startswith("qproxy::")
+        if ours and (target or chosen is None or not chosen[0]):
+            chosen = (target, level)
     return chosen[1] if chosen else "warn"
 
 
@@ -960,8 +962,9 @@ class ReportsFailures(logging.Handler):
         where = getattr(self, "baseFilename", "stderr")
         error = sys.exc_info()[1]
         try:
-            sys.stderr.write(f"qproxy: cannot write the log to {where} ({reason(error) if error else 'failed'}); records are"
-                             " lost until it can be written again\n")
+            why = reason(error) if error else "failed"
+            sys.stderr.write(f"qproxy: cannot write the log to {where} ({why}); records are lost until it can be"
+                             " written again\n")
             sys.stderr.flush()
         except Exception:
             pass  # stderr is what failed
@@ -1072,7 +1075,7 @@ class Vsock:
         # A lock, not a trial connection: connecting to a live listener would
         # make it dial its target for nothing.
         try:
-            lock = open(path + ".lock", "a")
+            lock = open(path + ".lock", "a")  # noqa: SIM115 -- held open, and locked, while the port listens
         except OSError as error:
             raise StartError(
                 f"cannot create {path}.lock for vsock port {port} ({error.strerror}): QPROXY_VSOCK_EMULATION"
@@ -1133,7 +1136,8 @@ class Dialer:
             asked = "IPv4 addresses (--ipv4)" if self.family == socket.AF_INET else "IPv6 addresses (--ipv6)"
             raise socket.gaierror(error.errno, f"{error.strerror}; only {asked} were asked for") from None
         if not flags:
-            log.debug("conn %d: %s resolves to %s", conn_id, host, ", ".join(str(address[4][0]) for address in addresses))
+            log.debug("conn %d: %s resolves to %s", conn_id, host,
+                      ", ".join(str(address[4][0]) for address in addresses))
         failure: OSError | None = None
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
@@ -1651,17 +1655,13 @@ class Wakeup:
         self.writer.setblocking(False)
 
     def wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):  # wake-ups are pending already
             self.writer.send(b"\0")
-        except BlockingIOError:
-            pass  # wake-ups are pending already
 
     def clear(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while self.reader.recv(4096):
                 pass
-        except BlockingIOError:
-            pass
 
 
 class Buffers:
@@ -1708,7 +1708,7 @@ class Buffers:
 class Flow:
     """One direction of a connection: bytes read from src wait in a buffer until dst takes them."""
 
-    __slots__ = ("src", "dst", "buffer", "start", "end", "blocked", "eof", "done", "total")
+    __slots__ = ("blocked", "buffer", "done", "dst", "end", "eof", "src", "start", "total")
 
     def __init__(self, src: socket.socket, dst: socket.socket):
         self.src, self.dst = src, dst
@@ -2480,8 +2480,10 @@ class EnclaveLog:
     """
 
     # A record's level as its line shows it (setup_logging names WARNING "WARN"); CRITICAL is a failing half's.
-    LEVELS = {"CRITICAL": logging.CRITICAL, **{name.upper(): number for name, number in LEVEL_NUMBERS.items()
-                                                if name != "off"}}
+    LEVELS: typing.ClassVar[dict[str, int]] = {
+        "CRITICAL": logging.CRITICAL,
+        **{name.upper(): number for name, number in LEVEL_NUMBERS.items() if name != "off"},
+    }
     TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 
     NAME = "qproxy.enclave"  # the logger name of its records, which setup_logging's handlers tell apart
@@ -2572,10 +2574,8 @@ class ControlServer:
             if previous is not None:
                 # Under the lock: the previous link's thread takes it before that socket is
                 # closed, so its descriptor cannot be reused by then.
-                try:
+                with contextlib.suppress(OSError):  # it ended on its own meanwhile
                     previous.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # it ended on its own meanwhile
         if previous is not None:
             throttled.warning("control-replace", "control: a new enclave half replaces the one connected before")
         try:
@@ -2658,7 +2658,8 @@ class ControlClient(threading.Thread):
             try:
                 sock = self.vsock.connect(self.parent_cid, self.port, CONTROL_HELLO_TIMEOUT)
             except OSError as error:
-                log.debug("control: host half not reachable at vsock %d:%d (%s)", self.parent_cid, self.port, reason(error))
+                log.debug("control: host half not reachable at vsock %d:%d (%s)", self.parent_cid, self.port,
+                          reason(error))
             else:
                 try:
                     if self.talk(sock):
@@ -2755,10 +2756,8 @@ def raise_fd_limit() -> None:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
 
 
 def notify_systemd(state: str) -> None:
@@ -2852,7 +2851,8 @@ class Half:
 
     def listen(self, endpoint: Endpoint, route: Route | None,
                serve: Callable[[socket.socket, Address], None] | None = None) -> None:
-        """Open a listener: for route's connections, or (route None) one whose connections go to serve(sock, address)."""
+        """Open a listener: for route's connections, or (route None) one whose connections go to
+        serve(sock, address)."""
         sock = open_listener(endpoint, self.vsock)
         listener = Listener(sock, route, self.limits.connections_per_listener if route else 0, self.peer_cid, serve)
         self.listeners.append(listener)
@@ -3091,7 +3091,8 @@ def check_literals_match_family(path: str, config: Config, family: int) -> None:
         return
     flag = "--ipv4" if family == socket.AF_INET else "--ipv6"
     problems = [
-        entry_problem(config, "outbound_connections", number, f"hostname {entry.hostname} cannot be reached with {flag}")
+        entry_problem(config, "outbound_connections", number,
+                      f"hostname {entry.hostname} cannot be reached with {flag}")
         for number, entry in enumerate(config.outbound, 1)
         if is_ip_literal(entry.hostname) and (socket.AF_INET6 if ":" in entry.hostname else socket.AF_INET) != family
     ]
@@ -3347,14 +3348,13 @@ def run_demo() -> int:
                   " from the parent's; as root the demo runs the vendor's layout, one port on both sides")
         print(f"demo: 'Hello world!' service (in the enclave) on 127.0.0.1:{inside.server_address[1]}")
         print(f"demo: 'Hello from outside!' service (outside) on 127.0.0.1:{outside_port}")
+        def start(command: list[str], output: typing.BinaryIO) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(command, env=environ, stdout=output, stderr=output)
+
         for role, extra in (("enclave", []), ("host", ["4"])):
             with open(os.path.join(folder, f"{role}.log"), "wb") as logfile:
-                command = [sys.executable, os.path.abspath(__file__), role, "--config", config] + extra
-
-                def start() -> subprocess.Popen[bytes]:
-                    return subprocess.Popen(command, env=environ, stdout=logfile, stderr=logfile)
-
-                halves[role] = enclave.call(start) if role == "enclave" else start()
+                command = [sys.executable, os.path.abspath(__file__), role, "--config", config, *extra]
+                halves[role] = enclave.call(start, command, logfile) if role == "enclave" else start(command, logfile)
             print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {halves[role].pid})")
         deadline = time.monotonic() + 15
         answer = http_get(host_port, deadline, halves)
@@ -3478,7 +3478,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="The part of qproxy that runs inside the enclave.",
     )
     enclave.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
-                         help=f"The CID of the parent VM of this enclave [env: QPROXY_PARENT_CID] [default: {DEFAULT_PARENT_CID}]")
+                         help="The CID of the parent VM of this enclave [env: QPROXY_PARENT_CID]"
+                              f" [default: {DEFAULT_PARENT_CID}]")
     add_common_options(enclave)
 
     check = commands.add_parser(
@@ -3491,7 +3492,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="The enclave half's configuration file, when it differs: every way it does not"
                             " match PATH, the host half's, is an error")
     check.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
-                       help=f"The parent CID the enclave half dials [env: QPROXY_PARENT_CID] [default: {DEFAULT_PARENT_CID}]")
+                       help="The parent CID the enclave half dials [env: QPROXY_PARENT_CID]"
+                            f" [default: {DEFAULT_PARENT_CID}]")
     check.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
                        help=f"The control port [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
 
@@ -3549,8 +3551,10 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         path = args.path or args.config_option
         if not path:
             raise UsageError("check-config needs a file: qproxy check-config PATH")
-        config, enclave_config = (load_configs(path, args.enclave_config, control_port=args.control_port) if args.enclave_config
-                                  else (load_config(path, args.control_port), None))
+        if args.enclave_config:
+            config, enclave_config = load_configs(path, args.enclave_config, control_port=args.control_port)
+        else:
+            config, enclave_config = load_config(path, args.control_port), None
         print("\n".join(describe_config(path, config, args.parent_cid, args.control_port,
                                          args.enclave_config, enclave_config)))
         if enclave_config:
