@@ -476,28 +476,28 @@ def check_value(field: Field, value: object) -> str | None:
         low, high = INTEGER_RANGES[field.kind]
         if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
             return None
-        return f"expected an integer from {low} to {high}, found {describe(value)}"
+        return f"expected an integer from {low} to {high}, found {shown(value)}"
     if field.kind == "seconds":
         low, high = SECONDS_RANGE
         if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
             return None  # NaN fails the comparison too
-        return f"expected a number of seconds from {low} to {high}, found {describe(value)}"
+        return f"expected a number of seconds from {low} to {high}, found {shown(value)}"
     if field.kind == "boolean":
-        return None if isinstance(value, bool) else f"expected true or false, found {describe(value)}"
+        return None if isinstance(value, bool) else f"expected true or false, found {shown(value)}"
     if not isinstance(value, str):
-        return f"expected a string, found {describe(value)}"
+        return f"expected a string, found {shown(value)}"
     if field.kind == "hostname" and not is_hostname(value):
-        return f"expected a DNS name or an IP address, found {describe(value)}"
+        return f"expected a DNS name or an IP address, found {shown(value)}"
     if field.kind == "ip_address" and not is_ip_literal(value):
-        return f"expected an IPv4 or IPv6 address, found {describe(value)}"
+        return f"expected an IPv4 or IPv6 address, found {shown(value)}"
     if field.kind == "log_level" and value not in LOG_LEVELS:
-        return f"expected one of {', '.join(LOG_LEVELS)}, found {describe(value)}"
+        return f"expected one of {', '.join(LOG_LEVELS)}, found {shown(value)}"
     if field.kind == "text" and (not value or "\0" in value):
-        return f"expected a non-empty string without NUL, found {describe(value)}"
+        return f"expected a non-empty string without NUL, found {shown(value)}"
     return None
 
 
-def describe(value: object) -> str:
+def shown(value: object) -> str:
     """A short, printable account of a value found in the file."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -523,7 +523,7 @@ def unknown_key(key: str, known: Iterator[str]) -> str:
 def check_table(where: str, fields: dict[str, Field], entry: object, problems: list[str]) -> dict[str, typing.Any]:
     """The entry's valid values, defaults filled in; what is wrong goes to problems (and its key is left out)."""
     if not isinstance(entry, dict):
-        problems.append(f"{where}: expected a table, found {describe(entry)}")
+        problems.append(f"{where}: expected a table, found {shown(entry)}")
         return {}
     values: dict[str, typing.Any] = {}
     for key in entry:
@@ -556,11 +556,10 @@ class Problem(typing.NamedTuple):
         return f"{path}:{self.line}: {self.text}" if self.line else f"{path}: {self.text}"
 
 
-# A line that looks like a table's header, [name] or [[name]], its name bare or quoted; one that looks
-# like a key, name = value or name.key = value; and keys no configuration has, which mark a line.
+# A line that looks like a table's header, [name] or [[name]], its name bare or quoted; and one that
+# looks like a key, name = value or name.key = value.
 TABLE_HEADER = re.compile(r"""[ \t]*\[\[?[ \t]*(["']?)([A-Za-z0-9_-]+)\1[ \t]*\]""")
 KEY_LINE = re.compile(r"""[ \t]*(["']?)([A-Za-z0-9_-]+)\1[ \t]*[.=]""")
-LINE_MARK = re.compile(r"qproxy (header|key) at line ([0-9]+)")
 
 
 def entry_lines(text: str) -> dict[tuple[str, int], int]:
@@ -568,39 +567,43 @@ def entry_lines(text: str) -> dict[tuple[str, int], int]:
     number 0 is where the table's name first appears, as a header or as a top-level key.
 
     tomllib keeps no lines.  So a copy of the text is parsed with a marker key
-    naming its line after each line that looks like a header, and before each
-    that looks like a top-level key.  A marker that tomllib puts in an entry, or
-    at the top level, says where that entry or key is; one next to a line that
-    only looks like a header or a key (inside a multi-line string) lands in the
-    string and says nothing.  A copy that does not parse gives no lines: none
-    rather than a wrong one.
+    naming its line (and a random number, so that no key of the file can pass
+    for one) after each line that looks like a header, and before each that
+    looks like a top-level key.  A header's marker that tomllib puts first in a
+    table, or a key's that it puts at the top level right before that key, says
+    where the table or the key is.  One next to a line that only looks like a
+    header or a key (inside a multi-line string or array) lands in the string,
+    or after other keys, and says nothing; a copy that does not parse gives no
+    lines at all: none rather than a wrong one.
     """
-    marked, keys, top_level = [], {}, True
+    nonce = os.urandom(8).hex()
+    marked, headers, keys, top_level = [], {}, {}, True
     for number, line in enumerate(text.split("\n"), 1):  # TOML's newline; splitlines() knows more
         key = KEY_LINE.match(line) if top_level else None
+        mark = f"{nonce} {number}"
         if TABLE_HEADER.match(line):
-            marked += [line, f'"qproxy header at line {number}" = true']
+            marked += [line, f'"{mark}" = true']
+            headers[mark] = number
             top_level = False
         elif key:
-            marked += [f'"qproxy key at line {number}" = true', line]
-            keys[number] = key.group(2)
+            marked += [f'"{mark}" = true', line]
+            keys[mark] = (number, key.group(2))
         else:
             marked.append(line)
     try:
         document = tomllib.loads("\n".join(marked))
-    except ValueError:
+    except (ValueError, RecursionError):  # one level deeper than the file itself: it may not fit
         return {}
-
-    def marks(table: object, kind: str) -> list[int]:
-        found = (LINE_MARK.fullmatch(key) for key in (table if isinstance(table, dict) else ()))
-        return sorted(int(mark.group(2)) for mark in found if mark and mark.group(1) == kind)
-
-    lines = {(keys[number], 0): number for number in reversed(marks(document, "key"))}
+    lines: dict[tuple[str, int], int] = {}
+    names = list(document)
+    for mark, after in zip(names, names[1:]):
+        if mark in keys and keys[mark][1] == after:
+            lines[(after, 0)] = keys[mark][0]
     for name, found in document.items():
         for entry, table in enumerate(found if isinstance(found, list) else [found], 1):
-            header = marks(table, "header")
-            if header:
-                lines[(name, entry)] = header[0]
+            first = next(iter(table), None) if isinstance(table, dict) else None
+            if first in headers:
+                lines[(name, entry)] = headers[first]
             elif (name, 0) in lines:  # an inline array's entries, or a table of dotted keys: where its key is
                 lines[(name, entry)] = lines[(name, 0)]
         if (name, 1) in lines:
@@ -629,7 +632,7 @@ def check_document(document: dict[str, typing.Any], control_port: int,
         found = document.get(name, [])
         if table.array and not isinstance(found, list):
             problems.append(Problem(lines.get((name, 0), 0),
-                                    f"{name}: expected an array of tables ([[{name}]]), found {describe(found)}"))
+                                    f"{name}: expected an array of tables ([[{name}]]), found {shown(found)}"))
             found = []
         if not table.array:
             found = [found] if name in document else []
@@ -962,7 +965,7 @@ class ReportsFailures(logging.Handler):
         where = getattr(self, "baseFilename", "stderr")
         error = sys.exc_info()[1]
         try:
-            why = reason(error) if error else "failed"
+            why = explain(error) if error else "failed"
             sys.stderr.write(f"qproxy: cannot write the log to {where} ({why}); records are lost until it can be"
                              " written again\n")
             sys.stderr.flush()
@@ -1048,7 +1051,7 @@ class Vsock:
     def family(self) -> socket.AddressFamily:
         return socket.AF_UNIX if self.emulation_dir else socket.AF_VSOCK
 
-    def describe(self) -> str:
+    def shown(self) -> str:
         return f"emulated vsock in {self.emulation_dir}" if self.emulation_dir else "AF_VSOCK"
 
     def check_available(self) -> None:
@@ -1146,7 +1149,7 @@ class Dialer:
                 sock.connect(address)
             except OSError as error:
                 sock.close()
-                log.debug("conn %d: %s: %s", conn_id, describe_peer(family, address), reason(error))
+                log.debug("conn %d: %s: %s", conn_id, peer_name(family, address), explain(error))
                 failure = error
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1154,7 +1157,8 @@ class Dialer:
         raise failure or OSError(errno.EHOSTUNREACH, "no address to try")
 
 
-def describe_peer(family: int, address: Address) -> str:
+def peer_name(family: int, address: Address) -> str:
+    """The other end of an accepted connection, as the logs name it: tcp HOST:PORT, vsock CID:PORT."""
     if isinstance(address, tuple):  # (host, port, ...) or (cid, port)
         kind = "tcp" if family in (socket.AF_INET, socket.AF_INET6) else "vsock"
         return str(Endpoint(kind, str(address[0]), address[1]))
@@ -1162,11 +1166,11 @@ def describe_peer(family: int, address: Address) -> str:
     return f"vsock (emulated) @{address[1:].decode()}" if isinstance(address, bytes) and address else "vsock (emulated)"
 
 
-def describe_dialed(far: socket.socket) -> str:
+def dialed_name(far: socket.socket) -> str:
     """What a half dialed, as the far side's log names this connection: the address a TCP far side
     has, or the port (an emulated connection's name) a vsock one sees this half's end come from."""
     if far.family in (socket.AF_INET, socket.AF_INET6):
-        return f"connected to {describe_peer(far.family, far.getpeername())}"
+        return f"connected to {peer_name(far.family, far.getpeername())}"
     local = far.getsockname()
     return f"from @{local[1:].decode()}" if far.family == socket.AF_UNIX else f"from vsock port {local[1]}"
 
@@ -1586,7 +1590,7 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
     return routes
 
 
-class Relayer:
+class Connector:
     """Sets up each admitted connection (in a worker): dial the far side, then hand both sockets to the reactor."""
 
     def __init__(self, dialer: Dialer, admission: Admission, limits: Limits):
@@ -1594,7 +1598,7 @@ class Relayer:
         self.admission = admission
         self.reactor = Reactor(limits.idle_timeout, limits.buffer_memory * 1024 * 1024, admission.release)
 
-    def serve(self, connection: Connection) -> None:
+    def set_up(self, connection: Connection) -> None:
         """Whatever goes wrong ends this connection only: its client is reset, its room freed."""
         target = connection.route.target
         log.debug("conn %d: dialing for %s", connection.conn_id, connection.path)
@@ -1603,7 +1607,7 @@ class Relayer:
                 connection.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             far = self.dialer.connect(target, connection.conn_id)
             try:
-                dialed = describe_dialed(far)
+                dialed = dialed_name(far)
                 connection.relay(far)
             except BaseException:
                 far.close()
@@ -1611,27 +1615,28 @@ class Relayer:
         except OSError as error:
             if error.errno in OUT_OF_RESOURCES:  # not the target's fault: wait for a descriptor
                 throttled.warning("short", "conn %d: cannot dial %s: %s; connections wait until one ends",
-                                  connection.conn_id, target, reason(error))
+                                  connection.conn_id, target, explain(error))
                 self.admission.requeue(connection, "descriptors")
                 return
             throttled.warning_or_info(f"reach {target}", "conn %d: cannot reach %s: %s; resetting the client",
-                                      connection.conn_id, target, reason(error))
+                                      connection.conn_id, target, explain(error))
             self.give_up(connection)
             return
         except Exception as error:  # a bug: this connection ends, the half goes on
-            log.error("conn %d: unexpected error while setting it up: %s", connection.conn_id, reason(error))
+            log.error("conn %d: unexpected error while setting it up: %s", connection.conn_id, explain(error))
             log.debug("conn %d: traceback", connection.conn_id, exc_info=True)
             self.give_up(connection)
             return
         log.info("conn %d opened: %s, %s", connection.conn_id, connection.path, dialed)
-        self.reactor.add(connection)
+        self.reactor.hand_over(connection)
 
     def give_up(self, connection: Connection) -> None:
         reset(connection.client)
         self.admission.release(connection)
 
 
-def reason(error: BaseException) -> str:
+def explain(error: BaseException) -> str:
+    """Why an operation failed, in the fewest words that say it: "timed out", "Connection refused"."""
     if isinstance(error, socket.gaierror):
         return f"name resolution failed ({error.strerror})"
     if isinstance(error, socket.timeout):
@@ -1702,7 +1707,7 @@ class Buffers:
         if self.limit != math.inf:
             self.limit = math.inf
             log.warning("cannot peek at a socket here (%s; vsock needs Linux 5.5 or newer): buffer memory is no"
-                        " longer bounded by [limits] buffer_memory", reason(error))
+                        " longer bounded by [limits] buffer_memory", explain(error))
 
 
 class Flow:
@@ -1854,7 +1859,7 @@ class Connection:
 
     def __init__(self, conn_id: int, listener: Listener, route: Route, client: socket.socket, address: Address):
         self.conn_id, self.listener, self.route, self.client = conn_id, listener, route, client
-        self.path = f"{describe_peer(client.family, address)} -> {route.listen} -> {route.target}"
+        self.path = f"{peer_name(client.family, address)} -> {route.listen} -> {route.target}"
         self.accepted = time.monotonic()
         self.admitted = False  # counted against its listener's and its direction's limits
         self.far: socket.socket | None = None  # until relay()
@@ -1866,7 +1871,6 @@ class Connection:
         far.setblocking(False)
         self.started = self.last_active = time.monotonic()  # last_active: when the reactor last moved something
         self.up, self.down = Flow(self.client, far), Flow(far, self.client)
-        self.interest = {self.client: 0, far: 0}  # what the reactor is asked to watch, per socket
 
     def wants(self) -> dict[socket.socket, int]:
         wanted = {self.client: 0, self.down.src: 0}  # down.src: the far side
@@ -1909,7 +1913,7 @@ class Connection:
             outcome = f"refused by {self.route.target} (the far side closed at once)"
             reset(self.client)
         elif error is not None:
-            outcome = f"cut {error}" if isinstance(error, Cut) else f"reset ({reason(error)})"
+            outcome = f"cut {error}" if isinstance(error, Cut) else f"reset ({explain(error)})"
             reset(self.client)
             reset(self.down.src)  # the far side
         else:
@@ -1958,7 +1962,7 @@ class Reactor(threading.Thread):
         self.sweep_interval = min(max(idle_timeout / 4, IDLE_SWEEP[0]), IDLE_SWEEP[1]) if idle_timeout else None
         self.cutting = False  # set once, when a stop's grace period ends: every connection is cut
 
-    def add(self, connection: Connection) -> None:
+    def hand_over(self, connection: Connection) -> None:
         """Take over a connection whose far side answered (from any thread)."""
         self.arrivals.append(connection)
         self.wakeup.wake()
@@ -1995,7 +1999,7 @@ class Reactor(threading.Thread):
                     self.watch(connection)
             except Exception as error:  # OSError and Closed; anything else is a bug, logged
                 if not isinstance(error, (OSError, Closed)):
-                    log.error("conn %d: unexpected error: %s", connection.conn_id, reason(error))
+                    log.error("conn %d: unexpected error: %s", connection.conn_id, explain(error))
                     log.debug("conn %d: traceback", connection.conn_id, exc_info=True)
                 self.finish(connection, error)
         return now
@@ -2021,16 +2025,17 @@ class Reactor(threading.Thread):
 
     def watch(self, connection: Connection) -> None:
         """Bring the selector in line with what the connection now waits for."""
+        watched = self.selector.get_map()
         for sock, events in connection.wants().items():
-            if events == connection.interest[sock]:
+            key = watched.get(sock)
+            if events == (key.events if key else 0):
                 continue
             if not events:
                 self.selector.unregister(sock)  # else a hang-up nobody waits for would wake us forever
-            elif connection.interest[sock]:
+            elif key:
                 self.selector.modify(sock, events, connection)
             else:
                 self.selector.register(sock, events, connection)
-            connection.interest[sock] = events
 
     def finish(self, connection: Connection, error: BaseException | None = None) -> None:
         self.connections.discard(connection)
@@ -2038,10 +2043,10 @@ class Reactor(threading.Thread):
             if flow.buffer is not None:
                 self.buffers.give(flow.buffer)
                 flow.buffer = None
-        for sock, events in connection.interest.items():
-            if events:
+        watched = self.selector.get_map()
+        for sock in (connection.client, connection.down.src):  # down.src: the far side
+            if sock in watched:
                 self.selector.unregister(sock)
-                connection.interest[sock] = 0
         connection.close(error)
         self.ended(connection)
 
@@ -2049,8 +2054,8 @@ class Reactor(threading.Thread):
 # ---------------------------------------------------------------------------
 # Control channel: hello, heartbeats, the enclave's log records
 # ---------------------------------------------------------------------------
-# What a peer on the control link can cause, and no more: log lines, escaped by
-# one_line() and cut, at most CONTROL_MESSAGE_RATE messages and CONTROL_BYTE_RATE
+# What a peer on the control link can cause, and no more: log lines, made safe by
+# escaped() and cut, at most CONTROL_MESSAGE_RATE messages and CONTROL_BYTE_RATE
 # bytes a second; the interval its heartbeats are expected at, within
 # HEARTBEAT_RANGE; the host half's systemd status text, naming the enclave
 # half's version; in the enclave half, the confirmation of log records the host
@@ -2349,7 +2354,7 @@ def config_mismatches(host: object, enclave: object) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def one_line(text: str) -> str:
+def escaped(text: str) -> str:
     """text with the backslash and every character that is not printable escaped, as Python
     writes them ("\\n", "\\x1b", "\\u2028"): whatever the other half sends stays one line of
     this half's log and cannot pass for a line of its own."""
@@ -2361,9 +2366,9 @@ def one_line(text: str) -> str:
     )
 
 
-def told(value: object) -> str:
+def quoted(value: object) -> str:
     """Something the other half said, short and fit for one line of this half's log."""
-    return one_line(str(value)[:CONTROL_VALUE_SHOWN])
+    return escaped(str(value)[:CONTROL_VALUE_SHOWN])
 
 
 class LogOutbox(logging.Handler):
@@ -2472,7 +2477,7 @@ class EnclaveLog:
     """Where the host half writes the enclave half's records: host_log_dir/enclave_log, or its own stderr.
 
     Each line is as the enclave half writes it in its own log, with its time
-    and level, escaped by one_line() and cut to LOG_MESSAGE_MAX characters.
+    and level, escaped (escaped()) and cut to LOG_MESSAGE_MAX characters.
     The link takes at most CONTROL_BYTE_RATE bytes a second and no escape is
     more than 2.5 times as long as the bytes it came in ("\\U000e0001" for 4
     bytes of UTF-8), so whatever can dial the control port cannot write more
@@ -2497,7 +2502,7 @@ class EnclaveLog:
         if not (isinstance(level, str) and level in self.LEVELS and isinstance(text, str)
                 and isinstance(when, str) and self.TIME.fullmatch(when)):
             return False
-        record = logging.LogRecord(self.NAME, self.LEVELS[level], "", 0, one_line(text[:LOG_MESSAGE_MAX]), None, None)
+        record = logging.LogRecord(self.NAME, self.LEVELS[level], "", 0, escaped(text[:LOG_MESSAGE_MAX]), None, None)
         record.enclave_time = when
         self.handler.handle(record)
         return True
@@ -2534,7 +2539,7 @@ class ControlServer:
         self.next_hello = 0.0  # the time.monotonic() before which no other hello is answered
 
     def serve(self, sock: socket.socket, address: Address) -> None:
-        peer = describe_peer(sock.family, address)
+        peer = peer_name(sock.family, address)
         with sock:
             if not self.ungreeted.acquire(blocking=False):
                 throttled.warning("control-flood", "control: too many connections without a hello; closing %s", peer)
@@ -2553,7 +2558,7 @@ class ControlServer:
         try:
             greeting = reader.read(deadline=time.monotonic() + CONTROL_HELLO_TIMEOUT)
         except (OSError, ValueError) as error:
-            throttled.warning("control-hello", "control: no valid hello from %s: %s", peer, reason(error))
+            throttled.warning("control-hello", "control: no valid hello from %s: %s", peer, explain(error))
             return reader, None
         if not greeting or greeting.get("type") != "hello" or greeting.get("role") != "enclave":
             throttled.warning("control-hello", "control: %s did not introduce itself as an enclave half", peer)
@@ -2581,16 +2586,16 @@ class ControlServer:
         try:
             send_message(sock, hello("host", log_acks=True))
             log_arrival(self.seen, "control: enclave half connected%s from %s (qproxy %s)", peer,
-                        told(greeting.get("version")))
+                        quoted(greeting.get("version")))
             self.seen = True
-            notify_systemd(f"STATUS=enclave half connected (qproxy {told(greeting.get('version'))})")
+            notify_systemd(f"STATUS=enclave half connected (qproxy {quoted(greeting.get('version'))})")
             self.compare(greeting)
             ControlLink(sock, reader, "enclave", announced_heartbeat(greeting), self.on_message,
                         written_by=self.enclave_log.handler).run()
         except (OSError, ValueError) as error:
-            log.warning("control: the enclave half (%s) failed: %s", peer, reason(error))
+            log.warning("control: the enclave half (%s) failed: %s", peer, explain(error))
         except Exception as error:  # a bug, not the peer's doing: end this link, keep the control port
-            log.error("control: unexpected error on the enclave half's link (%s): %s", peer, reason(error))
+            log.error("control: unexpected error on the enclave half's link (%s): %s", peer, explain(error))
             log.debug("control: traceback", exc_info=True)
         else:
             log.warning("control: the enclave half (%s) disconnected", peer)
@@ -2604,9 +2609,9 @@ class ControlServer:
         """Log how the enclave half differs from this host half: protocol, version, entries."""
         if greeting.get("protocol") != CONTROL_PROTOCOL:
             log.warning("control: the enclave half speaks control protocol %s, this host half %d; upgrade the older",
-                        told(greeting.get("protocol")), CONTROL_PROTOCOL)
+                        quoted(greeting.get("protocol")), CONTROL_PROTOCOL)
         if greeting.get("version") != __version__:
-            log.warning("control: the enclave half runs qproxy %s, this host half %s", told(greeting.get("version")),
+            log.warning("control: the enclave half runs qproxy %s, this host half %s", quoted(greeting.get("version")),
                         __version__)
         if "entries" not in greeting:
             log.warning("control: the enclave half did not send its entries; cannot compare the configurations")
@@ -2659,13 +2664,13 @@ class ControlClient(threading.Thread):
                 sock = self.vsock.connect(self.parent_cid, self.port, CONTROL_HELLO_TIMEOUT)
             except OSError as error:
                 log.debug("control: host half not reachable at vsock %d:%d (%s)", self.parent_cid, self.port,
-                          reason(error))
+                          explain(error))
             else:
                 try:
                     if self.talk(sock):
                         delay = CONTROL_RETRY[0]  # back-off starts afresh only after a link that lasted
                 except Exception as error:  # a bug, not the peer's doing: log it and dial again
-                    log.error("control: unexpected error on the link to the host half: %s", reason(error))
+                    log.error("control: unexpected error on the link to the host half: %s", explain(error))
                     log.debug("control: traceback", exc_info=True)
             # Wait even after a connection: one the host half closes at once must not become a busy loop.
             self.stopping.wait(delay)
@@ -2694,7 +2699,8 @@ class ControlClient(threading.Thread):
                     )
                     return False
                 linked_at = time.monotonic()
-                log_arrival(self.seen, "control: connected%s to the host half (qproxy %s)", told(answer.get("version")))
+                log_arrival(self.seen, "control: connected%s to the host half (qproxy %s)",
+                            quoted(answer.get("version")))
                 self.seen = True
                 self.linked = True
                 if self.outbox:
@@ -2706,7 +2712,7 @@ class ControlClient(threading.Thread):
                     if self.outbox:
                         self.outbox.end_link()
             except (OSError, ValueError) as error:
-                throttled.warning("control-failed", "control: connection to the host half failed: %s", reason(error))
+                throttled.warning("control-failed", "control: connection to the host half failed: %s", explain(error))
             else:
                 log.warning("control: the host half went away; reconnecting")
         return linked_at is not None and time.monotonic() - linked_at >= HEARTBEAT_INTERVAL
@@ -2772,7 +2778,7 @@ def notify_systemd(state: str) -> None:
             sock.connect(path)
             sock.sendall(state.encode())
     except OSError as error:
-        throttled.warning("notify", "cannot tell systemd %s at NOTIFY_SOCKET=%s: %s", state, path, reason(error))
+        throttled.warning("notify", "cannot tell systemd %s at NOTIFY_SOCKET=%s: %s", state, path, explain(error))
 
 
 class Half:
@@ -2798,7 +2804,7 @@ class Half:
         self.peer_cid = peer_cid  # the only CID whose vsock connections this half accepts
         self.stopping = threading.Event()
         self.admission = Admission(max_connections, limits.queue_timeout)
-        self.relayer = Relayer(Dialer(vsock, limits.connect_timeout, family), self.admission, limits)
+        self.connector = Connector(Dialer(vsock, limits.connect_timeout, family), self.admission, limits)
         self.workers = Workers(self.fail)
         self.listeners: list[Listener] = []
         self.paused: set[Listener] = set()  # listeners out of the selector until they may accept again
@@ -2807,7 +2813,7 @@ class Half:
         # A thread the half cannot work without that dies takes the half with it, loudly.
         threading.excepthook = lambda hook: self.fail(f"the {hook.thread.name if hook.thread else 'a'} thread",
                                                       hook.exc_value)
-        self.relayer.reactor.start()
+        self.connector.reactor.start()
         # From here on a signal stops the half, even one that arrives while it is still starting;
         # none that a person or a tool is likely to send ends it without its grace period.
         self.signals: collections.deque[int] = collections.deque()  # received, not yet acted on
@@ -2906,7 +2912,7 @@ class Half:
     def run(self, status: str = "") -> int:
         """Accept on every listener until SIGTERM or SIGINT; then let every connection accepted so far
         finish within the grace period, and cut what is left.  status goes to systemd with READY=1."""
-        log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock.describe())
+        log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock)
         notify_systemd("READY=1" + (f"\nSTATUS={status}" if status else ""))
         try:
             self.serve(until=self.stopping.is_set)
@@ -2918,7 +2924,7 @@ class Half:
             if self.admission.live:
                 log.warning("grace period over: cutting %d open connections", len(self.admission.live))
                 self.admission.cut_waiting()
-                self.relayer.reactor.cut_all()
+                self.connector.reactor.cut_all()
                 end = time.monotonic() + CUT_WAIT
                 self.serve(until=lambda: not self.admission.live or time.monotonic() >= end, deadline=end)
         except Exception:
@@ -3000,7 +3006,7 @@ class Half:
     def start(self, admitted: list[Connection]) -> None:
         for index, connection in enumerate(admitted):
             try:
-                self.workers.run(self.relayer.serve, connection)
+                self.workers.run(self.connector.set_up, connection)
             except RuntimeError as error:  # no thread to be had: these wait again, in their order
                 for waiting in reversed(admitted[index:]):
                     self.admission.requeue(waiting, "threads")
@@ -3130,8 +3136,8 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: Lo
 # ---------------------------------------------------------------------------
 
 
-def describe_config(path: str, config: Config, parent_cid: int, control_port: int,
-                    enclave_path: str | None = None, enclave_config: Config | None = None) -> list[str]:
+def config_summary(path: str, config: Config, parent_cid: int, control_port: int,
+                   enclave_path: str | None = None, enclave_config: Config | None = None) -> list[str]:
     """What each half does with config; the enclave half's lines from enclave_config when it has its own."""
     lines = [f"{path}: valid"]
     lines += [  # the enclave half's own: it is the one that listens
@@ -3291,87 +3297,57 @@ def http_get(port: int, deadline: float, halves: dict[str, subprocess.Popen[byte
         time.sleep(0.1)
 
 
-def run_demo() -> int:
-    """Both halves as processes, one request each way, then a clean stop.
+DEMO_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
 
-    The enclave side takes a network namespace of its own when it may (root):
-    then the vendor's layout works as it is, one port on both sides of each
-    entry.  Without one the enclave's ports differ from the parent's, which
-    share this machine's network.  SIGINT and SIGTERM stop the halves and keep
-    the folder, as a failure does.
-    """
+
+class DemoStop:
+    """What DEMO_STOPS do to the demo: the first raises KeyboardInterrupt, at once or, while a
+    half's process is being started, as soon as it is (else its handle, and the half, would be
+    lost); later ones do nothing, so that they cannot cut short the stop the first asked for."""
+
+    def __init__(self) -> None:
+        self.seen = self.starting = False
+
+    def install(self) -> None:
+        for number in DEMO_STOPS:
+            signal.signal(number, self.handle)
+
+    def handle(self, number: int, frame: object) -> None:
+        first, self.seen = not self.seen, True
+        if first and not self.starting:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.starting = True
+        try:
+            yield
+        finally:
+            self.starting = False
+        if self.seen:
+            raise KeyboardInterrupt
+
+
+def run_demo() -> int:
+    """The walk-through, then a clean stop; its folder is kept, and named, when anything failed or
+    a signal stopped it, and the halves are stopped whatever happened."""
     import shutil
     import subprocess
     import tempfile  # the demo's own needs, kept out of the halves' memory
 
     require_tomllib()  # the halves read a config file: say so now, not after waiting for them
-    try:
-        folder = tempfile.mkdtemp(prefix="qproxy-demo-")
-    except OSError as error:
-        raise StartError(f"cannot make a folder for the demo ({error.strerror or error}): set TMPDIR to one"
-                         " where it can") from None
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.default_int_handler)  # KeyboardInterrupt, handled below
-    enclave = EnclaveSide()
-    try:
-        enclave.call(unshare_network)
-        why_not = ""
-    except (OSError, AttributeError, StartError) as error:  # no right to, or no namespaces here
-        enclave = EnclaveSide()  # the first may be in a namespace it cannot use
-        why_not = getattr(error, "strerror", None) or ("not on Linux" if isinstance(error, AttributeError)
-                                                       else "cannot bring its loopback up")
-    host_port, outside_port, app_port = free_ports(3)
-    if not why_not:
-        app_port = outside_port  # the vendor's layout: each entry's port the same on both sides
-    inside = enclave.call(CannedService, "Hello world!", 0 if why_not else host_port)
-    outside = CannedService("Hello from outside!", outside_port)
     halves: dict[str, subprocess.Popen[bytes]] = {}
+    services: list[CannedService] = []
+    stop, folder = DemoStop(), ""
     try:
-        for service in (inside, outside):
-            threading.Thread(target=service.serve_forever, daemon=True).start()
-        config = os.path.join(folder, "config_qproxy.toml")
-        with open(config, "w") as file:
-            file.write(
-                f'[[inbound_connections]]\nhost_port = {host_port}\nbind_address = "127.0.0.1"\n'
-                f"enclave_port = {inside.server_address[1]}\nvsock_port = 9995\n\n"
-                f'[[outbound_connections]]\nhostname = "127.0.0.1"\nvsock_port = 7777\n'
-                f"tcp_port = {outside_port}\nenclave_port = {app_port}\n"
-            )
-        environ = dict(os.environ, QPROXY_VSOCK_EMULATION=os.path.join(folder, "vsock"), RUST_LOG="info")
-        print(f"demo: folder {folder}, vsock emulated with Unix sockets in {folder}/vsock")
-        if not why_not:
-            print("demo: the enclave half and its service run in a network namespace of their own, as in an"
-                  " enclave: the vendor's layout, each entry's port the same on both sides")
-        else:
-            print(f"demo: no network namespace for the enclave half ({why_not}; that takes CAP_SYS_ADMIN and"
-                  " CAP_NET_ADMIN, which root has), so it shares this machine's network and its ports differ"
-                  " from the parent's; as root the demo runs the vendor's layout, one port on both sides")
-        print(f"demo: 'Hello world!' service (in the enclave) on 127.0.0.1:{inside.server_address[1]}")
-        print(f"demo: 'Hello from outside!' service (outside) on 127.0.0.1:{outside_port}")
-        def start(command: list[str], output: typing.BinaryIO) -> subprocess.Popen[bytes]:
-            return subprocess.Popen(command, env=environ, stdout=output, stderr=output)
-
-        for role, extra in (("enclave", []), ("host", ["4"])):
-            with open(os.path.join(folder, f"{role}.log"), "wb") as logfile:
-                command = [sys.executable, os.path.abspath(__file__), role, "--config", config, *extra]
-                halves[role] = enclave.call(start, command, logfile) if role == "enclave" else start(command, logfile)
-            print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {halves[role].pid})")
-        deadline = time.monotonic() + 15
-        answer = http_get(host_port, deadline, halves)
-        print(f"demo: inbound:  GET http://127.0.0.1:{host_port}/ -> host half -> vsock 9995 -> enclave half "
-              f"-> 127.0.0.1:{inside.server_address[1]}: {answer!r}")
-        answer_out = enclave.call(http_get, app_port, deadline, halves)
-        print(f"demo: outbound: GET http://127.0.0.1:{app_port}/ (the app) -> enclave half -> vsock 7777 -> host half "
-              f"-> 127.0.0.1:{outside_port}: {answer_out!r}")
-        if (answer, answer_out) != ("Hello world!", "Hello from outside!"):
-            raise StartError("a reply was not what the service sent")
-        for process in halves.values():
-            process.send_signal(signal.SIGTERM)
-        codes = [process.wait(timeout=15) for process in halves.values()]
-        if codes != [0, 0]:
-            raise StartError(f"the halves exited with {codes} after SIGTERM, expected [0, 0]")
-        print("demo: both halves stopped cleanly on SIGTERM; all good")
-        shutil.rmtree(folder, ignore_errors=True)  # kept, logs and all, when anything failed
+        stop.install()
+        try:
+            folder = tempfile.mkdtemp(prefix="qproxy-demo-")
+        except OSError as error:
+            raise StartError(f"cannot make a folder ({error.strerror or error}): set TMPDIR to one where it"
+                             " can") from None
+        walk_through(folder, stop, halves, services)
+        shutil.rmtree(folder, ignore_errors=True)
         return EXIT_OK
     except BrokenPipeError:  # whoever read the output went away: nobody to tell where a folder is
         shutil.rmtree(folder, ignore_errors=True)
@@ -3384,15 +3360,90 @@ def run_demo() -> int:
             for role in halves:
                 with open(os.path.join(folder, f"{role}.log"), errors="replace") as written:
                     print(f"--- {role} half's log ({written.name}) ---\n{written.read()}", file=sys.stderr)
-        print(f"demo: its folder, with both halves' logs and the config, is kept: {folder}", file=sys.stderr)
+        if folder:
+            print(f"demo: its folder, with both halves' logs and the config, is kept: {folder}", file=sys.stderr)
         return EXIT_CANNOT_START
     finally:
+        stop.seen = True  # from here on a signal changes nothing: the stop is under way
         for process in halves.values():
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        inside.server_close()
-        outside.server_close()
+        for service in services:
+            service.server_close()
+
+
+def walk_through(folder: str, stop: DemoStop, halves: dict[str, subprocess.Popen[bytes]],
+                 services: list[CannedService]) -> None:
+    """Both halves as processes, one request each way, then SIGTERM to both; the halves started
+    and the services opened go to halves and services, for run_demo to stop whatever happens.
+
+    The enclave side takes a network namespace of its own when it may (root):
+    then the vendor's layout works as it is, one port on both sides of each
+    entry.  Without one the enclave's ports differ from the parent's, which
+    share this machine's network.
+    """
+    import subprocess
+
+    enclave = EnclaveSide()
+    try:
+        enclave.call(unshare_network)
+        why_not = ""
+    except (OSError, AttributeError, StartError) as error:  # no right to, or no namespaces here
+        enclave = EnclaveSide()  # the first may be in a namespace it cannot use
+        why_not = getattr(error, "strerror", None) or ("not on Linux" if isinstance(error, AttributeError)
+                                                       else "cannot bring its loopback up")
+    host_port, outside_port, app_port = free_ports(3)
+    if not why_not:
+        app_port = outside_port  # the vendor's layout: each entry's port the same on both sides
+    services.append(enclave.call(CannedService, "Hello world!", 0 if why_not else host_port))
+    services.append(CannedService("Hello from outside!", outside_port))
+    inside_port = services[0].server_address[1]
+    for service in services:
+        threading.Thread(target=service.serve_forever, daemon=True).start()
+    config = os.path.join(folder, "config_qproxy.toml")
+    with open(config, "w") as file:
+        file.write(
+            f'[[inbound_connections]]\nhost_port = {host_port}\nbind_address = "127.0.0.1"\n'
+            f"enclave_port = {inside_port}\nvsock_port = 9995\n\n"
+            f'[[outbound_connections]]\nhostname = "127.0.0.1"\nvsock_port = 7777\n'
+            f"tcp_port = {outside_port}\nenclave_port = {app_port}\n"
+        )
+    environ = dict(os.environ, QPROXY_VSOCK_EMULATION=os.path.join(folder, "vsock"), RUST_LOG="info")
+    print(f"demo: folder {folder}, vsock emulated with Unix sockets in {folder}/vsock")
+    if not why_not:
+        print("demo: the enclave half and its service run in a network namespace of their own, as in an"
+              " enclave: the vendor's layout, each entry's port the same on both sides")
+    else:
+        print(f"demo: no network namespace for the enclave half ({why_not}; that takes CAP_SYS_ADMIN and"
+              " CAP_NET_ADMIN, which root has), so it shares this machine's network and its ports differ"
+              " from the parent's; as root the demo runs the vendor's layout, one port on both sides")
+    print(f"demo: 'Hello world!' service (in the enclave) on 127.0.0.1:{inside_port}")
+    print(f"demo: 'Hello from outside!' service (outside) on 127.0.0.1:{outside_port}")
+
+    def start(command: list[str], output: typing.BinaryIO) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, env=environ, stdout=output, stderr=output)
+
+    for role, extra in (("enclave", []), ("host", ["4"])):
+        with open(os.path.join(folder, f"{role}.log"), "wb") as logfile, stop.deferred():
+            command = [sys.executable, os.path.abspath(__file__), role, "--config", config, *extra]
+            halves[role] = enclave.call(start, command, logfile) if role == "enclave" else start(command, logfile)
+        print(f"demo: started the {role} half: {' '.join(command[1:])} (pid {halves[role].pid})")
+    deadline = time.monotonic() + 15
+    answer = http_get(host_port, deadline, halves)
+    print(f"demo: inbound:  GET http://127.0.0.1:{host_port}/ -> host half -> vsock 9995 -> enclave half "
+          f"-> 127.0.0.1:{inside_port}: {answer!r}")
+    answer_out = enclave.call(http_get, app_port, deadline, halves)
+    print(f"demo: outbound: GET http://127.0.0.1:{app_port}/ (the app) -> enclave half -> vsock 7777 -> host half "
+          f"-> 127.0.0.1:{outside_port}: {answer_out!r}")
+    if (answer, answer_out) != ("Hello world!", "Hello from outside!"):
+        raise StartError("a reply was not what the service sent")
+    for process in halves.values():
+        process.send_signal(signal.SIGTERM)
+    codes = [process.wait(timeout=15) for process in halves.values()]
+    if codes != [0, 0]:
+        raise StartError(f"the halves exited with {codes} after SIGTERM, expected [0, 0]")
+    print("demo: both halves stopped cleanly on SIGTERM; all good")
 
 
 # ---------------------------------------------------------------------------
@@ -3555,7 +3606,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             config, enclave_config = load_configs(path, args.enclave_config, control_port=args.control_port)
         else:
             config, enclave_config = load_config(path, args.control_port), None
-        print("\n".join(describe_config(path, config, args.parent_cid, args.control_port,
+        print("\n".join(config_summary(path, config, args.parent_cid, args.control_port,
                                          args.enclave_config, enclave_config)))
         if enclave_config:
             mismatches = config_mismatches(entries_of(config), entries_of(enclave_config))

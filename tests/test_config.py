@@ -778,6 +778,31 @@ def test_invalid_config_exit_2_one_line_per_problem(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("text, expected", [
+    # A header whose name has an escape is one this file cannot read; a line in it that only looks like
+    # a header, and ends a string, must not pass for where the table begins.
+    ('["lim\\u0069ts"]\nidle_timeout = -1\nnote = """\n[[x]]"""\n', [":", ":"]),
+    # Keys named like the markers that find lines: neither taken for one nor a crash.
+    ('# c\n"qproxy key at line 1" = 1\n', [":"]),
+    ('"qproxy key at line 99" = 1\n', [":"]),
+    ('\n\n[limits]\n"qproxy header at line 1" = 1\n', [":3:"]),
+    ("[[inbound_connections]]\nhost_port = 1\nenclave_port = 1\nvsock_port = 9\n\n[[inbound_connections]]\n"
+     '"qproxy header at line 1" = true\nhost_port = 2\nenclave_port = 2\nvsock_port = 9\n', [":6:", ":6:"]),
+])
+def test_lines_are_never_wrong_whatever_the_file_holds(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    found = problems_in(path)
+    assert [line[len(path):].partition(" ")[0] for line in found] == expected, found
+
+
+def test_a_file_nested_just_deep_enough_is_a_config_error_not_a_crash(tmp_path, check_config):
+    """Finding lines parses the file once more, a level deeper: where that no longer fits, no lines."""
+    for depth in range(300, 400, 5):
+        path = write(tmp_path, "a = " + "{b = " * depth + "1" + "}" * depth + "\n")
+        code, out, err = check_config(path)
+        assert code == 2 and all(line.startswith(f"qproxy: error: {path}") for line in err), (depth, err)
+
+
 @pytest.mark.parametrize("content, message", [
     ("[[inbound_connections]\n", ":1: invalid TOML: "),
     ("a = 1\na = 2\n", ":2: invalid TOML: "),

@@ -453,6 +453,37 @@ def test_a_demo_stopped_midway_stops_its_halves_and_keeps_its_folder(stop):
         shutil.rmtree(folder)
 
 
+def processes_naming(text: str) -> list[int]:
+    """The processes whose command line holds text."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if text.encode() in cmdline.read():
+                    found.append(int(pid))
+        except OSError:
+            pass  # ended meanwhile
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the halves")
+def test_a_demo_stopped_at_any_moment_leaves_no_half_running(tmp_path):
+    """A signal before, while and after the halves start (a half whose handle an interrupt took would run
+    on for ever, as root in a network namespace of its own): no traceback, and no half left running."""
+    for delay in (0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6):
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            temporary = tmp_path / f"{delay}-{stop.name}"  # every half's command line names its folder, in here
+            temporary.mkdir()
+            demo = subprocess.Popen([sys.executable, str(QPROXY), "demo"], env=dict(os.environ, TMPDIR=str(temporary)),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: any(temporary.iterdir()), "the demo's folder")  # Python and qproxy have started
+            time.sleep(delay)  # the moment the signal comes, from there: not a wait for anything
+            demo.send_signal(stop)
+            out, err = demo.communicate(timeout=DEADLINE)
+            assert demo.returncode in (0, 1) and "Traceback" not in err, (delay, stop, demo.returncode, err)
+            assert processes_naming(str(temporary)) == [], (delay, stop, out, err)
+
+
 def test_a_half_that_exits_at_once_fails_the_demo_at_once():
     """A half that cannot start (here: a bad TOKIO_WORKER_THREADS it inherits) fails the demo in
     seconds, not after the whole deadline."""
