@@ -135,26 +135,22 @@ HOSTNAME_SCHEMA = {
 }
 
 
+# What JSON Schema needs of a kind beyond its type, range and choices (qproxy.KINDS): the shape of its strings.
+STRING_SCHEMAS: dict[str, dict[str, Any]] = {
+    "hostname": HOSTNAME_SCHEMA,
+    "ip_address": IP_ADDRESS_SCHEMA,
+    "text": {"minLength": 1, "pattern": r"^[^\x00]*$"},
+}
+
+
 def field_schema(field: qproxy.Field) -> dict[str, Any]:
     """The JSON Schema of one key, from its kind, range and default."""
-    if field.kind in qproxy.INTEGER_RANGES:
-        low, high = qproxy.INTEGER_RANGES[field.kind]
-        schema = {"type": "integer", "minimum": low, "maximum": high}
-    elif field.kind == "boolean":
-        schema = {"type": "boolean"}
-    elif field.kind == "seconds":
-        low, high = qproxy.SECONDS_RANGE
-        schema = {"type": "number", "minimum": low, "maximum": high}
-    elif field.kind == "hostname":
-        schema = {"type": "string", **HOSTNAME_SCHEMA}
-    elif field.kind == "ip_address":
-        schema = {"type": "string", **IP_ADDRESS_SCHEMA}
-    elif field.kind == "log_level":
-        schema = {"type": "string", "enum": list(qproxy.LOG_LEVELS)}
-    elif field.kind == "text":
-        schema = {"type": "string", "minLength": 1, "pattern": r"^[^\x00]*$"}
-    else:
-        raise ValueError(f"no JSON Schema for field kind {field.kind!r}")
+    kind = qproxy.KINDS[field.kind]
+    schema: dict[str, Any] = {"type": kind.type, **STRING_SCHEMAS.get(field.kind, {})}
+    if kind.range:
+        schema["minimum"], schema["maximum"] = kind.range
+    if kind.choices:
+        schema["enum"] = list(kind.choices)
     description = field.description
     if field.extension:
         description += " (qproxy extension: not in the vendor's format)"

@@ -230,8 +230,6 @@ CID_RANGE = (1, 0xFFFFFFFE)
 COUNT_RANGE = (0, 1_000_000)  # connections; 0: no bound of this kind
 SECONDS_RANGE = (0, 86400)  # a timeout; 0 turns it off
 MEBIBYTES_RANGE = (1, 65536)
-INTEGER_RANGES = {"tcp_port": TCP_PORT_RANGE, "vsock_port": VSOCK_PORT_RANGE, "count": COUNT_RANGE,
-                  "mebibytes": MEBIBYTES_RANGE}
 # The log levels, as the file and RUST_LOG name them, in the order of tracing's numbers (0 off ... 5 trace).
 TRACE = 5
 LEVEL_NUMBERS = {
@@ -263,8 +261,7 @@ HOSTNAME_MAX_LENGTH = 253
 class Field(typing.NamedTuple):
     """One key of a configuration table.
 
-    kind: "tcp_port", "vsock_port", "count", "mebibytes", "seconds", "boolean", "hostname",
-    "ip_address", "log_level" or "text".
+    kind: a key of KINDS.
     default: the value when the key is absent; with neither default nor
     same_as (the other key of the entry whose value it takes) the key is
     required.  extension: not in the vendor's format.
@@ -470,31 +467,55 @@ def is_hostname(text: str) -> bool:
     )
 
 
+class Kind(typing.NamedTuple):
+    """What the values of a field may be: JSON Schema's type for them ("integer", "number",
+    "boolean" or "string"), README's words for them and an error's, whether a value of that
+    type is one, and the range or the choices, which the JSON Schema gives too."""
+
+    type: str
+    words: str
+    expected: str
+    fits: Callable[[typing.Any], bool]
+    range: tuple[float, float] | None = None
+    choices: tuple[str, ...] | None = None
+
+
+def integers(low: int, high: int) -> Kind:
+    return Kind("integer", f"integer, {low} to {high}", f"an integer from {low} to {high}",
+                lambda value: low <= value <= high, (low, high))
+
+
+# Every kind of field, in one place: the validator, config_schema.py and tests/test_readme.py read them here.
+KINDS = {
+    "tcp_port": integers(*TCP_PORT_RANGE),
+    "vsock_port": integers(*VSOCK_PORT_RANGE),
+    "count": integers(*COUNT_RANGE),
+    "mebibytes": integers(*MEBIBYTES_RANGE),
+    "seconds": Kind("number", "number of seconds, {} to {}".format(*SECONDS_RANGE),
+                    "a number of seconds from {} to {}".format(*SECONDS_RANGE),
+                    lambda value: SECONDS_RANGE[0] <= value <= SECONDS_RANGE[1], SECONDS_RANGE),  # not NaN either
+    "boolean": Kind("boolean", "boolean", "true or false", lambda value: True),
+    "hostname": Kind("string", "string: DNS name or IP address", "a DNS name or an IP address", is_hostname),
+    "ip_address": Kind("string", "string: IPv4 or IPv6 address", "an IPv4 or IPv6 address", is_ip_literal),
+    "log_level": Kind("string", "string: " + ", ".join(f"`{level}`" for level in LOG_LEVELS),
+                      "one of " + ", ".join(LOG_LEVELS), lambda value: value in LOG_LEVELS, choices=LOG_LEVELS),
+    "text": Kind("string", "string, not empty", "a non-empty string without NUL",
+                 lambda value: bool(value) and "\0" not in value),
+}
+JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "integer": int, "number": (int, float), "boolean": bool, "string": str,
+}
+
+
 def check_value(field: Field, value: object) -> str | None:
     """Why value does not fit field, or None when it does."""
-    if field.kind in INTEGER_RANGES:
-        low, high = INTEGER_RANGES[field.kind]
-        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
-            return None
-        return f"expected an integer from {low} to {high}, found {shown(value)}"
-    if field.kind == "seconds":
-        low, high = SECONDS_RANGE
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
-            return None  # NaN fails the comparison too
-        return f"expected a number of seconds from {low} to {high}, found {shown(value)}"
-    if field.kind == "boolean":
-        return None if isinstance(value, bool) else f"expected true or false, found {shown(value)}"
-    if not isinstance(value, str):
-        return f"expected a string, found {shown(value)}"
-    if field.kind == "hostname" and not is_hostname(value):
-        return f"expected a DNS name or an IP address, found {shown(value)}"
-    if field.kind == "ip_address" and not is_ip_literal(value):
-        return f"expected an IPv4 or IPv6 address, found {shown(value)}"
-    if field.kind == "log_level" and value not in LOG_LEVELS:
-        return f"expected one of {', '.join(LOG_LEVELS)}, found {shown(value)}"
-    if field.kind == "text" and (not value or "\0" in value):
-        return f"expected a non-empty string without NUL, found {shown(value)}"
-    return None
+    kind = KINDS[field.kind]
+    # TOML's true is no number, though Python's bool is an int.
+    typed = isinstance(value, JSON_TYPES[kind.type]) and (kind.type == "boolean") == isinstance(value, bool)
+    if typed and kind.fits(value):
+        return None
+    expected = kind.expected if typed or kind.type != "string" else "a string"
+    return f"expected {expected}, found {shown(value)}"
 
 
 def shown(value: object) -> str:
