@@ -74,6 +74,12 @@ Design, in the order the data meets it:
   on stderr that says what to do.  A thread the half cannot work without that
   fails makes it log CRITICAL, reset its connections and exit 3, so that a
   supervisor restarts it: it never goes on accepting what it cannot relay.
+
+The sections below come in the order a connection meets them: bounds and
+helpers, configuration, logging, transport, listeners and admission, routes
+and setup, the data path, the control link and log forwarding, a half's
+lifecycle, the command line, the demo.  SECURITY.md names the functions each
+guarantee rests on.
 """
 
 from __future__ import annotations
@@ -216,6 +222,89 @@ class ConfigError(Exception):
 
 class StartError(Exception):
     """The process cannot start (port in use, no vsock, no permission): exit 1."""
+
+
+# ---------------------------------------------------------------------------
+# Helpers every part uses: why an error happened, text made safe for a log line, warnings
+# that recur, and what systemd is told
+# ---------------------------------------------------------------------------
+
+
+def explain(error: BaseException) -> str:
+    """Why an operation failed, in the fewest words that say it: "timed out", "Connection refused"."""
+    if isinstance(error, socket.gaierror):
+        return f"name resolution failed ({error.strerror})"
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+def escaped(text: str) -> str:
+    """text with the backslash and every character that is not printable escaped, as Python
+    writes them ("\\n", "\\x1b", "\\u2028"): whatever the other half sends stays one line of
+    this half's log and cannot pass for a line of its own."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(
+        char if char.isprintable() and char != "\\" else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
+def quoted(value: object) -> str:
+    """Something the other half said, short and fit for one line of this half's log."""
+    return escaped(str(value)[:CONTROL_VALUE_SHOWN])
+
+
+class Throttle:
+    """At most one warning a while for a recurring problem, counting the ones held back."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def due(self, key: str) -> int | None:
+        """How many times key was held back since its last report, or None (and counted) while that is recent."""
+        now = time.monotonic()
+        with self.lock:
+            if key in self.last and now - self.last[key] < WARNING_INTERVAL:
+                self.held[key] += 1
+                return None
+            self.last[key] = now
+            return self.held.pop(key, 0)
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        """A warning now and then; those held back in between are counted in the next."""
+        held = self.due(key)
+        if held is not None:
+            log.warning(message + (f" ({held} more since the last report)" if held else ""), *args)
+
+    def warning_or_info(self, key: str, message: str, *args: object) -> None:
+        """For what happens to one connection: a warning now and then, an info line in between."""
+        held = self.due(key)
+        if held is None:
+            log.info(message, *args)
+        else:
+            log.warning(message + (f" ({held} more since the last report)" if held else ""), *args)
+
+
+throttled = Throttle()
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd how the half is doing (a Type=notify unit sets NOTIFY_SOCKET); nothing otherwise."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(state.encode())
+    except OSError as error:
+        throttled.warning("notify", "cannot tell systemd %s at NOTIFY_SOCKET=%s: %s", state, path, explain(error))
 
 
 # ---------------------------------------------------------------------------
@@ -796,7 +885,6 @@ def load_config(path: str, control_port: int) -> Config:
 # ---------------------------------------------------------------------------
 
 
-
 def level_from_rust_log(value: str) -> str:
     """The level RUST_LOG asks of qproxy, read the way the vendor's EnvFilter reads it.
 
@@ -1216,42 +1304,6 @@ def resetting(sock: socket.socket) -> None:
 # ---------------------------------------------------------------------------
 
 
-class Throttle:
-    """At most one warning a while for a recurring problem, counting the ones held back."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.last: dict[str, float] = {}
-        self.held: collections.Counter[str] = collections.Counter()
-
-    def due(self, key: str) -> int | None:
-        """How many times key was held back since its last report, or None (and counted) while that is recent."""
-        now = time.monotonic()
-        with self.lock:
-            if key in self.last and now - self.last[key] < WARNING_INTERVAL:
-                self.held[key] += 1
-                return None
-            self.last[key] = now
-            return self.held.pop(key, 0)
-
-    def warning(self, key: str, message: str, *args: object) -> None:
-        """A warning now and then; those held back in between are counted in the next."""
-        held = self.due(key)
-        if held is not None:
-            log.warning(message + (f" ({held} more since the last report)" if held else ""), *args)
-
-    def warning_or_info(self, key: str, message: str, *args: object) -> None:
-        """For what happens to one connection: a warning now and then, an info line in between."""
-        held = self.due(key)
-        if held is None:
-            log.info(message, *args)
-        else:
-            log.warning(message + (f" ({held} more since the last report)" if held else ""), *args)
-
-
-throttled = Throttle()
-
-
 class Route(typing.NamedTuple):
     """A listener and where each connection it accepts goes; direction is "inbound" or "outbound"."""
 
@@ -1581,7 +1633,8 @@ class Workers:
 
 
 # ---------------------------------------------------------------------------
-# Routes: what each half listens on and where it sends what it accepts
+# Routes and setup: what each half listens on, where it sends what it accepts, and the worker
+# that dials the far side of each connection
 # ---------------------------------------------------------------------------
 
 
@@ -1654,15 +1707,6 @@ class Connector:
     def give_up(self, connection: Connection) -> None:
         reset(connection.client)
         self.admission.release(connection)
-
-
-def explain(error: BaseException) -> str:
-    """Why an operation failed, in the fewest words that say it: "timed out", "Connection refused"."""
-    if isinstance(error, socket.gaierror):
-        return f"name resolution failed ({error.strerror})"
-    if isinstance(error, socket.timeout):
-        return "timed out"
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -2375,23 +2419,6 @@ def config_mismatches(host: object, enclave: object) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def escaped(text: str) -> str:
-    """text with the backslash and every character that is not printable escaped, as Python
-    writes them ("\\n", "\\x1b", "\\u2028"): whatever the other half sends stays one line of
-    this half's log and cannot pass for a line of its own."""
-    if text.isprintable() and "\\" not in text:
-        return text
-    return "".join(
-        char if char.isprintable() and char != "\\" else char.encode("unicode_escape").decode("ascii")
-        for char in text
-    )
-
-
-def quoted(value: object) -> str:
-    """Something the other half said, short and fit for one line of this half's log."""
-    return escaped(str(value)[:CONTROL_VALUE_SHOWN])
-
-
 class LogOutbox(logging.Handler):
     """The enclave half's log records on their way to the host half.
 
@@ -2787,21 +2814,6 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def notify_systemd(state: str) -> None:
-    """Tell systemd how the half is doing (a Type=notify unit sets NOTIFY_SOCKET); nothing otherwise."""
-    path = os.environ.get("NOTIFY_SOCKET", "")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]  # an abstract socket
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(path)
-            sock.sendall(state.encode())
-    except OSError as error:
-        throttled.warning("notify", "cannot tell systemd %s at NOTIFY_SOCKET=%s: %s", state, path, explain(error))
-
-
 class Half:
     """One running half: its listeners, the accept loop, its connections, and how it stops or fails.
 
@@ -2888,6 +2900,20 @@ class Half:
     def add_route(self, route: Route) -> None:
         self.listen(route.listen, route)
         log.info("listening on %s -> %s", route.listen, route.target)
+
+    def start_listening(self, routes: list[Route], control: Endpoint | None = None,
+                        serve: Callable[[socket.socket, Address], None] | None = None) -> None:
+        """Listen for every route (and on control, whose connections go to serve), within the
+        descriptors the half has: all or nothing, so that a StartError leaves no socket file behind."""
+        try:
+            for route in routes:
+                self.add_route(route)
+            if control:
+                self.listen(control, None, serve)
+            self.budget_descriptors()
+        except StartError:
+            self.close_listeners()
+            raise
 
     def close_listeners(self) -> None:
         for listener in list(self.listeners):
@@ -3076,14 +3102,7 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock, logs: LogWr
     raise_fd_limit()
     half = Half("host", vsock, family, args.threads, config.limits, args.cid, logs)
     control = ControlServer(config, EnclaveLog(logs.source))
-    try:
-        for route in host_routes(config, str(args.cid)):
-            half.add_route(route)
-        half.listen(Endpoint("vsock", "", args.control_port), None, control.serve)
-        half.budget_descriptors()
-    except StartError:
-        half.close_listeners()  # all or nothing: leave no socket file behind
-        raise
+    half.start_listening(host_routes(config, str(args.cid)), Endpoint("vsock", "", args.control_port), control.serve)
     log.info("listening on vsock :%d for the enclave half's control connection", args.control_port)
     if args.config:
         half.reload = lambda: reload_host(half, control, config, args, family)
@@ -3137,13 +3156,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: Lo
     half = Half("enclave", vsock, socket.AF_UNSPEC, args.threads, config.limits, args.parent_cid, logs)
     for warning in loop_warnings(config):
         log.warning("%s", warning.at(args.config))
-    try:
-        for route in enclave_routes(config, str(args.parent_cid)):
-            half.add_route(route)
-        half.budget_descriptors()
-    except StartError:
-        half.close_listeners()
-        raise
+    half.start_listening(enclave_routes(config, str(args.parent_cid)))
     control = ControlClient(vsock, args.parent_cid, args.control_port, config, outbox, half.stopping)
     control.start()
     code = half.run()
@@ -3195,6 +3208,226 @@ def config_summary(path: str, config: Config, parent_cid: int, control_port: int
         + f", buffer memory {limits.buffer_memory} MiB"
     )
     return lines
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def number_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        # ASCII digits only, as the vendor's parser: int() would also take "1_0", " 7" and other scripts' digits.
+        value = int(text) if re.fullmatch(r"\+?[0-9]+", text) else None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer from {low} to {high}, not {text!r}")
+        return value
+
+    return parse
+
+
+parse_cid = number_in(*CID_RANGE, "a CID")
+parse_port = number_in(*TCP_PORT_RANGE, "a port")
+parse_threads = number_in(1, COUNT_RANGE[1], "the connection limit")
+
+
+def from_environment(args: argparse.Namespace, name: str, variable: str, parse: Callable[[str], object],
+                     default: object) -> None:
+    """Fill an option the command line left out from its environment variable, then its default."""
+    if not hasattr(args, name) or getattr(args, name) is not None:
+        return
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        setattr(args, name, default)
+        return
+    try:
+        setattr(args, name, parse(text))
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(f"{variable}={text}: {error}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line, as every error of qproxy's is, with a did-you-mean for a
+    mistyped command; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        mistyped = re.match(r"argument <COMMAND>: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if mistyped:
+            import difflib  # only a mistyped command needs it: the halves do not carry it
+
+            close = difflib.get_close_matches(mistyped.group(1), re.findall(r"[\w-]+", mistyped.group(2)), n=1)
+            message = f"no command {mistyped.group(1)!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        self.exit(EXIT_USAGE, f"qproxy: error: {message} (see: {self.prog} --help)\n")
+
+
+ENVIRONMENT_HELP = """environment variables:
+  RUST_LOG                log level: off, error, warn, info, debug, trace (default: warn)
+  QPROXY_VSOCK_EMULATION  a folder: Unix sockets there stand in for AF_VSOCK (tests, one machine)
+  QPROXY_LISTEN_CID, QPROXY_PARENT_CID, QPROXY_CONTROL_PORT, TOKIO_WORKER_THREADS
+                          the options of the same meaning (see each command's --help)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="qproxy",
+        description="Carry TCP across vsock between an enclave and its parent VM.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"qproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="<COMMAND>")
+
+    host = commands.add_parser(
+        "host", help="The part of qproxy that runs outside the enclave",
+        description="The part of qproxy that runs outside the enclave.",
+    )
+    host.add_argument("cid", nargs="?", type=parse_cid, metavar="CID",
+                      help="The CID of the enclave [env: QPROXY_LISTEN_CID]")
+    add_common_options(host)
+    family = host.add_mutually_exclusive_group()
+    family.add_argument("--ipv4", action="store_true", help="Only resolve IPv4 addresses")
+    family.add_argument("--ipv6", action="store_true", help="Only resolve IPv6 addresses")
+
+    enclave = commands.add_parser(
+        "enclave", help="The part of qproxy that runs inside the enclave",
+        description="The part of qproxy that runs inside the enclave.",
+    )
+    enclave.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
+                         help="The CID of the parent VM of this enclave [env: QPROXY_PARENT_CID]"
+                              f" [default: {DEFAULT_PARENT_CID}]")
+    add_common_options(enclave)
+
+    check = commands.add_parser(
+        "check-config", help="Check the qproxy configuration file",
+        description="Check a configuration file and print what each half will do with it.",
+    )
+    check.add_argument("path", nargs="?", metavar="PATH", help="Path to the configuration file")
+    check.add_argument("--config", dest="config_option", metavar="CONFIG", help="Path to the configuration file")
+    check.add_argument("--enclave-config", metavar="ENCLAVE_CONFIG",
+                       help="The enclave half's configuration file, when it differs: every way it does not"
+                            " match PATH, the host half's, is an error")
+    check.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
+                       help="The parent CID the enclave half dials [env: QPROXY_PARENT_CID]"
+                            f" [default: {DEFAULT_PARENT_CID}]")
+    check.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
+                       help=f"The control port [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
+
+    commands.add_parser(
+        "demo", help="Run both halves on this machine over emulated vsock and send a request each way",
+        description="Run the vendor's walk-through on this machine, no enclave needed. As root the enclave half"
+                    " gets a network namespace of its own, and each entry one port on both sides, as the vendor's"
+                    " layout has.",
+    )
+    help_command = commands.add_parser("help", help="Print this message or the help of the given subcommand")
+    help_command.add_argument("topic", nargs="?", metavar="COMMAND")
+    return parser
+
+
+def add_common_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", metavar="CONFIG", help="Path to the configuration file")
+    command.add_argument("-t", "--threads", type=parse_threads, metavar="THREADS",
+                         help="Most connections relayed at once in each direction; more wait for room "
+                              f"[env: TOKIO_WORKER_THREADS] [default: {DEFAULT_MAX_CONNECTIONS}]")
+    command.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
+                         help="The vsock port of the control connection: the host half listens on it, the enclave"
+                              " half dials it. Leave at default value unless you know what you are doing"
+                              f" [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
+
+
+def fill_from_environment(args: argparse.Namespace) -> None:
+    from_environment(args, "control_port", "QPROXY_CONTROL_PORT", parse_port, DEFAULT_CONTROL_PORT)
+    from_environment(args, "parent_cid", "QPROXY_PARENT_CID", parse_cid, DEFAULT_PARENT_CID)
+    from_environment(args, "threads", "TOKIO_WORKER_THREADS", parse_threads, DEFAULT_MAX_CONNECTIONS)
+    if args.command == "host":
+        from_environment(args, "cid", "QPROXY_LISTEN_CID", parse_cid, None)
+        if args.cid is None:
+            raise UsageError("the enclave's CID is required: qproxy host CID (or set QPROXY_LISTEN_CID)")
+
+
+def read_config(path: str | None, control_port: int) -> Config:
+    return Config() if path is None else load_config(path, control_port)
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "help":
+        if args.topic is None:
+            parser.print_help()
+            return EXIT_OK
+        parser.parse_args([args.topic, "--help"])  # prints the help and exits 0, or exits 2 for no such command
+    if args.command == "demo":
+        return run_demo()
+    fill_from_environment(args)
+    if args.command == "check-config":
+        if args.path and args.config_option and args.path != args.config_option:
+            raise UsageError("give the configuration file once, as PATH or as --config")
+        path = args.path or args.config_option
+        if not path:
+            raise UsageError("check-config needs a file: qproxy check-config PATH")
+        if args.enclave_config:
+            config, enclave_config = load_configs(path, args.enclave_config, control_port=args.control_port)
+        else:
+            config, enclave_config = load_config(path, args.control_port), None
+        print("\n".join(config_summary(path, config, args.parent_cid, args.control_port,
+                                         args.enclave_config, enclave_config)))
+        if enclave_config:
+            mismatches = config_mismatches(entries_of(config), entries_of(enclave_config))
+            if mismatches:
+                raise ConfigError([f"config mismatch: {mismatch}" for mismatch in mismatches])
+            print(f"{args.enclave_config}: valid, and matches {path}")
+        return EXIT_OK
+    config = read_config(args.config, args.control_port)
+    logs = setup_logging(args.command, config, os.environ)
+    try:
+        code = run_half(args, config, logs)
+    except BaseException as error:
+        if isinstance(error, StartError) and any(isinstance(handler, LogFile) for handler in logs.handlers):
+            log.error("cannot start: %s", error)
+        elif not isinstance(error, (UsageError, ConfigError, StartError)):
+            log.debug("internal error", exc_info=True)  # main() says it in one line
+        logs.drain()
+        raise
+    return logs.finish(code)
+
+
+def run_half(args: argparse.Namespace, config: Config, logs: LogWriter) -> int:
+    forward = config.log_location is None or config.log_location.forward_enclave_log
+    outbox = LogOutbox() if args.command == "enclave" and forward else None
+    if outbox:
+        log.addHandler(outbox)  # the enclave half's records from the first on, for the host half
+    vsock = Vsock(os.environ.get("QPROXY_VSOCK_EMULATION") or None)
+    if not (config.inbound or config.outbound):
+        log.warning("no connections configured%s", "" if args.config else " (no --config given)")
+    if args.command == "host":
+        return run_host(args, config, vsock, logs)
+    return run_enclave(args, config, vsock, logs, outbox)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_command(parser, args)
+    except UsageError as error:
+        print(f"qproxy: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"qproxy: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartError as error:
+        print(f"qproxy: error: {error}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    except BrokenPipeError:  # the output's reader went away (| head): end quietly, as Python's documentation advises
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail too
+        return EXIT_CANNOT_START
+    except Exception as error:  # a bug: say so in one line, with the traceback only when asked for
+        log.debug("internal error", exc_info=True)
+        print(f"qproxy: internal error: {type(error).__name__}: {error} (RUST_LOG=debug shows a traceback)",
+              file=sys.stderr)
+        return EXIT_CANNOT_START
 
 
 # ---------------------------------------------------------------------------
@@ -3465,226 +3698,6 @@ def walk_through(folder: str, stop: DemoStop, halves: dict[str, subprocess.Popen
     if codes != [0, 0]:
         raise StartError(f"the halves exited with {codes} after SIGTERM, expected [0, 0]")
     print("demo: both halves stopped cleanly on SIGTERM; all good")
-
-
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
-
-
-def number_in(low: int, high: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        # ASCII digits only, as the vendor's parser: int() would also take "1_0", " 7" and other scripts' digits.
-        value = int(text) if re.fullmatch(r"\+?[0-9]+", text) else None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer from {low} to {high}, not {text!r}")
-        return value
-
-    return parse
-
-
-parse_cid = number_in(*CID_RANGE, "a CID")
-parse_port = number_in(*TCP_PORT_RANGE, "a port")
-parse_threads = number_in(1, COUNT_RANGE[1], "the connection limit")
-
-
-def from_environment(args: argparse.Namespace, name: str, variable: str, parse: Callable[[str], object],
-                     default: object) -> None:
-    """Fill an option the command line left out from its environment variable, then its default."""
-    if not hasattr(args, name) or getattr(args, name) is not None:
-        return
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        setattr(args, name, default)
-        return
-    try:
-        setattr(args, name, parse(text))
-    except argparse.ArgumentTypeError as error:
-        raise UsageError(f"{variable}={text}: {error}") from None
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line, as every error of qproxy's is, with a did-you-mean for a
-    mistyped command; the subcommands' parsers are of this class too."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        mistyped = re.match(r"argument <COMMAND>: invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if mistyped:
-            import difflib  # only a mistyped command needs it: the halves do not carry it
-
-            close = difflib.get_close_matches(mistyped.group(1), re.findall(r"[\w-]+", mistyped.group(2)), n=1)
-            message = f"no command {mistyped.group(1)!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-        self.exit(EXIT_USAGE, f"qproxy: error: {message} (see: {self.prog} --help)\n")
-
-
-ENVIRONMENT_HELP = """environment variables:
-  RUST_LOG                log level: off, error, warn, info, debug, trace (default: warn)
-  QPROXY_VSOCK_EMULATION  a folder: Unix sockets there stand in for AF_VSOCK (tests, one machine)
-  QPROXY_LISTEN_CID, QPROXY_PARENT_CID, QPROXY_CONTROL_PORT, TOKIO_WORKER_THREADS
-                          the options of the same meaning (see each command's --help)"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="qproxy",
-        description="Carry TCP across vsock between an enclave and its parent VM.",
-        epilog=ENVIRONMENT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-V", "--version", action="version", version=f"qproxy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="<COMMAND>")
-
-    host = commands.add_parser(
-        "host", help="The part of qproxy that runs outside the enclave",
-        description="The part of qproxy that runs outside the enclave.",
-    )
-    host.add_argument("cid", nargs="?", type=parse_cid, metavar="CID",
-                      help="The CID of the enclave [env: QPROXY_LISTEN_CID]")
-    add_common_options(host)
-    family = host.add_mutually_exclusive_group()
-    family.add_argument("--ipv4", action="store_true", help="Only resolve IPv4 addresses")
-    family.add_argument("--ipv6", action="store_true", help="Only resolve IPv6 addresses")
-
-    enclave = commands.add_parser(
-        "enclave", help="The part of qproxy that runs inside the enclave",
-        description="The part of qproxy that runs inside the enclave.",
-    )
-    enclave.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
-                         help="The CID of the parent VM of this enclave [env: QPROXY_PARENT_CID]"
-                              f" [default: {DEFAULT_PARENT_CID}]")
-    add_common_options(enclave)
-
-    check = commands.add_parser(
-        "check-config", help="Check the qproxy configuration file",
-        description="Check a configuration file and print what each half will do with it.",
-    )
-    check.add_argument("path", nargs="?", metavar="PATH", help="Path to the configuration file")
-    check.add_argument("--config", dest="config_option", metavar="CONFIG", help="Path to the configuration file")
-    check.add_argument("--enclave-config", metavar="ENCLAVE_CONFIG",
-                       help="The enclave half's configuration file, when it differs: every way it does not"
-                            " match PATH, the host half's, is an error")
-    check.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
-                       help="The parent CID the enclave half dials [env: QPROXY_PARENT_CID]"
-                            f" [default: {DEFAULT_PARENT_CID}]")
-    check.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
-                       help=f"The control port [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
-
-    commands.add_parser(
-        "demo", help="Run both halves on this machine over emulated vsock and send a request each way",
-        description="Run the vendor's walk-through on this machine, no enclave needed. As root the enclave half"
-                    " gets a network namespace of its own, and each entry one port on both sides, as the vendor's"
-                    " layout has.",
-    )
-    help_command = commands.add_parser("help", help="Print this message or the help of the given subcommand")
-    help_command.add_argument("topic", nargs="?", metavar="COMMAND")
-    return parser
-
-
-def add_common_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--config", metavar="CONFIG", help="Path to the configuration file")
-    command.add_argument("-t", "--threads", type=parse_threads, metavar="THREADS",
-                         help="Most connections relayed at once in each direction; more wait for room "
-                              f"[env: TOKIO_WORKER_THREADS] [default: {DEFAULT_MAX_CONNECTIONS}]")
-    command.add_argument("--control-port", type=parse_port, metavar="CONTROL_PORT",
-                         help="The vsock port of the control connection: the host half listens on it, the enclave"
-                              " half dials it. Leave at default value unless you know what you are doing"
-                              f" [env: QPROXY_CONTROL_PORT] [default: {DEFAULT_CONTROL_PORT}]")
-
-
-def fill_from_environment(args: argparse.Namespace) -> None:
-    from_environment(args, "control_port", "QPROXY_CONTROL_PORT", parse_port, DEFAULT_CONTROL_PORT)
-    from_environment(args, "parent_cid", "QPROXY_PARENT_CID", parse_cid, DEFAULT_PARENT_CID)
-    from_environment(args, "threads", "TOKIO_WORKER_THREADS", parse_threads, DEFAULT_MAX_CONNECTIONS)
-    if args.command == "host":
-        from_environment(args, "cid", "QPROXY_LISTEN_CID", parse_cid, None)
-        if args.cid is None:
-            raise UsageError("the enclave's CID is required: qproxy host CID (or set QPROXY_LISTEN_CID)")
-
-
-def read_config(path: str | None, control_port: int) -> Config:
-    return Config() if path is None else load_config(path, control_port)
-
-
-def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    if args.command == "help":
-        if args.topic is None:
-            parser.print_help()
-            return EXIT_OK
-        parser.parse_args([args.topic, "--help"])  # prints the help and exits 0, or exits 2 for no such command
-    if args.command == "demo":
-        return run_demo()
-    fill_from_environment(args)
-    if args.command == "check-config":
-        if args.path and args.config_option and args.path != args.config_option:
-            raise UsageError("give the configuration file once, as PATH or as --config")
-        path = args.path or args.config_option
-        if not path:
-            raise UsageError("check-config needs a file: qproxy check-config PATH")
-        if args.enclave_config:
-            config, enclave_config = load_configs(path, args.enclave_config, control_port=args.control_port)
-        else:
-            config, enclave_config = load_config(path, args.control_port), None
-        print("\n".join(config_summary(path, config, args.parent_cid, args.control_port,
-                                         args.enclave_config, enclave_config)))
-        if enclave_config:
-            mismatches = config_mismatches(entries_of(config), entries_of(enclave_config))
-            if mismatches:
-                raise ConfigError([f"config mismatch: {mismatch}" for mismatch in mismatches])
-            print(f"{args.enclave_config}: valid, and matches {path}")
-        return EXIT_OK
-    config = read_config(args.config, args.control_port)
-    logs = setup_logging(args.command, config, os.environ)
-    try:
-        code = run_half(args, config, logs)
-    except BaseException as error:
-        if isinstance(error, StartError) and any(isinstance(handler, LogFile) for handler in logs.handlers):
-            log.error("cannot start: %s", error)
-        elif not isinstance(error, (UsageError, ConfigError, StartError)):
-            log.debug("internal error", exc_info=True)  # main() says it in one line
-        logs.drain()
-        raise
-    return logs.finish(code)
-
-
-def run_half(args: argparse.Namespace, config: Config, logs: LogWriter) -> int:
-    forward = config.log_location is None or config.log_location.forward_enclave_log
-    outbox = LogOutbox() if args.command == "enclave" and forward else None
-    if outbox:
-        log.addHandler(outbox)  # the enclave half's records from the first on, for the host half
-    vsock = Vsock(os.environ.get("QPROXY_VSOCK_EMULATION") or None)
-    if not (config.inbound or config.outbound):
-        log.warning("no connections configured%s", "" if args.config else " (no --config given)")
-    if args.command == "host":
-        return run_host(args, config, vsock, logs)
-    return run_enclave(args, config, vsock, logs, outbox)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run_command(parser, args)
-    except UsageError as error:
-        print(f"qproxy: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except ConfigError as error:
-        for problem in error.problems:
-            print(f"qproxy: error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    except StartError as error:
-        print(f"qproxy: error: {error}", file=sys.stderr)
-        return EXIT_CANNOT_START
-    except BrokenPipeError:  # the output's reader went away (| head): end quietly, as Python's documentation advises
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail too
-        return EXIT_CANNOT_START
-    except Exception as error:  # a bug: say so in one line, with the traceback only when asked for
-        log.debug("internal error", exc_info=True)
-        print(f"qproxy: internal error: {type(error).__name__}: {error} (RUST_LOG=debug shows a traceback)",
-              file=sys.stderr)
-        return EXIT_CANNOT_START
 
 
 if __name__ == "__main__":
