@@ -153,8 +153,10 @@ IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 # waiting for room (-t each way, WAITING_PER_LISTENER per listener); up to
 # LOG_QUEUE records waiting for a stalled log writer, about 0.6 KB each, or
 # 4.7 KB each for the enclave's records on the host half (up to ~47 MB);
-# LOG_BACKLOG records of LOG_MESSAGE_MAX characters in the enclave half; and
-# one CONTROL_MAX_MESSAGE a control connection.  Socket buffers are the kernel's.
+# twice LOG_BACKLOG records of LOG_MESSAGE_MAX characters in the enclave half
+# (those waiting, and those sent but not confirmed yet); and
+# two CONTROL_MAX_MESSAGE a control connection (a message's unfinished tail and one
+# read).  Socket buffers are the kernel's.
 
 # Connections
 DEFAULT_MAX_CONNECTIONS = 1024  # per direction of a half (-t): inbound and outbound each
@@ -178,6 +180,7 @@ IDLE_SWEEP = (0.05, 1.0)  # seconds between looks for idle connections: a quarte
 # Logging
 LOG_QUEUE = 10_000  # records waiting for the log writer; more are dropped and counted
 LOG_DRAIN = 1.0  # seconds a stopping half gives the log writer to write what waits
+ABORT_LOG_DRAIN = 0.25  # the same when a second stop signal cuts the stop short
 LOG_DRAIN_POLL = 0.01  # seconds between a stopping half's looks at whether its log is written
 LOG_ERROR_REPORT = 60.0  # seconds between the lines on stderr that say a log cannot be written
 WARNING_INTERVAL = 10.0  # seconds between two warnings of one recurring problem; the ones between are counted
@@ -1117,7 +1120,7 @@ class UTCFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
-TIME_FORMAT = UTCFormatter()  # a record's time as every log line shows it
+TIME_FORMATTER = UTCFormatter()  # a record's time as every log line shows it
 
 
 # ---------------------------------------------------------------------------
@@ -1160,7 +1163,7 @@ class Vsock:
     def family(self) -> socket.AddressFamily:
         return socket.AF_UNIX if self.emulation_dir else socket.AF_VSOCK
 
-    def shown(self) -> str:
+    def __str__(self) -> str:
         return f"emulated vsock in {self.emulation_dir}" if self.emulation_dir else "AF_VSOCK"
 
     def check_available(self) -> None:
@@ -1272,7 +1275,10 @@ def peer_name(family: int, address: Address) -> str:
         kind = "tcp" if family in (socket.AF_INET, socket.AF_INET6) else "vsock"
         return str(Endpoint(kind, str(address[0]), address[1]))
     # A Unix socket: a qproxy half's connection has the name Vsock.connect gave it.
-    return f"vsock (emulated) @{address[1:].decode()}" if isinstance(address, bytes) and address else "vsock (emulated)"
+    # Any local process may pick that name: escaped, it can neither break a log line nor the decoding.
+    if isinstance(address, bytes) and address:
+        return f"vsock (emulated) @{escaped(address[1:].decode(errors='backslashreplace'))}"
+    return "vsock (emulated)"
 
 
 def dialed_name(far: socket.socket) -> str:
@@ -1357,7 +1363,7 @@ class Listener:
                 return None
             raise
 
-    def accepts(self, address: Address) -> bool:
+    def allows_peer(self, address: Address) -> bool:
         """On real vsock, only the other half's CID may connect: the host's vsock ports
         are reachable from every VM on the machine, the enclave's from its parent."""
         return self.sock.family != getattr(socket, "AF_VSOCK", None) or (isinstance(address, tuple)
@@ -2040,12 +2046,12 @@ class Reactor(threading.Thread):
     def run(self) -> None:
         next_sweep = time.monotonic()
         while True:
-            now = self.serve(self.selector.select(self.sweep_interval))
+            now = self.step_ready(self.selector.select(self.sweep_interval))
             if self.sweep_interval is not None and now >= next_sweep:
                 self.cut_idle(now)
                 next_sweep = now + self.sweep_interval
 
-    def serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> float:
+    def step_ready(self, ready: list[tuple[selectors.SelectorKey, int]]) -> float:
         """Step every connection that is ready; return the time.  A method of its own so that no
         connection stays referenced from a finished round while the next select() waits."""
         now = time.monotonic()
@@ -2231,6 +2237,8 @@ class ControlLink:
         self.logs_taken = 0
         self.unwritten: collections.deque[tuple[int, int]] = collections.deque()  # (queue position, logs_taken)
         self.budget = Budget(CONTROL_MESSAGE_RATE, CONTROL_BYTE_RATE)
+        self.heard = time.monotonic()  # when the other half last said something
+        self.silent = False  # whether that is too long ago
 
     def run(self) -> None:
         try:
@@ -2296,6 +2304,10 @@ class ControlLink:
             self.on_message(message)
             self.logs_taken += message["type"] == "log"
         if self.written_by and self.logs_taken > taken:
+            # One entry a position in the writer's queue: a peer that floods while the writer is stuck
+            # (the queue full, its position still) adds nothing, so at most LOG_QUEUE + 1 entries.
+            if self.unwritten and self.unwritten[-1][0] == self.written_by.queued:
+                self.unwritten.pop()
             self.unwritten.append((self.written_by.queued, self.logs_taken))
 
     def confirm_written(self) -> bool:
@@ -2401,12 +2413,12 @@ def config_mismatches(host: object, enclave: object) -> list[str]:
                 problems.append(f"the host half {host_use(ours[port])}, but the enclave half has no {direction}"
                                 f" entry for vsock port {port}")
             elif port not in ours:
-                problems.append(f"the enclave half {enclave_use(theirs[port])}, but the host half has no {direction}"
-                                f" entry for vsock port {port}")
+                problems.append(f"the enclave half {quoted(enclave_use(theirs[port]))}, but the host half has no"
+                                f" {direction} entry for vsock port {port}")
             else:
                 problems += [
                     f"{direction} vsock port {port}: the host half's {key} is {ours[port][key]},"
-                    f" the enclave half's {theirs[port][key]}"
+                    f" the enclave half's {quoted(theirs[port][key])}"
                     for key in ENTRY_KEYS[direction]
                     if ours[port][key] != theirs[port][key]
                 ]
@@ -2444,7 +2456,7 @@ class LogOutbox(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:  # logging holds self.lock here
         try:
-            entry = {"type": "log", "time": TIME_FORMAT.formatTime(record), "level": record.levelname,
+            entry = {"type": "log", "time": TIME_FORMATTER.formatTime(record), "level": record.levelname,
                      "message": self.format(record)[:LOG_MESSAGE_MAX]}
         except Exception:
             self.handleError(record)  # as logging's own handlers do: never into the thread that logs
@@ -2804,10 +2816,8 @@ def ensure_loopback_up() -> None:
 
 def raise_fd_limit() -> None:
     """Each connection holds two descriptors: take the whole hard limit, not the soft default."""
-    try:
-        import resource
-    except ImportError:
-        return
+    import resource  # Unix only, as fcntl is: here, not at the top, as only a half needs it
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
@@ -2872,7 +2882,7 @@ class Half:
             elif self.stopping.is_set():
                 log.warning("second signal: exiting now")
                 self.admission.abort()
-                self.logs.flush(LOG_DRAIN / 4)
+                self.logs.flush(ABORT_LOG_DRAIN)
                 os._exit(EXIT_OK)
             else:
                 log.info("%s: stopping", signal.Signals(number).name)
@@ -2957,23 +2967,23 @@ class Half:
         return ", ".join(f"{count} {what}" for what, count in changes.items()) or "no entry changed"
 
     def run(self, status: str = "") -> int:
-        """Accept on every listener until SIGTERM or SIGINT; then let every connection accepted so far
+        """Accept on every listener until a stop signal (STOP_SIGNALS); then let every connection accepted so far
         finish within the grace period, and cut what is left.  status goes to systemd with READY=1."""
         log.info("%s half ready (qproxy %s, %s)", self.role, __version__, self.vsock)
         notify_systemd("READY=1" + (f"\nSTATUS={status}" if status else ""))
         try:
-            self.serve(until=self.stopping.is_set)
+            self.accept_loop(until=self.stopping.is_set)
             notify_systemd("STOPPING=1")
             self.close_listeners()
             self.admission.ends_wanted = True
             end = time.monotonic() + GRACE_PERIOD
-            self.serve(until=lambda: not self.admission.live or time.monotonic() >= end, deadline=end)
+            self.accept_loop(until=lambda: not self.admission.live or time.monotonic() >= end, deadline=end)
             if self.admission.live:
                 log.warning("grace period over: cutting %d open connections", len(self.admission.live))
                 self.admission.cut_waiting()
                 self.connector.reactor.cut_all()
                 end = time.monotonic() + CUT_WAIT
-                self.serve(until=lambda: not self.admission.live or time.monotonic() >= end, deadline=end)
+                self.accept_loop(until=lambda: not self.admission.live or time.monotonic() >= end, deadline=end)
         except Exception:
             self.fail("the accept loop")
         self.admission.abort()  # those still dialing: the exit resets their clients
@@ -2987,10 +2997,8 @@ class Half:
     def budget_descriptors(self) -> None:
         """Give connections the descriptors the open-files limit leaves, less what the half holds (its
         listeners open) and a reserve.  StartError when that is not even one connection."""
-        try:
-            import resource
-        except ImportError:
-            return
+        import resource
+
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if limit == resource.RLIM_INFINITY:
             return
@@ -3003,7 +3011,7 @@ class Half:
                              " LimitNOFILE=)")
         log.info("the open-files limit (%d) lets this half hold %d connections at once", limit, connections)
 
-    def serve(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
+    def accept_loop(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
         """The accept loop: accept, admit and expire until until() is true."""
         while True:
             self.handle_signals()
@@ -3013,7 +3021,7 @@ class Half:
                 self.reloading = False
                 self.reload()
             wake_at = min(self.admission.expire(time.monotonic()), deadline)
-            self.start(self.admission.admit_waiting())
+            self.set_up(self.admission.admit_waiting())
             self.resume_listeners()
             timeout = None if wake_at == math.inf else max(wake_at - time.monotonic(), 0)
             for key, _ in self.selector.select(timeout):
@@ -3041,16 +3049,17 @@ class Half:
             if accepted is None:
                 return
             client, address = accepted
-            if not listener.accepts(address):
+            if not listener.allows_peer(address):
                 throttled.warning("peer", "refused a vsock connection to port %d from CID %d: only CID %d may connect",
                                   listener.sock.getsockname()[1], address[0], self.peer_cid)
                 client.close()
             elif listener.serve:  # the control port, which serves its own connections
                 self.start_job(listener.serve, client, address)
             elif listener.route:
-                self.start(self.admission.arrive(listener, listener.route, client, address))
+                self.set_up(self.admission.arrive(listener, listener.route, client, address))
 
-    def start(self, admitted: list[Connection]) -> None:
+    def set_up(self, admitted: list[Connection]) -> None:
+        """Each admitted connection to a setup worker, in order; those no thread can be had for wait again."""
         for index, connection in enumerate(admitted):
             try:
                 self.workers.run(self.connector.set_up, connection)

@@ -658,3 +658,21 @@ def test_forward_enclave_log_false_keeps_the_enclaves_log_in_the_enclave(proxy, 
         assert peer.receive()["type"] == "heartbeat"  # the first message after the hello: no log record before it
     finally:
         peer.close()
+
+
+def test_records_a_stuck_writer_has_not_written_cost_the_link_one_entry_a_queue_position():
+    """A host half whose log writer is stuck (its queue full: a position that no longer moves) keeps
+    what it owes the enclave half in one entry however many records a peer floods it with, rather
+    than one entry per read for as long as the writer stays stuck."""
+    ours, theirs = socket.socketpair()
+    writes = qproxy.LogQueue()  # nothing takes from it: the position stays where it is
+    link = qproxy.ControlLink(ours, qproxy.MessageReader(ours), "enclave", None, lambda message: None,
+                              written_by=writes)
+    try:
+        for n in range(200):
+            theirs.sendall(message(type="log", time="2026-11-27T10:00:00.000Z", level="INFO", message=f"r{n}"))
+            assert link.receive(qproxy.time.monotonic())
+        assert list(link.unwritten) == [(0, 200)]
+    finally:
+        ours.close()
+        theirs.close()

@@ -636,3 +636,31 @@ def test_a_reply_sent_before_the_far_side_closed_unread_always_arrives(proxy, di
             assert data == b"fifteen bytes!\n", f"attempt {attempt}: got {data!r}"
     finally:
         service.stop()
+
+
+# --- what a local process can make a half log ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [b"\0forged\n2026-01-01T00:00:00.000Z ERROR qproxy::host x", b"\0\xff\xfe not utf-8"])
+def test_an_emulated_peer_of_any_name_is_logged_on_one_line_and_ends_nothing(proxy, echo_server, name):
+    """Under emulation any local process can connect, with any abstract name: the half logs the name
+    escaped, on one line of its own, and goes on (before: a forged line, or a decoding error that
+    ended the half with exit 3)."""
+    host, enclave = proxy.start_both(inbound(free_port(), echo_server.port))
+    vsock_port = 9000
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(name)
+        sock.connect(str(proxy.vsock_dir / str(vsock_port)))
+        sock.sendall(b"ping")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == b"ping"
+    enclave.wait_log(r"conn \d+ closed")
+    lines = [line for line in enclave.log().splitlines() if "vsock (emulated) @" in line]
+    assert lines and all(re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z ", line) for line in lines), lines
+    assert "forged\n" not in enclave.log() and enclave.process.poll() is None
+
+
+def test_the_ready_line_names_the_transport(proxy, echo_server):
+    host, enclave = proxy.start_both(inbound(free_port(), echo_server.port))
+    for half in (host, enclave):
+        half.wait_log(rf"{half.role} half ready \(qproxy [0-9.]+, emulated vsock in {re.escape(str(proxy.vsock_dir))}\)")
