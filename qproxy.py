@@ -229,7 +229,7 @@ class StartError(Exception):
 
 # ---------------------------------------------------------------------------
 # Helpers every part uses: why an error happened, text made safe for a log line, warnings
-# that recur, and what systemd is told
+# that recur, waking a thread from its selector, and what systemd is told
 # ---------------------------------------------------------------------------
 
 
@@ -293,6 +293,24 @@ class Throttle:
 
 
 throttled = Throttle()
+
+
+class Wakeup:
+    """Wakes a thread that waits in a selector, from any other thread: register ``reader``."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # wake-ups are pending already
+            self.writer.send(b"\0")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self.reader.recv(4096):
+                pass
 
 
 def notify_systemd(state: str) -> None:
@@ -1720,24 +1738,6 @@ class Connector:
 # ---------------------------------------------------------------------------
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-
-
-class Wakeup:
-    """Wakes a thread that waits in a selector, from any other thread: register ``reader``."""
-
-    def __init__(self) -> None:
-        self.reader, self.writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self.writer.setblocking(False)
-
-    def wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # wake-ups are pending already
-            self.writer.send(b"\0")
-
-    def clear(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while self.reader.recv(4096):
-                pass
 
 
 class Buffers:
