@@ -1911,6 +1911,15 @@ def stopped_reading(sock: socket.socket) -> bool:
     return False
 
 
+def ended_unread(sock: socket.socket) -> bool:
+    """Whether sock's peer has ended its sending side with nothing it sent left to read: its EOF
+    waits, unread yet (the reactor turned to the other socket first)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:  # nothing there yet (BlockingIOError), a reset, or no peeking here (old vsock)
+        return False
+
+
 class Closed(Exception):
     """A side closed, not only ended its sending side, while this half could still send to it: the
     connection is broken, as a reset would say on TCP.  refused: the far side closed before sending
@@ -1972,7 +1981,9 @@ class Connection:
                     flow.dst = typing.cast(socket.socket, Sink)
         for flow, back in ((self.up, self.down), (self.down, self.up)):
             if flow.eof and not flow.done:
-                if not back.done and stopped_reading(flow.src):  # before its EOF could pass for an orderly end
+                # Before its EOF could pass for an orderly end; but the other way may have ended too,
+                # its EOF there and only not read yet, and then both ends are orderly.
+                if not back.done and stopped_reading(flow.src) and not ended_unread(back.src):
                     far = flow is self.down
                     raise Closed("far side" if far else "client", refused=far and not flow.total)
                 flow.pass_eof()
