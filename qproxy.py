@@ -35,20 +35,25 @@ Design, in the order the data meets it:
   when to accept, where a half must turn between hundreds of listeners, hold
   back the ones at a limit while the others go on, and keep connections
   waiting for room in arrival order across them; socketserver's hooks would
-  all be overridden and its cleanup bypassed.  A worker thread dials the far side of each
-  admitted connection, which may block on DNS or a slow connect.  Once both
-  sockets are open the worker hands them to the reactor and is free for the
-  next connection: the reactor, one thread per process, moves the bytes of
-  every established connection with non-blocking sockets and a selector.  A
-  direction holds a buffer only while its destination has not taken all of
-  it, and all such buffers together stay within a budget; beyond it bytes
-  wait in the sockets, so memory does not grow with connections, backpressure
-  comes from the sockets, and an idle connection costs two descriptors and no
-  thread.  Half-close is honoured: EOF one way becomes shutdown(SHUT_WR) on
-  the other socket while the other way keeps flowing.  Vsock has no reset a
-  peer can see, so a far side that closes without sending a byte while the
-  client is still talking (the other half could not reach its target) is
-  passed on to a TCP client as a reset; one that only half-closes is not.
+  all be overridden and its cleanup bypassed.  The accept loop also begins
+  dialing the far side of each admitted connection whose target has no name
+  to resolve (a vsock port, an IP literal), without blocking; a hostname is
+  resolved and dialed by a worker thread, as DNS may take its time.  Either
+  way the connection then goes to the reactor, one thread per process, which
+  sees a connect through and moves the bytes of every established connection
+  with non-blocking sockets and epoll.  A read goes into one scratch buffer
+  and out at once; a direction holds a buffer only for what its destination
+  did not take, and all such buffers together stay within a budget; beyond
+  it bytes wait in the sockets, so memory does not grow with connections,
+  backpressure comes from the sockets, and an idle connection costs two
+  descriptors and no thread.  A direction whose reads bring bulk moves its
+  bytes with splice(2) through a pipe (Python 3.10 and newer), so that they
+  never enter Python; a kernel that refuses has it copy instead.  Half-close
+  is honoured: EOF one way becomes shutdown(SHUT_WR) on the other socket
+  while the other way keeps flowing.  Vsock has no reset a peer can see, so
+  a far side that closes without sending a byte while the client is still
+  talking (the other half could not reach its target) is passed on to a TCP
+  client as a reset; one that only half-closes is not.
 * Limits.  ``-t N`` bounds the connections a half relays at once in each
   direction: inbound and outbound never share a budget, so a request that
   calls out cannot wait for a slot only its own end would free.  A
@@ -101,6 +106,7 @@ import mmap
 import os
 import queue
 import re
+import select
 import selectors
 import signal
 import socket
@@ -170,6 +176,8 @@ SETUP_THREAD_IDLE = 5.0  # seconds a setup thread without work lives on, so a bu
 # Memory
 BUFFER_SIZE = 256 * 1024  # one read's worth of bytes, held only while its destination lags
 SPARE_BUFFERS = 4  # freed buffers kept for reuse; the rest go back to the system
+SPLICE_FROM = 64 * 1024  # bytes of one read from which a flow splices (Python 3.10+): bulk skips Python's copies
+SPLICE_PIPES = 64  # pipes a half holds at most, two descriptors each; one holding bytes counts as a buffer
 CONFIG_MAX_SIZE = 1024 * 1024  # bytes; a bigger file is not a configuration (/dev/zero, a log)
 
 # Time
@@ -1230,13 +1238,21 @@ class Vsock:
         if lock:
             lock.close()
 
-    def connect(self, cid: int, port: int, timeout: float | None) -> socket.socket:
+    def client_socket(self) -> socket.socket:
+        """A socket to dial a vsock port with."""
         sock = socket.socket(self.family, socket.SOCK_STREAM)
+        if self.emulation_dir:
+            sock.bind("")  # an abstract name the kernel picks: both halves' logs name the connection by it
+        return sock
+
+    def address(self, cid: int, port: int) -> Address:
+        return os.path.join(self.emulation_dir, str(port)) if self.emulation_dir else (cid, port)
+
+    def connect(self, cid: int, port: int, timeout: float | None) -> socket.socket:
+        sock = self.client_socket()
         try:
-            if self.emulation_dir:
-                sock.bind("")  # an abstract name the kernel picks: both halves' logs name the connection by it
             sock.settimeout(timeout)
-            sock.connect(os.path.join(self.emulation_dir, str(port)) if self.emulation_dir else (cid, port))
+            sock.connect(self.address(cid, port))
         except BaseException:
             sock.close()
             raise
@@ -1244,17 +1260,43 @@ class Vsock:
 
 
 class Dialer:
-    """Opens the far side of a connection: vsock by CID, TCP by resolving per connection."""
+    """Opens the far side of a connection: vsock by CID, TCP by address, or by name resolved per connection.
+
+    A far side with no name to resolve is dialed without blocking (``start``),
+    and the reactor sees the connect through; a name may take DNS its time, so
+    a worker dials it (``connect_tcp``).
+    """
 
     def __init__(self, vsock: Vsock, timeout: float, family: int = socket.AF_UNSPEC):
         self.vsock = vsock
         self.timeout = timeout or None  # [limits] connect_timeout; 0 leaves it to the system
         self.family = family  # AF_INET or AF_INET6 when --ipv4 or --ipv6 was given
 
-    def connect(self, target: Endpoint, conn_id: int) -> socket.socket:
+    @staticmethod
+    def resolves(target: Endpoint) -> bool:
+        """Whether dialing target needs a name resolved, which may block."""
+        return target.kind == "tcp" and not is_ip_literal(target.host)
+
+    def start(self, target: Endpoint) -> tuple[socket.socket, bool]:
+        """Begin dialing a target that needs no name resolved, without blocking; return the socket
+        and whether it is connected already (else the connect goes on: see Reactor.dialed)."""
         if target.kind == "vsock":
-            return self.vsock.connect(int(target.host), target.port, self.timeout)
-        return self.connect_tcp(target.host, target.port, conn_id)
+            sock = self.vsock.client_socket()
+            address = self.vsock.address(int(target.host), target.port)
+        else:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                target.host, target.port, self.family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setblocking(False)
+            error = sock.connect_ex(address)
+            if error not in (0, errno.EINPROGRESS):
+                raise OSError(error, os.strerror(error))
+        except BaseException:
+            sock.close()
+            raise
+        return sock, error == 0
 
     def connect_tcp(self, host: str, port: int, conn_id: int) -> socket.socket:
         """Try every address the name has, in the resolver's order; literals skip DNS.  At debug,
@@ -1689,46 +1731,76 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
 
 
 class Connector:
-    """Sets up each admitted connection (in a worker): dial the far side, then hand both sockets to the reactor."""
+    """Sets up each admitted connection: dial its far side, and once that answers hand both sockets
+    to the reactor.  Whatever goes wrong ends this connection only: its client is reset, its room freed.
+
+    A far side with no name to resolve (vsock, an IP literal) is dialed from the accept loop without
+    blocking, and the reactor sees the connect through, so a short connection never waits for a
+    thread; a hostname is dialed in a worker (``set_up``), as its resolution may block.
+    """
 
     def __init__(self, dialer: Dialer, admission: Admission, limits: Limits):
         self.dialer = dialer
         self.admission = admission
-        self.reactor = Reactor(limits.idle_timeout, limits.buffer_memory * 1024 * 1024, admission.release)
+        self.reactor = Reactor(limits.idle_timeout, limits.buffer_memory * 1024 * 1024, admission.release,
+                               self.opened, self.failed)
 
-    def set_up(self, connection: Connection) -> None:
-        """Whatever goes wrong ends this connection only: its client is reset, its room freed."""
-        target = connection.route.target
-        log.debug("conn %d: dialing for %s", connection.conn_id, connection.path)
+    def start(self, connection: Connection) -> None:
+        """Dial without blocking (from the accept loop): the reactor sees a connect in progress through."""
         try:
-            if connection.client.family != socket.AF_UNIX and connection.route.listen.kind == "tcp":
-                connection.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            far = self.dialer.connect(target, connection.conn_id)
-            try:
-                dialed = dialed_name(far)
-                connection.relay(far)
-            except BaseException:
-                far.close()
-                raise
-        except OSError as error:
-            if error.errno in OUT_OF_RESOURCES:  # not the target's fault: wait for a descriptor
-                throttled.warning("short", "conn %d: cannot dial %s: %s; connections wait until one ends",
-                                  connection.conn_id, target, explain(error))
-                self.admission.requeue(connection, "descriptors")
-                return
-            throttled.warning_or_info(f"reach {target}", "conn %d: cannot reach %s: %s; resetting the client",
-                                      connection.conn_id, target, explain(error))
-            self.give_up(connection)
+            self.prepare(connection)
+            far, answered = self.dialer.start(connection.route.target)
+            connection.dial(far, time.monotonic() + (self.dialer.timeout or math.inf))
+            if answered:  # a Unix socket, at once
+                self.opened(connection)
+        except Exception as error:
+            self.failed(connection, error)
             return
-        except Exception as error:  # a bug: this connection ends, the half goes on
-            log.error("conn %d: unexpected error while setting it up: %s", connection.conn_id, explain(error))
-            log.debug("conn %d: traceback", connection.conn_id, exc_info=True)
-            self.give_up(connection)
-            return
-        log.info("conn %d opened: %s, %s", connection.conn_id, connection.path, dialed)
         self.reactor.hand_over(connection)
 
-    def give_up(self, connection: Connection) -> None:
+    def set_up(self, connection: Connection) -> None:
+        """Resolve the target's name and dial it (in a worker: this may block)."""
+        target = connection.route.target
+        try:
+            self.prepare(connection)
+            connection.dial(self.dialer.connect_tcp(target.host, target.port, connection.conn_id), math.inf)
+            self.opened(connection)
+        except Exception as error:
+            self.failed(connection, error)
+            return
+        self.reactor.hand_over(connection)
+
+    @staticmethod
+    def prepare(connection: Connection) -> None:
+        log.debug("conn %d: dialing for %s", connection.conn_id, connection.path)
+        if connection.client.family != socket.AF_UNIX and connection.route.listen.kind == "tcp":
+            connection.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def opened(connection: Connection) -> None:
+        """The far side answered: the reactor moves the bytes from here on."""
+        far = typing.cast(socket.socket, connection.far)
+        dialed = dialed_name(far)
+        connection.relay(far)
+        log.info("conn %d opened: %s, %s", connection.conn_id, connection.path, dialed)
+
+    def failed(self, connection: Connection, error: Exception) -> None:
+        """Its setup failed (in any thread): this connection ends, or waits again for a descriptor."""
+        if connection.far is not None:
+            connection.far.close()
+            connection.far = None
+        target = connection.route.target
+        if not isinstance(error, OSError):  # a bug: this connection ends, the half goes on
+            log.error("conn %d: unexpected error while setting it up: %s", connection.conn_id, explain(error))
+            log.debug("conn %d: traceback", connection.conn_id, exc_info=error)
+        elif error.errno in OUT_OF_RESOURCES:  # not the target's fault: wait for a descriptor
+            throttled.warning("short", "conn %d: cannot dial %s: %s; connections wait until one ends",
+                              connection.conn_id, target, explain(error))
+            self.admission.requeue(connection, "descriptors")
+            return
+        else:
+            throttled.warning_or_info(f"reach {target}", "conn %d: cannot reach %s: %s; resetting the client",
+                                      connection.conn_id, target, explain(error))
         reset(connection.client)
         self.admission.release(connection)
 
@@ -1737,41 +1809,89 @@ class Connector:
 # The data path: one reactor thread moves the bytes of every connection
 # ---------------------------------------------------------------------------
 
-READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+# epoll's events.  A hang-up or an error counts as readiness both ways, as selectors counts it: the
+# next read or write then says what happened.
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+READABLE, WRITABLE = ~OUT, ~IN
+SPLICE = hasattr(os, "splice")  # Python 3.10 and newer; 3.9 copies every byte
+splice = typing.cast(Callable[..., int], getattr(os, "splice", None))
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+SPLICE_REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS}  # a kernel that cannot splice this socket
+
+
+class Pipe:
+    """A pipe through which a flow splices its bytes, so that they never enter Python."""
+
+    __slots__ = ("reader", "writer")
+
+    def __init__(self) -> None:
+        self.reader, self.writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # above the user's pipe quota: the default size does too
+            fcntl.fcntl(self.writer, fcntl.F_SETPIPE_SZ, BUFFER_SIZE)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        os.close(self.reader)
+        os.close(self.writer)
 
 
 class Buffers:
-    """The reactor's buffers for bytes that wait for a slow destination, within a budget.
+    """The reactor's room for bytes that wait for a slow destination, within a budget.
 
-    A flow takes a buffer for each read and gives it back as soon as the
-    destination has taken every byte, so only lagging flows hold one and the
-    budget, not the number of connections, bounds the memory.  Each buffer is
-    an anonymous mmap: its pages cost nothing until written, and go back to
-    the system when it is dropped, which freed heap memory does not promise.
-    When the budget is spent, take() gives None and the flow moves its bytes
+    A flow reads into ``scratch`` and sends at once; only what its destination
+    does not take is copied into a buffer of its own, given back once sent.  A
+    bulk flow holds a pipe instead (see Flow.splice), which counts as one
+    buffer.  So only lagging and bulk flows hold memory, and the budget, not
+    the number of connections, bounds it.  Each buffer is an anonymous mmap:
+    its pages go back to the system when it is dropped, which freed heap
+    memory does not promise.  When the budget is spent, a flow moves its bytes
     through ``scratch`` without keeping any (see Flow.pump_in_place).
     """
 
     def __init__(self, budget: int):
         self.limit: float = max(budget // BUFFER_SIZE, 1)  # math.inf once unbounded
-        self.lent = 0
+        self.lent = 0  # buffers and pipes in use
         self.spare: list[memoryview] = []
-        self.scratch = memoryview(bytearray(BUFFER_SIZE))  # for a read that keeps nothing
+        self.scratch = memoryview(bytearray(BUFFER_SIZE))
+        self.pipes = 0  # pipes open: two descriptors each, and one buffer's room
+        self.pipe_limit = SPLICE_PIPES if SPLICE else 0  # see allow_pipes()
 
-    def take(self) -> memoryview | None:
-        if self.spare:
-            self.lent += 1
-            return self.spare.pop()
-        if self.lent >= self.limit:
-            return None
+    def room(self) -> bool:
+        return self.lent < self.limit
+
+    def take(self) -> memoryview:
+        """A buffer; only when room() said there is one."""
         self.lent += 1
-        return memoryview(mmap.mmap(-1, BUFFER_SIZE))
+        return self.spare.pop() if self.spare else memoryview(mmap.mmap(-1, BUFFER_SIZE))
 
     def give(self, buffer: memoryview) -> None:
         self.lent -= 1
         if len(self.spare) < SPARE_BUFFERS:
             self.spare.append(buffer)
         # else the last reference goes with the caller's, and the mapping with it
+
+    def allow_pipes(self, descriptors: int) -> int:
+        """Let pipes take at most a quarter of the descriptors that connections may hold, and
+        SPLICE_PIPES; return the descriptors they may take (from the accept loop, at start)."""
+        self.pipe_limit = min(self.pipe_limit, descriptors // 8)
+        return 2 * self.pipe_limit
+
+    def take_pipe(self) -> Pipe | None:
+        """A pipe for a bulk flow, while the budget and the pipes' descriptors allow; it counts as a buffer."""
+        if self.lent >= self.limit or self.pipes >= self.pipe_limit:
+            return None
+        try:
+            pipe = Pipe()
+        except OSError:  # out of descriptors or pipe memory: this flow copies
+            return None
+        self.lent += 1
+        self.pipes += 1
+        return pipe
+
+    def give_pipe(self, pipe: Pipe) -> None:
+        """Closed, not kept: a half whose connections have ended holds no descriptor more than before them."""
+        pipe.close()
+        self.lent -= 1
+        self.pipes -= 1
 
     def unbounded(self, error: OSError) -> None:
         """The kernel cannot peek at a socket (vsock before Linux 5.5): lend buffers beyond the budget."""
@@ -1782,60 +1902,135 @@ class Buffers:
 
 
 class Flow:
-    """One direction of a connection: bytes read from src wait in a buffer until dst takes them."""
+    """One direction of a connection: bytes read from src go to dst, at once where dst takes them.
 
-    __slots__ = ("blocked", "buffer", "done", "dst", "end", "eof", "src", "start", "total")
+    ``lagging`` while bytes wait for dst: in ``buffer`` (from ``start`` to
+    ``end``), in ``pipe`` (``piped`` of them), or unread in src (``blocked``:
+    the budget was spent).  Then the flow waits for dst to take more, and reads
+    nothing meanwhile: backpressure is the sockets' own.
+    """
+
+    __slots__ = ("blocked", "buffer", "done", "dst", "end", "eof", "lagging", "pipe", "piped", "splices",
+                 "src", "start", "total")
 
     def __init__(self, src: socket.socket, dst: socket.socket):
         self.src, self.dst = src, dst
-        self.buffer: memoryview | None = None  # only while bytes wait for dst
+        self.buffer: memoryview | None = None
         self.start = self.end = 0
-        self.blocked = False  # bytes wait in src for dst, unread: the budget was spent
+        self.pipe: Pipe | None = None
+        self.piped = 0
+        self.splices = SPLICE  # until the kernel refuses to splice one of these sockets
+        self.blocked = self.lagging = False
         self.eof = self.done = False
-        self.total = 0
-
-    def wanted(self) -> tuple[socket.socket, int] | None:
-        """Which socket this flow waits on, and for what."""
-        if self.buffer is not None or self.blocked:
-            return self.dst, WRITE
-        if not self.eof:
-            return self.src, READ
-        return None
+        self.total = 0  # bytes taken from src
 
     def pump(self, buffers: Buffers) -> None:
         """Move what can move without blocking.  EOF is only noted: the Connection decides how to pass it on."""
-        if self.buffer is None:
-            buffer = buffers.take()
-            if buffer is None:
-                self.pump_in_place(buffers)
-                return
-            try:
-                received = self.src.recv_into(buffer)
-            except BlockingIOError:
-                buffers.give(buffer)
-                return
-            except BaseException:
-                buffers.give(buffer)
-                raise
-            if received == 0:
-                buffers.give(buffer)
-                self.eof = True
-                return
-            self.buffer, self.start, self.end = buffer, 0, received
-            self.total += received
+        if self.buffer is not None:
+            self.send_held(buffers)
+        elif self.pipe is not None:
+            self.splice(buffers)
+        elif buffers.room():
+            self.copy(buffers)
+        else:
+            self.pump_in_place(buffers)
+        self.lagging = self.buffer is not None or self.piped > 0 or self.blocked
+
+    def copy(self, buffers: Buffers) -> None:
+        """Read into scratch and send at once; keep only what dst did not take.  A read of bulk
+        size makes the flow splice its next bytes, if it can."""
+        self.blocked = False
+        scratch = buffers.scratch
         try:
-            self.start += self.dst.send(self.buffer[self.start : self.end])
+            received = self.src.recv_into(scratch)
         except BlockingIOError:
             return
-        except BaseException as error:
-            buffers.give(self.buffer)
-            self.buffer = None
-            if isinstance(error, (BrokenPipeError, ConnectionResetError)):
-                raise DestinationClosed(error) from error
-            raise
+        if received == 0:
+            self.eof = True
+            return
+        self.total += received
+        sent = self.send(scratch[:received])
+        if sent < received:
+            self.buffer, self.start, self.end = buffers.take(), 0, received - sent
+            self.buffer[: self.end] = scratch[sent:received]
+        if received >= SPLICE_FROM and self.splices:
+            self.pipe = buffers.take_pipe()  # used once the buffer, if any, has gone
+
+    def send(self, data: memoryview) -> int:
+        try:
+            return self.dst.send(data)
+        except BlockingIOError:
+            return 0
+        except (BrokenPipeError, ConnectionResetError) as error:
+            raise DestinationClosed(error) from error
+
+    def send_held(self, buffers: Buffers) -> None:
+        buffer = typing.cast(memoryview, self.buffer)
+        self.start += self.send(buffer[self.start : self.end])
         if self.start == self.end:
+            buffers.give(buffer)
+            self.buffer = None
+
+    def splice(self, buffers: Buffers) -> None:
+        """Move bytes through the pipe: src into it while it is empty, then out of it into dst.
+        The pipe goes back once a fill falls short of bulk size and dst has taken it all.  A kernel
+        that refuses to splice these sockets makes the flow copy, with what the pipe held."""
+        pipe = typing.cast(Pipe, self.pipe)
+        filled = 0
+        if not self.piped:
+            try:
+                filled = splice(self.src.fileno(), pipe.writer, BUFFER_SIZE, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno not in SPLICE_REFUSED:
+                    raise
+                self.refuse_splice(buffers, error)
+                return
+            if filled == 0:
+                self.eof = True
+                self.release_pipe(buffers)
+                return
+            self.total += filled
+            self.piped = filled
+        try:
+            self.piped -= splice(pipe.reader, self.dst.fileno(), self.piped, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, ConnectionResetError) as error:
+            raise DestinationClosed(error) from error
+        except OSError as error:
+            if error.errno not in SPLICE_REFUSED:
+                raise
+            self.refuse_splice(buffers, error)
+            return
+        if not self.piped and 0 < filled < SPLICE_FROM:
+            self.release_pipe(buffers)
+
+    def refuse_splice(self, buffers: Buffers, error: OSError) -> None:
+        """Copy from now on; bytes already in the pipe go first, through a buffer (the pipe's room)."""
+        log.debug("cannot splice %s to %s (%s): copying", self.src.family.name, self.dst.family.name, explain(error))
+        self.splices = False
+        pipe = typing.cast(Pipe, self.pipe)
+        if self.piped:
+            held = os.read(pipe.reader, self.piped)
+            self.buffer, self.start, self.end = buffers.take(), 0, len(held)
+            self.buffer[: self.end] = held
+            self.piped = 0
+        self.release_pipe(buffers)
+
+    def release_pipe(self, buffers: Buffers) -> None:
+        if self.pipe is not None:
+            buffers.give_pipe(self.pipe)
+            self.pipe, self.piped = None, 0
+
+    def release(self, buffers: Buffers) -> None:
+        """Give back what the flow holds (its connection ended, or its destination went away)."""
+        if self.buffer is not None:
             buffers.give(self.buffer)
             self.buffer = None
+        self.release_pipe(buffers)
+        self.blocked = self.lagging = False
 
     def pump_in_place(self, buffers: Buffers) -> None:
         """Move bytes while holding none: peek at src, send what dst takes, and only then take that much from src."""
@@ -1852,12 +2047,7 @@ class Flow:
         if received == 0:
             self.eof = True
             return
-        try:
-            sent = self.dst.send(buffers.scratch[:received])
-        except BlockingIOError:
-            sent = 0
-        except (BrokenPipeError, ConnectionResetError) as error:
-            raise DestinationClosed(error) from error
+        sent = self.send(buffers.scratch[:received])
         if sent:
             self.src.recv_into(buffers.scratch, sent)  # the bytes just sent, still first in src
             self.total += sent
@@ -1885,6 +2075,8 @@ class DestinationClosed(ConnectionError):
 class Sink:
     """Where a flow's bytes go once its destination, which had ended its own side, has closed:
     nowhere, as that peer's kernel would drop them, while the other direction still delivers."""
+
+    family = socket.AF_UNSPEC
 
     @staticmethod
     def send(data: memoryview) -> int:
@@ -1935,73 +2127,116 @@ class Cut(Exception):
 
 
 class Connection:
-    """One accepted connection, from accept to its end: the client, the far side once dialed, a flow each way."""
+    """One accepted connection, from accept to its end: the client, the far side once dialed, a flow each way.
+
+    In the reactor it is registered with epoll for what its flows wait for:
+    ``masks`` holds the events each socket is registered for (0: not registered,
+    as a hang-up nobody waits for would wake the reactor for ever).
+    """
 
     def __init__(self, conn_id: int, listener: Listener, route: Route, client: socket.socket, address: Address):
         self.conn_id, self.listener, self.route, self.client = conn_id, listener, route, client
         self.path = f"{peer_name(client.family, address)} -> {route.listen} -> {route.target}"
         self.accepted = time.monotonic()
         self.admitted = False  # counted against its listener's and its direction's limits
-        self.far: socket.socket | None = None  # until relay()
+        self.far: socket.socket | None = None  # once dialed
+        self.deadline = math.inf  # while the reactor sees its connect through: when it times out
+        self.up: Flow | None = None  # both flows, once the far side answered
+        self.down: Flow | None = None
+        self.fds = (client.fileno(), -1)  # client, far: what epoll knows them by, also once closed
+        self.masks = [0, 0]
+
+    def dial(self, far: socket.socket, deadline: float) -> None:
+        """The far side is being dialed: the reactor waits until it can write to it, or deadline."""
+        self.far, self.deadline = far, deadline
+        self.fds = (self.fds[0], far.fileno())
 
     def relay(self, far: socket.socket) -> None:
         """The far side answered: from here on the reactor moves the bytes."""
-        self.far = far
+        self.far, self.deadline = far, math.inf
+        self.fds = (self.fds[0], far.fileno())
         self.client.setblocking(False)
         far.setblocking(False)
         self.started = self.last_active = time.monotonic()  # last_active: when the reactor last moved something
         self.up, self.down = Flow(self.client, far), Flow(far, self.client)
 
-    def wants(self) -> dict[socket.socket, int]:
-        wanted = {self.client: 0, self.down.src: 0}  # down.src: the far side
-        for flow in (self.up, self.down):
-            wait = flow.wanted()
-            if wait:
-                wanted[wait[0]] |= wait[1]
-        return wanted
+    def wanted(self) -> tuple[int, int]:
+        """The events each socket (client, far) waits for now."""
+        if self.up is None or self.down is None:
+            return 0, OUT  # dialing: the far side is writable once it answered
+        client = far = 0
+        up, down = self.up, self.down
+        if up.lagging:
+            far = OUT
+        elif not up.eof:
+            client = IN
+        if down.lagging:
+            client |= OUT
+        elif not down.eof:
+            far |= IN
+        return client, far
 
-    def step(self, sock: socket.socket, events: int, buffers: Buffers) -> bool:
-        """Move what sock's readiness allows; True once both directions have ended.
+    def step(self, fd: int, events: int, buffers: Buffers) -> bool:
+        """Move what fd's readiness allows; True once both directions have ended.
 
         Raises OSError when either socket fails and Closed when a side closed
         while the other direction still goes to it; the reactor then resets the
         connection.  A side that only shut its sending side is a half-close:
         the other direction goes on.
         """
-        for flow, back in ((self.up, self.down), (self.down, self.up)):
-            wait = flow.wanted()
-            if wait and wait[0] is sock and events & wait[1]:
-                try:
-                    flow.pump(buffers)
-                except DestinationClosed as error:
-                    if not (back.eof and back.total):
-                        raise error.error from None  # a reset mid-stream, or a refusal: the connection is broken
-                    # It had said all it had to say, and left: what still comes for it is lost.  Sink
-                    # has what a flow calls on its destination from here on (send, shutdown).
-                    flow.dst = typing.cast(socket.socket, Sink)
-        for flow, back in ((self.up, self.down), (self.down, self.up)):
+        up, down = typing.cast(Flow, self.up), typing.cast(Flow, self.down)
+        reading, writing = (up, down) if fd == self.fds[0] else (down, up)  # the flows reading and writing fd
+        if events & READABLE and not (reading.lagging or reading.eof):
+            self.pump(reading, writing, buffers)
+        if events & WRITABLE and writing.lagging:
+            self.pump(writing, reading, buffers)
+        for flow, back in ((up, down), (down, up)):
             if flow.eof and not flow.done:
                 # Before its EOF could pass for an orderly end; but the other way may have ended too,
                 # its EOF there and only not read yet, and then both ends are orderly.
                 if not back.done and stopped_reading(flow.src) and not ended_unread(back.src):
-                    far = flow is self.down
+                    far = flow is down
                     raise Closed("far side" if far else "client", refused=far and not flow.total)
                 flow.pass_eof()
-        return self.up.done and self.down.done
+        return up.done and down.done
+
+    @staticmethod
+    def pump(flow: Flow, back: Flow, buffers: Buffers) -> None:
+        try:
+            flow.pump(buffers)
+        except DestinationClosed as error:
+            if not (back.eof and back.total):
+                raise error.error from None  # a reset mid-stream, or a refusal: the connection is broken
+            # It had said all it had to say, and left: what still comes for it is lost.  Sink
+            # has what a flow calls on its destination from here on (send, shutdown).
+            flow.release(buffers)
+            flow.splices = False
+            flow.dst = typing.cast(socket.socket, Sink)
+
+    def release(self, buffers: Buffers) -> None:
+        for flow in (self.up, self.down):
+            if flow is not None:
+                flow.release(buffers)
 
     def close(self, error: BaseException | None = None) -> None:
         """Close both sockets (resetting a TCP client after an error) and log the outcome."""
+        far = typing.cast(socket.socket, self.far)
+        if self.up is None or self.down is None:  # cut while dialing
+            reset(self.client)
+            far.close()
+            log.info("conn %d cut %s while dialing: %s", self.conn_id, error, self.path)
+            return
         if isinstance(error, Closed) and error.refused:
             outcome = f"refused by {self.route.target} (the far side closed at once)"
             reset(self.client)
         elif error is not None:
             outcome = f"cut {error}" if isinstance(error, Cut) else f"reset ({explain(error)})"
             reset(self.client)
-            reset(self.down.src)  # the far side
+            reset(far)
         else:
             outcome = "closed"
         self.client.close()
-        self.down.src.close()
+        far.close()
         log.info(
             "conn %d %s: %s, %d bytes up, %d bytes down, %.3f s",
             self.conn_id, outcome, self.path, self.up.total, self.down.total, time.monotonic() - self.started,
@@ -2017,11 +2252,13 @@ class Connection:
 class Reactor(threading.Thread):
     """The one thread that moves the bytes of every established connection of this process.
 
-    Setting up a connection may block (DNS, a slow connect), so that happens
-    in a worker thread; once both sockets are open the connection is handed
-    over here.  One thread polling every socket does no GIL
-    hand-offs between connections, which is what made many small exchanges
-    slow when each connection had threads of its own.
+    It waits in epoll for every socket of its connections, registered for
+    what each waits for and nothing else, and steps the connection a ready
+    socket belongs to.  One thread polling every socket does no GIL hand-offs
+    between connections, which is what made many small exchanges slow when
+    each connection had threads of its own.  A connection arrives with its far
+    side answered (a worker resolved and dialed it) or still being dialed; the
+    reactor then waits until the far side is writable, or the connect times out.
 
     With an idle timeout the reactor also looks over its connections a few
     times per timeout and cuts those that moved nothing for that long.
@@ -2030,22 +2267,26 @@ class Reactor(threading.Thread):
     would be the worst failure of all.
     """
 
-    def __init__(self, idle_timeout: float, buffer_memory: int, ended: Callable[[Connection], None]):
+    def __init__(self, idle_timeout: float, buffer_memory: int, ended: Callable[[Connection], None],
+                 opened: Callable[[Connection], None], failed: Callable[[Connection, Exception], None]):
         super().__init__(name="reactor", daemon=True)
-        self.selector = selectors.DefaultSelector()
+        self.epoll = select.epoll()
         self.buffers = Buffers(buffer_memory)
         self.ended = ended  # told of every connection that ended here
-        self.connections: set[Connection] = set()
+        self.opened = opened  # told of every connect seen through here that succeeded (see Connector)
+        self.failed = failed  # and of every one that failed or timed out
+        self.owners: dict[int, Connection] = {}  # descriptor -> the connection it belongs to
+        self.dialing: dict[Connection, None] = {}  # connects seen through here, oldest first
         self.arrivals: collections.deque[Connection] = collections.deque()
         self.wakeup = Wakeup()
-        self.selector.register(self.wakeup.reader, READ)
+        self.epoll.register(self.wakeup.reader.fileno(), IN)
         self.idle_timeout = idle_timeout  # 0: never
         # A connection is cut between idle_timeout and idle_timeout + sweep_interval after its last byte.
-        self.sweep_interval = min(max(idle_timeout / 4, IDLE_SWEEP[0]), IDLE_SWEEP[1]) if idle_timeout else None
+        self.sweep_interval = min(max(idle_timeout / 4, IDLE_SWEEP[0]), IDLE_SWEEP[1]) if idle_timeout else math.inf
         self.cutting = False  # set once, when a stop's grace period ends: every connection is cut
 
     def hand_over(self, connection: Connection) -> None:
-        """Take over a connection whose far side answered (from any thread)."""
+        """Take over a connection whose far side answered or is being dialed (from any thread)."""
         self.arrivals.append(connection)
         self.wakeup.wake()
 
@@ -2055,27 +2296,33 @@ class Reactor(threading.Thread):
         self.wakeup.wake()
 
     def run(self) -> None:
-        next_sweep = time.monotonic()
+        next_sweep = time.monotonic() + self.sweep_interval
         while True:
-            now = self.step_ready(self.selector.select(self.sweep_interval))
-            if self.sweep_interval is not None and now >= next_sweep:
+            wake_at = min(next_sweep, next(iter(self.dialing)).deadline if self.dialing else math.inf)
+            timeout = -1 if wake_at == math.inf else max(wake_at - time.monotonic(), 0)
+            now = self.step_ready(self.epoll.poll(timeout))
+            if self.dialing:
+                self.time_out_dials(now)
+            if now >= next_sweep:
                 self.cut_idle(now)
                 next_sweep = now + self.sweep_interval
 
-    def step_ready(self, ready: list[tuple[selectors.SelectorKey, int]]) -> float:
-        """Step every connection that is ready; return the time.  A method of its own so that no
-        connection stays referenced from a finished round while the next select() waits."""
+    def step_ready(self, ready: list[tuple[int, int]]) -> float:
+        """Step every connection that is ready; return the time.  Arrivals join after the round: a
+        descriptor closed in it may be a new connection's already, and its events are the old one's."""
         now = time.monotonic()
-        for key, events in ready:
-            if key.fileobj is self.wakeup.reader:
-                self.take_arrivals()
+        owners, buffers, arrived = self.owners, self.buffers, False
+        for fd, events in ready:
+            connection = owners.get(fd)
+            if connection is None:
+                arrived = arrived or fd == self.wakeup.reader.fileno()
+                continue  # else closed earlier in this same round
+            if connection.up is None:
+                self.dialed(connection)
                 continue
-            connection = key.data
-            if connection.client.fileno() < 0:
-                continue  # closed earlier in this same round
             connection.last_active = now
             try:
-                if connection.step(key.fileobj, events, self.buffers):
+                if connection.step(fd, events, buffers):
                     self.finish(connection)
                 else:
                     self.watch(connection)
@@ -2084,51 +2331,82 @@ class Reactor(threading.Thread):
                     log.error("conn %d: unexpected error: %s", connection.conn_id, explain(error))
                     log.debug("conn %d: traceback", connection.conn_id, exc_info=True)
                 self.finish(connection, error)
+        if arrived:
+            self.take_arrivals()
         return now
 
     def take_arrivals(self) -> None:
         self.wakeup.clear()
         while self.arrivals:
             connection = self.arrivals.popleft()
-            self.connections.add(connection)
+            for fd in connection.fds:
+                self.owners[fd] = connection
+            if connection.up is None:
+                self.dialing[connection] = None
             try:
                 self.watch(connection)
-            except Exception as error:  # a socket the selector refuses: end this connection, not the reactor
+            except Exception as error:  # a socket epoll refuses: end this connection, not the reactor
                 self.finish(connection, error)
         if self.cutting:
             cut = Cut("at the end of the grace period")
-            for connection in list(self.connections):
+            for connection in set(self.owners.values()):
                 self.finish(connection, cut)
+
+    def dialed(self, connection: Connection) -> None:
+        """The far side of a connection being dialed is writable: it answered, or failed."""
+        del self.dialing[connection]
+        try:
+            error = typing.cast(socket.socket, connection.far).getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
+            self.opened(connection)
+        except Exception as failure:
+            self.forget(connection)  # before its far side closes
+            self.failed(connection, failure)
+            return
+        self.watch(connection)
+
+    def time_out_dials(self, now: float) -> None:
+        while self.dialing:
+            connection = next(iter(self.dialing))
+            if connection.deadline > now:
+                return
+            self.forget(connection)
+            self.failed(connection, socket.timeout(errno.ETIMEDOUT, "timed out"))
 
     def cut_idle(self, now: float) -> None:
         idle = Cut(f"after {self.idle_timeout:g} s idle")
-        for connection in [c for c in self.connections if now - c.last_active >= self.idle_timeout]:
+        connections = {c for c in self.owners.values() if c.up is not None and now - c.last_active >= self.idle_timeout}
+        for connection in connections:
             self.finish(connection, idle)
 
     def watch(self, connection: Connection) -> None:
-        """Bring the selector in line with what the connection now waits for."""
-        watched = self.selector.get_map()
-        for sock, events in connection.wants().items():
-            key = watched.get(sock)
-            if events == (key.events if key else 0):
-                continue
-            if not events:
-                self.selector.unregister(sock)  # else a hang-up nobody waits for would wake us forever
-            elif key:
-                self.selector.modify(sock, events, connection)
-            else:
-                self.selector.register(sock, events, connection)
+        """Register the connection's sockets for what it now waits for, and only that."""
+        masks = connection.masks
+        for side, wanted in enumerate(connection.wanted()):
+            if wanted != masks[side]:
+                fd = connection.fds[side]
+                if not wanted:
+                    self.epoll.unregister(fd)
+                elif masks[side]:
+                    self.epoll.modify(fd, wanted)
+                else:
+                    self.epoll.register(fd, wanted)
+                masks[side] = wanted
+
+    def forget(self, connection: Connection) -> None:
+        """Take the connection's sockets out of epoll and the reactor, before they close or are given back."""
+        self.dialing.pop(connection, None)
+        for side, fd in enumerate(connection.fds):
+            if self.owners.get(fd) is connection:
+                del self.owners[fd]
+            if connection.masks[side]:
+                self.epoll.unregister(fd)
+                connection.masks[side] = 0
 
     def finish(self, connection: Connection, error: BaseException | None = None) -> None:
-        self.connections.discard(connection)
-        for flow in (connection.up, connection.down):
-            if flow.buffer is not None:
-                self.buffers.give(flow.buffer)
-                flow.buffer = None
-        watched = self.selector.get_map()
-        for sock in (connection.client, connection.down.src):  # down.src: the far side
-            if sock in watched:
-                self.selector.unregister(sock)
+        self.forget(connection)
+        connection.release(self.buffers)
         connection.close(error)
         self.ended(connection)
 
@@ -2264,9 +2542,9 @@ class ControlLink:
         next_beat = self.heard + HEARTBEAT_INTERVAL
         self.handle_messages()  # those that came in one recv() with the hello
         with selectors.DefaultSelector() as selector:
-            selector.register(self.sock, READ)
+            selector.register(self.sock, selectors.EVENT_READ)
             if self.outbox:
-                selector.register(self.outbox.wakeup.reader, READ)
+                selector.register(self.outbox.wakeup.reader, selectors.EVENT_READ)
             while True:
                 wait = max(min(next_beat, self.silent_at()) - time.monotonic(), 0)
                 if self.unwritten and self.confirm_written():
@@ -2863,7 +3141,7 @@ class Half:
         self.listeners: list[Listener] = []
         self.paused: set[Listener] = set()  # listeners out of the selector until they may accept again
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self.admission.wakeup.reader, READ)
+        self.selector.register(self.admission.wakeup.reader, selectors.EVENT_READ)
         # A thread the half cannot work without that dies takes the half with it, loudly.
         threading.excepthook = lambda hook: self.fail(f"the {hook.thread.name if hook.thread else 'a'} thread",
                                                       hook.exc_value)
@@ -2916,7 +3194,7 @@ class Half:
         sock = open_listener(endpoint, self.vsock)
         listener = Listener(sock, route, self.limits.connections_per_listener if route else 0, self.peer_cid, serve)
         self.listeners.append(listener)
-        self.selector.register(listener, READ)
+        self.selector.register(listener, selectors.EVENT_READ)
 
     def add_route(self, route: Route) -> None:
         self.listen(route.listen, route)
@@ -3006,8 +3284,9 @@ class Half:
         return EXIT_OK
 
     def budget_descriptors(self) -> None:
-        """Give connections the descriptors the open-files limit leaves, less what the half holds (its
-        listeners open) and a reserve.  StartError when that is not even one connection."""
+        """Give connections and the reactor's pipes the descriptors the open-files limit leaves, less
+        what the half holds (its listeners open) and a reserve.  StartError when that is not even one
+        connection."""
         import resource
 
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -3015,7 +3294,8 @@ class Half:
             return
         with socket.socket() as probe:  # the lowest free descriptor: those below it are all taken
             held = probe.fileno()
-        connections = self.admission.budget(limit - held - DESCRIPTOR_RESERVE)
+        descriptors = limit - held - DESCRIPTOR_RESERVE
+        connections = self.admission.budget(descriptors - self.connector.reactor.buffers.allow_pipes(descriptors))
         if connections < 1:
             raise StartError(f"the open-files limit ({limit}) leaves no descriptors for a connection: this half"
                              f" holds {held} and keeps {DESCRIPTOR_RESERVE} in reserve; raise it (ulimit -n,"
@@ -3070,8 +3350,16 @@ class Half:
                 self.set_up(self.admission.arrive(listener, listener.route, client, address))
 
     def set_up(self, admitted: list[Connection]) -> None:
-        """Each admitted connection to a setup worker, in order; those no thread can be had for wait again."""
+        """Dial for each admitted connection, in order: at once when its target has no name to
+        resolve, else in a setup worker; those no thread can be had for wait again."""
         for index, connection in enumerate(admitted):
+            if self.admission.short_of:  # the last dial found no descriptor: the rest wait again, in order
+                for waiting in reversed(admitted[index:]):
+                    self.admission.requeue(waiting, self.admission.short_of)
+                return
+            if not self.connector.dialer.resolves(connection.route.target):
+                self.connector.start(connection)
+                continue
             try:
                 self.workers.run(self.connector.set_up, connection)
             except RuntimeError as error:  # no thread to be had: these wait again, in their order
@@ -3111,7 +3399,7 @@ class Half:
     def resume_listeners(self) -> None:
         for listener in [listener for listener in self.paused if self.may_accept(listener)]:
             self.paused.discard(listener)
-            self.selector.register(listener, READ)
+            self.selector.register(listener, selectors.EVENT_READ)
         self.admission.ends_wanted = bool(self.paused) or self.stopping.is_set()
 
 

@@ -241,23 +241,21 @@ def test_a_thread_the_half_needs_dying_exits_3_and_resets_the_clients(proxy, ech
 
 
 def test_a_setup_worker_dying_exits_3_and_resets_the_client_it_was_for(proxy, echo_loop):
+    """Workers dial the targets that have a name to resolve (a vsock port or an IP literal needs
+    none): an outbound entry by name, in the host half.  The enclave half dials another control
+    port, so that no control connection starts a worker first."""
     app_port = free_port()
-    proxy.write_config(outbound("127.0.0.1", echo_loop.port, app_port))
-    enclave = proxy.start("enclave", ready=False, wrapper=launcher("Workers.work", "first", None))
-    wait_for(lambda: enclave.process.poll() is not None or "enclave half ready" in enclave.log(),
-             "the enclave half to be ready or to exit")
-    proxy.start("host")
+    proxy.write_config(outbound("localhost", echo_loop.port, app_port))
+    host = proxy.start("host", wrapper=launcher("Workers.work", "first", None))
+    proxy.start("enclave", env={"QPROXY_CONTROL_PORT": str(free_port())})
     started = time.monotonic()
-    if enclave.process.poll() is not None:  # it started a worker without a connection, and met the fault
-        assert_failed_fast(enclave, "Workers.work", started)
-        return
     sock = connect(app_port)  # workers start for a connection: make one
     try:
         try:
             sock.sendall(b"ping")
         except ConnectionResetError:
             pass  # reset already; recv reports it again
-        assert_failed_fast(enclave, "Workers.work", started)
+        assert_failed_fast(host, "Workers.work", started)
         assert ending(sock) == (b"", "reset"), "the client the worker was to set up saw no reset"
     finally:
         sock.close()
