@@ -563,9 +563,12 @@ def test_an_unexpected_error_setting_up_one_connection_ends_only_that_one(proxy,
     once = code.replace("raise RuntimeError(", "os.unlink(marker); raise RuntimeError(")
     host = proxy.start("host", wrapper=[sys.executable, "-c", once])
     (tmp_path / "armed").touch()
-    with connect(port) as sock:
-        sock.sendall(b"first")
-        assert ending(sock) == (b"", "reset")
+    try:
+        with connect(port) as sock:
+            sock.sendall(b"first")
+            assert ending(sock) == (b"", "reset")
+    except ConnectionResetError:
+        pass  # the reset may come as early as connect(): the far side (emulated vsock) answers at once
     host.wait_log(r"ERROR qproxy::host conn 1: unexpected error while setting it up")
     assert exchange(port, b"second") == b"second"
     assert host.process.poll() is None
