@@ -1981,15 +1981,17 @@ class Flow:
             try:
                 filled = splice(self.src.fileno(), pipe.writer, BUFFER_SIZE, flags=SPLICE_FLAGS)
             except BlockingIOError:
-                return
+                filled = 0
             except OSError as error:
                 if error.errno not in SPLICE_REFUSED:
                     raise
                 self.refuse_splice(buffers, error)
                 return
             if filled == 0:
-                self.eof = True
+                # Nothing though src is readable: an end, or TCP urgent data, at whose mark splice
+                # stops for good where recv goes on.  A read says which, and moves past the mark.
                 self.release_pipe(buffers)
+                self.copy(buffers)
                 return
             self.total += filled
             self.piped = filled

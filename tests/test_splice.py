@@ -99,3 +99,32 @@ def test_bulk_goes_through_a_pipe_held_only_while_it_flows(proxy, direction):
     finally:
         release.set()
         service.stop()
+
+
+def digest_of_all(sock: socket.socket) -> None:
+    """Read to the end, then answer with the length and hash of what came."""
+    data = recv_all(sock)
+    sock.sendall(b"%d %s" % (len(data), hashlib.sha256(data).hexdigest().encode()))
+
+
+@pytest.mark.parametrize("direction", ["inbound", "outbound"])
+def test_urgent_data_in_a_bulk_stream_stops_nothing(proxy, direction):
+    """TCP urgent data (MSG_OOB) in the middle of bulk: splice stops at its mark for good, recv goes
+    past it.  The stream goes on, every ordinary byte arrives, and the urgent byte is left out, as
+    a relay that reads with recv() always did."""
+    service = ThreadedServer(digest_of_all)
+    port = free_port()
+    proxy.start_both(inbound(port, service.port) if direction == "inbound"
+                     else outbound("127.0.0.1", service.port, port))
+    first, second = BULK[:4_000_000], BULK[4_000_000:8_000_000]
+    try:
+        with connect(port) as sock:
+            sock.sendall(first)
+            sock.send(b"!", socket.MSG_OOB)
+            sock.sendall(second)
+            sock.shutdown(socket.SHUT_WR)
+            answer = recv_all(sock)
+        whole = first + second
+        assert answer == b"%d %s" % (len(whole), hashlib.sha256(whole).hexdigest().encode())
+    finally:
+        service.stop()
