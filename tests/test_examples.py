@@ -1,12 +1,15 @@
 """The files under examples/ are what users copy: each must be valid, consistent with qproxy.py,
-and work: the enclave image's scripts run for real, in a network namespace."""
+and work: the enclave image's scripts run for real, in a network namespace, and the smallest
+image's root filesystem is built for real and runs the enclave half, chrooted into."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEADLINE, LOG_LINES_SHOWN, QPROXY, ROOT, Half, free_port, run_qproxy, wait_for
+from conftest import (DEADLINE, LOG_LINES_SHOWN, QPROXY, ROOT, Half, free_port, inbound, outbound, recv_all,
+                      run_qproxy, wait_for)
 
 EXAMPLES = ROOT / "examples"
 
@@ -27,7 +31,7 @@ def test_example_configs_are_valid(config):
 
 
 @pytest.mark.skipif(not shutil.which("sh"), reason="needs a POSIX shell")
-@pytest.mark.parametrize("script", ["start.sh", "app.sh"])
+@pytest.mark.parametrize("script", ["start.sh", "app.sh", "build-rootfs.sh"])
 def test_example_scripts_parse(script):
     assert subprocess.run(["sh", "-n", str(EXAMPLES / script)]).returncode == 0
 
@@ -293,3 +297,97 @@ def test_start_sh_restarts_other_exits_with_a_back_off(image_factory):
     log = image.log()
     for status, delay in (("1", 1), ("3", 2), ("137", 4)):
         assert f"start.sh: qproxy enclave exited with {status}; restarting in {delay} s" in log, log
+
+
+# --- the smallest image: build-rootfs.sh's root filesystem, Dockerfile.minimal ------------
+
+BUILD_ROOTFS = EXAMPLES / "build-rootfs.sh"
+MINIMAL = EXAMPLES / "Dockerfile.minimal"
+IMAGE_PYTHON = "/usr/bin/python3"  # build-rootfs.sh's default: the distribution's, as in Dockerfile.minimal
+# Debian's python3.11 makes about 12.9 MB. A module that brings a big library with it (ssl: 5 MB of
+# libcrypto) must be a decision, not an accident of an import.
+IMAGE_BUDGET = 16_000_000
+CHROOT = shutil.which("chroot")
+
+
+def minimal_stages() -> list[str]:
+    """Dockerfile.minimal's stages, each from its FROM line on."""
+    return re.split(r"(?m)^(?=FROM )", MINIMAL.read_text())[1:]
+
+
+def minimal_entry_point() -> list[str]:
+    return json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", minimal_stages()[-1], re.M).group(1))
+
+
+def test_minimal_dockerfile_builds_the_rootfs_with_the_script_and_ends_from_scratch():
+    build, *_, last = minimal_stages()
+    stage = re.match(r"FROM debian:bookworm-slim AS (\S+)\n", build).group(1)
+    # The script finds qproxy.py one folder up and its helper beside it, as in the repository.
+    copied = {source: target for *sources, target in (line.split() for line in re.findall(r"^COPY (.+)$", build, re.M))
+              for source in sources}
+    assert copied == {"qproxy.py": "/src/qproxy.py", "examples/build-rootfs.sh": "/src/examples/",
+                      "examples/rootfs_stdlib.py": "/src/examples/"}
+    assert "\nRUN sh /src/examples/build-rootfs.sh /rootfs\n" in build
+    assert last.startswith("FROM scratch\n")
+    assert f"\nCOPY --from={stage} /rootfs/ /\n" in last
+    configs = dict(re.findall(r"^COPY (examples/\S+\.toml) (\S+)$", last, re.M))
+    assert all((ROOT / source).exists() for source in configs)
+    entry_point = minimal_entry_point()
+    assert entry_point[-3:-1] == ["enclave", "--config"] and entry_point[-1] in configs.values()
+
+
+def _why_no_chroot() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root, for chroot"
+    if not CHROOT:
+        return "needs chroot (Debian: coreutils)"
+    version = subprocess.run([IMAGE_PYTHON, "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                             capture_output=True, text=True) if os.access(IMAGE_PYTHON, os.X_OK) else None
+    if not version or version.stdout.strip() != "True":
+        return f"needs {IMAGE_PYTHON}, Python 3.11 or newer, to build the image from"
+    return None
+
+
+WHY_NO_CHROOT = _why_no_chroot()
+
+
+@pytest.mark.skipif(WHY_NO_CHROOT is not None, reason=WHY_NO_CHROOT or "")
+def test_build_rootfs_makes_an_image_that_runs_the_enclave_half(tmp_path, echo_server):
+    """build-rootfs.sh for real; chrooted into, its files run the enclave half as Dockerfile.minimal's entry
+    point does, with no environment but emulated vsock, and it relays both ways for a host half outside."""
+    rootfs = tmp_path / "rootfs"
+    built = subprocess.run(["sh", str(BUILD_ROOTFS), str(rootfs)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    command = re.search(r"^entry point: (.+) enclave --config FILE$", built.stdout, re.M).group(1).split()
+    assert minimal_entry_point()[:-3] == command  # the Dockerfile runs what the script built
+    total = int(re.search(r"^ *(\d+)  in all", built.stdout, re.M).group(1))
+    assert total < IMAGE_BUDGET, built.stdout
+    assert not list(rootfs.rglob("*.py")), "the image holds bytecode only"
+
+    inside = rootfs / "tmp"  # the enclave half's /tmp, the host half's tmp_path/rootfs/tmp
+    (inside / "vsock").mkdir()
+    host_port, app_port, control_port = free_port(), free_port(), free_port()
+    config = inside / "qproxy.toml"
+    config.write_text(inbound(host_port, echo_server.port) + outbound("127.0.0.1", echo_server.port, app_port))
+    ports = {"QPROXY_CONTROL_PORT": str(control_port), "RUST_LOG": "debug"}
+    host = Half("host", ["--config", str(config), "4"], dict(ports, QPROXY_VSOCK_EMULATION=str(inside / "vsock")),
+                tmp_path / "host.log")
+    with open(tmp_path / "enclave.log", "wb") as enclave_log:
+        enclave = subprocess.Popen([CHROOT, str(rootfs), *command, "enclave", "--config", "/tmp/qproxy.toml"],
+                                   env=dict(ports, QPROXY_VSOCK_EMULATION="/tmp/vsock"), stdout=enclave_log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        host.wait_log("control: enclave half connected")
+        for port, request in ((host_port, b"inbound, into the image"), (app_port, b"outbound, out of the image")):
+            with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+                client.sendall(request)
+                client.shutdown(socket.SHUT_WR)
+                assert recv_all(client) == request
+        enclave.send_signal(signal.SIGTERM)
+        assert enclave.wait(DEADLINE) == 0
+    finally:
+        if enclave.poll() is None:
+            enclave.kill()
+            enclave.wait()
+        host.kill()
+        print("--- the enclave half's log", (tmp_path / "enclave.log").read_text(errors="replace"), sep="\n")

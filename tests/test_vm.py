@@ -1,7 +1,9 @@
 """qproxy over real AF_VSOCK: the checks of tests/vm/, run once in a Linux VM under QEMU.
 
 The module boots the VM once (tests/vm/run.sh, about a minute under
-software emulation) and reports each guest check as a test of its own.  It
+software emulation) and reports each guest check as a test of its own.  The
+VM's root filesystem is the enclave image examples/build-rootfs.sh builds, and
+the halves run from it: a check also fails when the image lacks a module.  It
 skips only when the harness cannot get what it needs (qemu, busybox, cpio, or
 the kernel package through apt), and says which.
 """

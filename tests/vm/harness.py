@@ -4,18 +4,27 @@
 This machine's own vsock belongs to whatever runs it, so nothing here touches
 it.  Instead the harness boots a throwaway guest under QEMU's software
 emulation and lets the two halves of qproxy talk over the vsock loopback
-transport (CID 1) of the guest's own kernel:
+transport (CID 1) of the guest's own kernel.  The guest's root filesystem is
+the enclave image (examples/build-rootfs.sh) with the test harness beside it,
+so every check also proves the image complete:
 
 1. The kernel: the Debian cloud kernel package (``linux-image-cloud-amd64``
    names the version), fetched with ``apt-get download`` and unpacked into
    cache/kernel/ once; only vmlinuz and the three vsock modules are kept.
-2. The unchanging part of the initramfs, cached as cache/base-KEY.cpio.gz:
-   busybox, the vsock modules, a python3 with the shared libraries ldd lists
-   and its standard library, compiled.  KEY changes when any of those inputs does.
-3. The part that changes, rebuilt on every run (a few hundred kilobytes):
-   /init (init.sh), qproxy.py and tests/vm/guest/.  The kernel unpacks the
-   two archives concatenated into one initrd, the second over the first.
-4. QEMU boots it; /init runs each check, a Python script that prints
+2. The harness, cached as cache/harness-KEY.cpio.gz: busybox, the vsock
+   modules, and for the checks alone a whole standard library, compiled, and
+   the shared libraries its extension modules need, under /harness.  KEY
+   changes when any of those inputs does.
+3. The enclave image, cached as cache/image-KEY.cpio.gz:
+   examples/build-rootfs.sh's output for the guest's python3, unchanged.  KEY
+   covers the script, its helper, qproxy.py and the python3.
+4. The part that changes, rebuilt on every run (a few hundred kilobytes):
+   /init (init.sh), tests/vm/guest/, and the image's entry point, which the
+   checks start each half with (python3 -I -S /opt/qproxy/qproxy.pyc, under
+   env -i): so a half can import only what the image holds.  The kernel
+   unpacks the archives concatenated into one initrd, each over the one
+   before: the image is laid over the harness as built.
+5. QEMU boots it; /init runs each check, a Python script that prints
    ``PASS name`` or ``FAIL name: reason``, and powers off.  The harness reads
    those lines from the serial console and prints ``N passed, M failed`` last.
    A timeout (default 300 s) is around the whole boot.
@@ -46,6 +55,8 @@ from pathlib import Path
 VM = Path(__file__).resolve().parent
 ROOT = VM.parent.parent
 QPROXY = ROOT / "qproxy.py"
+BUILD_ROOTFS = ROOT / "examples" / "build-rootfs.sh"
+IMAGE_INPUTS = (BUILD_ROOTFS, ROOT / "examples" / "rootfs_stdlib.py", QPROXY)  # what the image is made of
 GUEST = VM / "guest"
 CACHE = VM / "cache"
 KERNEL = CACHE / "kernel"
@@ -53,8 +64,9 @@ KERNEL = CACHE / "kernel"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 MODULES = ("vsock", "vmw_vsock_virtio_transport_common", "vsock_loopback")  # in load order
 STDLIB_LEFT_OUT = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-                   "distutils", "site-packages", "dist-packages", "__pycache__"}
-BASE_FORMAT = 2  # bump when build_base changes what it puts in the archive
+                   "distutils", "site-packages", "dist-packages", "__pycache__", "lib-dynload"}
+HARNESS_FORMAT = 1  # bump when build_harness changes what it puts in the archive
+ENTRY_POINT = re.compile(r"^entry point: (.+) enclave --config FILE$", re.M)  # build-rootfs.sh's last line
 EXIT_SKIP = 77
 DEFAULT_TIMEOUT = 300.0
 RESULT = re.compile(r"^(PASS|FAIL) (\w+)\b:? ?(.*)$")
@@ -62,6 +74,10 @@ RESULT = re.compile(r"^(PASS|FAIL) (\w+)\b:? ?(.*)$")
 
 class Skip(Exception):
     """A tool the harness needs is missing and cannot be fetched here."""
+
+
+class ImageFailed(Exception):
+    """examples/build-rootfs.sh could not build the enclave image: every check fails."""
 
 
 def checks() -> list[str]:
@@ -157,11 +173,11 @@ def guest_python() -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Building the initramfs: the cached base and the per-run overlay
+# Building the initramfs: the cached harness and image, the per-run overlay
 # ---------------------------------------------------------------------------
 
 def shared_libraries(paths: list[str]) -> set[str]:
-    """Every library ldd names for these executables and extension modules, plus dlopen()ed libgcc_s."""
+    """Every library ldd names for these executables and extension modules."""
     found: set[str] = set()
     for path in paths:
         result = subprocess.run(["ldd", path], capture_output=True, text=True)
@@ -169,20 +185,7 @@ def shared_libraries(paths: list[str]) -> set[str]:
             match = re.search(r"(?:=> )?(/\S+) \(0x", line)
             if match:
                 found.add(match.group(1))
-    # glibc dlopen()s libgcc_s when a thread exits through pthread_exit, as a
-    # Python daemon thread does at interpreter shutdown; without it: abort().
-    cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
-    match = re.search(r"libgcc_s\.so\.1 \(libc6,x86-64\) => (\S+)", cache)
-    if match:
-        found.add(match.group(1))
     return found
-
-
-def copy_into(stage: Path, source: str, target: str | None = None) -> None:
-    """Copy a file of this machine to the same absolute path (or target) inside the stage, symlinks followed."""
-    destination = stage / (target or source).lstrip("/")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(os.path.realpath(source), destination)
 
 
 def make_cpio(stage: Path, archive: Path) -> None:
@@ -195,73 +198,101 @@ def make_cpio(stage: Path, archive: Path) -> None:
         packed.write(cpio.stdout)
 
 
-def build_base(archive: Path, busybox: str, python: dict) -> None:
-    """busybox with its applet links, the vsock modules, python3 and its standard library."""
-    with tempfile.TemporaryDirectory(dir=CACHE, prefix="base-") as scratch:
+def build_harness(archive: Path, busybox: str, python: dict) -> None:
+    """busybox with its applet links, and under /harness the vsock modules and, for the checks alone, a whole
+    standard library, compiled, and the libraries its extension modules need: init.sh puts these two on the
+    checks' PYTHONPATH and LD_LIBRARY_PATH, which the halves they start do not get."""
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="harness-") as scratch:
         stage = Path(scratch)
-        for folder in ("bin", "dev", "proc", "sys", "tmp", "etc", "root", "lib/modules", "usr/bin"):
+        for folder in ("bin", "dev", "proc", "sys", "tmp", "etc", "root", "harness/modules", "harness/lib"):
             (stage / folder).mkdir(parents=True, exist_ok=True)
-        copy_into(stage, busybox, "/bin/busybox")
-        applets = run([busybox, "--list"]).stdout.split()
-        for applet in applets:
+        shutil.copy(busybox, stage / "bin/busybox")
+        for applet in run([busybox, "--list"]).stdout.split():
             if applet != "busybox":
                 os.symlink("busybox", stage / "bin" / applet)
         for name in MODULES:
-            shutil.copy(KERNEL / "modules" / f"{name}.ko", stage / "lib/modules" / f"{name}.ko")
-        executable = python["executable"]
-        copy_into(stage, executable)
-        if executable != "/usr/bin/python3":
-            os.symlink(executable, stage / "usr/bin/python3")
-        extensions = [str(path) for path in Path(python["dynload"]).glob("*.so")]
-        for library in shared_libraries([busybox, executable, *extensions]):
-            copy_into(stage, library)
-        for stdlib in {python["stdlib"], python["platstdlib"]}:
-            shutil.copytree(stdlib, stage / stdlib.lstrip("/"), symlinks=False, dirs_exist_ok=True,
-                            ignore=lambda folder, names: [n for n in names if n in STDLIB_LEFT_OUT
-                                                          or n.startswith("config-") or n.startswith("_test")],
-                            ignore_dangling_symlinks=True)
+            shutil.copy(KERNEL / "modules" / f"{name}.ko", stage / "harness/modules" / f"{name}.ko")
+        shutil.copytree(python["stdlib"], stage / "harness/stdlib", symlinks=False, ignore_dangling_symlinks=True,
+                        ignore=lambda folder, names: [n for n in names if n in STDLIB_LEFT_OUT
+                                                      or n.startswith("config-") or n.startswith("_test")])
+        shutil.copytree(python["dynload"], stage / "harness/lib-dynload",
+                        ignore=lambda folder, names: [n for n in names if n.startswith("_test")])
+        extensions = [str(path) for path in (stage / "harness/lib-dynload").glob("*.so")]
+        # Less python3's own libraries: the image has those, as the interpreter does not start without them.
+        for library in shared_libraries(extensions) - shared_libraries([python["executable"]]):
+            shutil.copy(os.path.realpath(library), stage / "harness/lib" / os.path.basename(library))
         # Compiled once here, not by every python3 the guest starts (seconds each under emulation).
-        for stdlib in {python["stdlib"], python["platstdlib"]}:
-            run([executable, "-m", "compileall", "-q", "-j", "0", "-s", str(stage), "-p", "/",
-                 str(stage / stdlib.lstrip("/"))])
+        run([python["executable"], "-m", "compileall", "-q", "-j", "0", "-s", str(stage), "-p", "/",
+             str(stage / "harness/stdlib")])
+        # The parent VM's side of the checks resolves "localhost" and runs a half as nobody.
         (stage / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
         (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
         (stage / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
         make_cpio(stage, archive)
 
 
-def base_archive(busybox: str, python: dict) -> Path:
+def harness_archive(busybox: str, python: dict) -> Path:
     inputs = {
-        "format": BASE_FORMAT,
+        "format": HARNESS_FORMAT,
         "kernel": (KERNEL / "package").read_text().strip(),
         "busybox": [busybox, os.path.getsize(busybox), os.path.getmtime(busybox)],
         "python": [python["executable"], python["version"], python["stamp"], python["stdlib"]],
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-    archive = CACHE / f"base-{key}.cpio.gz"
+    archive = CACHE / f"harness-{key}.cpio.gz"
     if not archive.exists():
-        log(f"building the initramfs base (busybox, vsock modules, {python['executable']} and its stdlib); "
-            "cached for later runs")
-        for old in CACHE.glob("base-*.cpio.gz"):
+        log("building the test harness's part of the initramfs (busybox, vsock modules, the checks' standard "
+            "library); cached for later runs")
+        for old in CACHE.glob("harness-*.cpio.gz"):
             old.unlink()
         partial = archive.with_suffix(".partial")
-        build_base(partial, busybox, python)
+        build_harness(partial, busybox, python)
         partial.rename(archive)
     return archive
 
 
-def build_overlay(archive: Path, selected: list[str]) -> None:
-    """/init, qproxy.py and the guest checks, laid out as in the repository under /qproxy."""
+def image_archive(python: dict) -> tuple[Path, str]:
+    """The enclave image examples/build-rootfs.sh builds for the guest's python3, as an archive, and the command
+    its entry point runs a half with ("/usr/bin/python3 -I -S /opt/qproxy/qproxy.pyc")."""
+    digest = hashlib.sha256(json.dumps([python["executable"], python["version"], python["stamp"]]).encode())
+    for path in IMAGE_INPUTS:
+        digest.update(path.read_bytes())
+    key = digest.hexdigest()[:16]
+    archive, command = CACHE / f"image-{key}.cpio.gz", CACHE / f"image-{key}.command"
+    if not archive.exists():
+        log("building the enclave image with examples/build-rootfs.sh; cached until it, qproxy.py or python3 changes")
+        for old in [*CACHE.glob("image-*.cpio.gz"), *CACHE.glob("image-*.command")]:
+            old.unlink()
+        with tempfile.TemporaryDirectory(dir=CACHE, prefix="build-") as scratch:
+            rootfs = Path(scratch) / "rootfs"
+            built = subprocess.run(["sh", str(BUILD_ROOTFS), str(rootfs), python["executable"]],
+                                   capture_output=True, text=True)
+            entry_point = ENTRY_POINT.search(built.stdout)
+            if built.returncode != 0 or not entry_point:
+                raise ImageFailed(f"examples/build-rootfs.sh exited with {built.returncode}: "
+                                  f"{(built.stderr or built.stdout).strip()}")
+            for line in built.stdout.splitlines():
+                log(line)
+            command.write_text(entry_point.group(1))
+            partial = archive.with_suffix(".partial")
+            make_cpio(rootfs, partial)
+            partial.rename(archive)
+    return archive, command.read_text()
+
+
+def build_overlay(archive: Path, selected: list[str], half: str) -> None:
+    """/init, the guest checks laid out as in the repository under /qproxy, and the command they start a half with."""
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="overlay-") as scratch:
         stage = Path(scratch)
         shutil.copy(VM / "init.sh", stage / "init")
         os.chmod(stage / "init", 0o755)
         guest = stage / "qproxy/tests/vm/guest"
         guest.mkdir(parents=True)
-        shutil.copy(QPROXY, stage / "qproxy/qproxy.py")
         for script in GUEST.glob("*.py"):
             shutil.copy(script, guest / script.name)
         (stage / "checks").write_text("".join(f"{name}\n" for name in selected))
+        (stage / "harness").mkdir()
+        (stage / "harness/half").write_text(f"{half}\n")
         make_cpio(stage, archive)
 
 
@@ -367,18 +398,25 @@ def main(argv: list[str] | None = None) -> int:
         fetch_kernel()
         python = guest_python()
         CACHE.mkdir(parents=True, exist_ok=True)
-        base = base_archive(busybox, python)
+        harness = harness_archive(busybox, python)
+        image, half = image_archive(python)
     except Skip as error:
         print(f"SKIP: {error}")
         print("0 passed, 0 failed")
         return EXIT_SKIP
+    except ImageFailed as error:
+        print(f"vm: {error}")
+        for name in selected:
+            print(f"FAIL {name}: the enclave image could not be built (examples/build-rootfs.sh)")
+        print(f"0 passed, {len(selected)} failed")
+        return 1
     console_log = CACHE / "console.log"
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="run-") as run_dir:
         overlay = Path(run_dir) / "overlay.cpio.gz"
-        build_overlay(overlay, selected)
+        build_overlay(overlay, selected, half)
         initrd = Path(run_dir) / "initrd.gz"
-        with open(initrd, "wb") as joined:  # the kernel unpacks concatenated archives in turn
-            for part in (base, overlay):
+        with open(initrd, "wb") as joined:  # the kernel unpacks concatenated archives in turn, each over the last
+            for part in (harness, image, overlay):
                 with open(part, "rb") as piece:
                     shutil.copyfileobj(piece, joined)
         log(f"booting {(KERNEL / 'package').read_text().strip()} under qemu (software emulation, "

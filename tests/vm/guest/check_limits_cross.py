@@ -24,11 +24,10 @@ afterwards, and a third connection then gets through.
 
 import queue
 import socket
-import sys
 import threading
 import time
 
-from vmcheck import LOCAL_CID, QPROXY, Box, Enclave, Failed, expect, main, read_to_end, recv_all, toml_config
+from vmcheck import Box, Enclave, Failed, expect, main, read_to_end, recv_all, toml_config
 
 CROSS_DEADLINE = 60.0  # seconds for the whole cross exchange under emulation
 IN_HALF_DEADLINE = 30.0  # seconds for the one in-half call-out
@@ -94,11 +93,7 @@ def start_pair(box: Box, enclave: Enclave, threads: int | None = None, enclave_c
     extra = ["-t", str(threads)] if threads else []
     host = box.host_half(config, extra=extra)
     host.wait_log(r"host half ready \(.*AF_VSOCK\)")
-    argv = [sys.executable, str(QPROXY), "enclave", "--config", str(enclave_config or config), *extra,
-            "--parent-cid", str(LOCAL_CID)]
-    guest = box.spawn("enclave half", enclave.command(argv), box.half_env())
-    guest.role = "enclave"
-    box.halves.append(guest)
+    guest = box.enclave_half(enclave_config or config, enclave, extra=extra)
     guest.wait_log(r"enclave half ready \(.*AF_VSOCK\)")
     host.wait_log(r"control: enclave half connected")
     return host, guest

@@ -16,9 +16,17 @@ same-port layout (host port 5050, enclave port 5050).  A service or an app
 "in the enclave" is a socket created inside that namespace (``Enclave.socket``):
 a socket stays in the namespace it was made in, whichever thread uses it.
 
+A half runs as the enclave image's entry point runs it, with no environment
+but debug logging (``env -i``): in the VM, whose root filesystem is the image
+(examples/build-rootfs.sh), init.sh names the command in QPROXY_VM_HALF
+(python3 -I -S /opt/qproxy/qproxy.pyc), so a half can import only what the
+image holds, never the checks' own standard library, and a module missing from
+the image fails a check.
+
 The VM (tests/vm/run.sh) runs them, but so can you, as root on a Linux machine
 whose kernel has vsock_loopback loaded and whose own vsock you do not mind
-sharing: ``python3 tests/vm/guest/check_inbound.py``.
+sharing: ``python3 tests/vm/guest/check_inbound.py``; a half is then this
+Python running the repository's qproxy.py.
 """
 
 from __future__ import annotations
@@ -40,7 +48,11 @@ from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent
-QPROXY = HERE.parent.parent.parent / "qproxy.py"  # tests/vm/guest/ -> the repository root
+if "QPROXY_VM_HALF" in os.environ:
+    HALF = os.environ["QPROXY_VM_HALF"].split()
+else:
+    HALF = [sys.executable, str(HERE.parent.parent.parent / "qproxy.py")]  # tests/vm/guest/ -> the repository root
+QPROXY = Path(HALF[-1])  # qproxy.py, or the image's qproxy.pyc: either imports as the module qproxy
 NETNS = HERE / "netns.py"
 sys.path.insert(0, str(HERE))
 from netns import setns  # noqa: E402
@@ -249,6 +261,11 @@ class Enclave:
         return False
 
 
+def half_command(role: str, *args: str) -> list[str]:
+    """A half's command line: HALF with no environment but debug logging, as the image runs it."""
+    return ["env", "-i", "RUST_LOG=debug", *HALF, role, *args]
+
+
 def toml_config(inbound: list[tuple[int, int, int]] = (), outbound: list[tuple[str, int, int]] = ()) -> str:
     """inbound: (host_port, enclave_port, vsock_port); outbound: (hostname, vsock_port, tcp_port)."""
     parts = []
@@ -292,22 +309,16 @@ class Box:
         os.chmod(path, 0o644)
         return path
 
-    def half_env(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if k != "QPROXY_VSOCK_EMULATION"}
-        env["RUST_LOG"] = "debug"
-        return env
-
     def host_half(self, config: Path, name: str = "host half", extra: list[str] = (), cid: int = LOCAL_CID) -> Process:
-        argv = [sys.executable, str(QPROXY), "host", "--config", str(config), *extra, str(cid)]
-        half = self.spawn(name, argv, self.half_env())
+        half = self.spawn(name, half_command("host", "--config", str(config), *extra, str(cid)))
         half.role = "host"
         self.halves.append(half)
         return half
 
-    def enclave_half(self, config: Path, enclave: Enclave, name: str = "enclave half",
-                     uid: int | None = None, parent_cid: int = LOCAL_CID) -> Process:
-        argv = [sys.executable, str(QPROXY), "enclave", "--config", str(config), "--parent-cid", str(parent_cid)]
-        half = self.spawn(name, enclave.command(argv, uid), self.half_env())
+    def enclave_half(self, config: Path, enclave: Enclave, name: str = "enclave half", uid: int | None = None,
+                     parent_cid: int = LOCAL_CID, extra: list[str] = ()) -> Process:
+        argv = half_command("enclave", "--config", str(config), *extra, "--parent-cid", str(parent_cid))
+        half = self.spawn(name, enclave.command(argv, uid))
         half.role = "enclave"
         self.halves.append(half)
         return half
