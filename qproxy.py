@@ -114,6 +114,7 @@ import socketserver
 import stat
 import struct
 import sys
+import termios
 import threading
 import time
 import typing
@@ -2078,8 +2079,6 @@ class Sink:
     """Where a flow's bytes go once its destination, which had ended its own side, has closed:
     nowhere, as that peer's kernel would drop them, while the other direction still delivers."""
 
-    family = socket.AF_UNSPEC
-
     @staticmethod
     def send(data: memoryview) -> int:
         return len(data)
@@ -2087,6 +2086,9 @@ class Sink:
     @staticmethod
     def shutdown(how: int) -> None:
         pass
+
+
+SINK = typing.cast(socket.socket, Sink)  # a flow's destination from then on: it has what a flow calls on one
 
 
 def stopped_reading(sock: socket.socket) -> bool:
@@ -2103,6 +2105,15 @@ def stopped_reading(sock: socket.socket) -> bool:
     except BlockingIOError:
         pass
     return False
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent to sock's TCP peer that it has not acknowledged yet, which a reset would discard;
+    0 for vsock, whose bytes are the peer's once sent."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    count: int = struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return count
 
 
 def ended_unread(sock: socket.socket) -> bool:
@@ -2193,6 +2204,10 @@ class Connection:
         if events & WRITABLE and writing.lagging:
             self.pump(writing, reading, buffers)
         for flow, back in ((up, down), (down, up)):
+            if flow.dst is SINK and back.done and not flow.eof and not unacknowledged(flow.src):
+                # What src still sends goes nowhere, and the other way has delivered all it had:
+                # end as src's peer, which left, would have had its kernel answer, with a reset.
+                raise Closed("client" if flow is down else "far side", refused=False)
             if flow.eof and not flow.done:
                 # Before its EOF could pass for an orderly end; but the other way may have ended too,
                 # its EOF there and only not read yet, and then both ends are orderly.
@@ -2209,11 +2224,10 @@ class Connection:
         except DestinationClosed as error:
             if not (back.eof and back.total):
                 raise error.error from None  # a reset mid-stream, or a refusal: the connection is broken
-            # It had said all it had to say, and left: what still comes for it is lost.  Sink
-            # has what a flow calls on its destination from here on (send, shutdown).
+            # It had said all it had to say, and left: what still comes for it is lost (see step()).
             flow.release(buffers)
             flow.splices = False
-            flow.dst = typing.cast(socket.socket, Sink)
+            flow.dst = SINK
 
     def release(self, buffers: Buffers) -> None:
         for flow in (self.up, self.down):

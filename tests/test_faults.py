@@ -691,3 +691,34 @@ def test_payloads_that_steer_other_proxies_reach_the_configured_target_verbatim(
         decoy.accept()
     decoy.close()
     upstream.stop()
+
+
+# --- a client that ended its side and left: a far side that streams on is not fed to nowhere for ever ---
+
+@pytest.mark.parametrize("direction", ["inbound", "outbound"])
+def test_a_client_that_left_after_ending_its_side_ends_an_endless_stream(proxy, direction):
+    """A log tail or an event stream answers a request and sends until its client goes away.  The
+    client ends its side, reads a little and closes with bytes unread (its kernel resets).  Directly,
+    the stream's next sends would fail; through both halves they must fail too, not go nowhere."""
+    ended = threading.Event()
+    chunk = os.urandom(65536)
+
+    def streamer(sock):
+        sock.recv(100)
+        try:
+            while True:
+                sock.sendall(chunk)
+        except OSError:
+            ended.set()
+
+    service = ThreadedServer(streamer)
+    port = free_port()
+    start_connected(proxy, route(direction, service.port, port))
+    try:
+        with connect(port) as sock:
+            sock.sendall(b"GET /stream\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1000)
+        wait_for(ended.is_set, "the stream's sends to fail, as they would without qproxy between")
+    finally:
+        service.stop()
