@@ -1506,7 +1506,7 @@ class Admission:
     """
 
     def __init__(self, limit: int, queue_timeout: float):
-        self.descriptors = math.inf  # what connections may hold at once: two each, one while waiting (see budget())
+        self.descriptors = math.inf  # what a direction's connections may hold: two each, one while waiting
         self.lock = threading.Lock()
         self.gates = {direction: Gate(direction, limit) for direction in ("inbound", "outbound")}
         self.queue_timeout = queue_timeout or math.inf
@@ -1518,19 +1518,22 @@ class Admission:
         self.wakeup = Wakeup()
 
     def budget(self, descriptors: int) -> int:
-        """Let connections hold at most this many descriptors; return how many connections that is.
+        """Let connections hold at most this many descriptors, half of them each direction; return how
+        many connections that is for a direction.
 
         Each holds two once its far side is dialed, and a waiting one keeps
         room for its second: accepting with the last descriptor would leave
-        nothing to dial with, and the client would be reset for it.
+        nothing to dial with, and the client would be reset for it.  Shared,
+        one direction could take every descriptor while its connections wait
+        on the other (a request that calls out through the same half), for ever.
         """
-        self.descriptors = descriptors
-        return max(descriptors // 2, 0)
+        self.descriptors = descriptors // 2
+        return max(self.descriptors // 2, 0)
 
-    def room_for_another(self) -> bool:
-        """Whether one more connection may be accepted with a descriptor for its dial (from the accept loop)."""
-        held = sum(gate.open + len(gate.waiting) for gate in self.gates.values())
-        return 2 * (held + 1) <= self.descriptors
+    def room_for_another(self, direction: str) -> bool:
+        """Whether direction may accept one more connection, with a descriptor for its dial (from the accept loop)."""
+        gate = self.gates[direction]
+        return 2 * (gate.open + len(gate.waiting) + 1) <= self.descriptors
 
     def arrive(self, listener: Listener, route: Route, client: socket.socket, address: Address) -> list[Connection]:
         """Queue a connection just accepted on listener, for route; return those admitted now (from the accept loop)."""
@@ -3316,7 +3319,8 @@ class Half:
             raise StartError(f"the open-files limit ({limit}) leaves no descriptors for a connection: this half"
                              f" holds {held} and keeps {DESCRIPTOR_RESERVE} in reserve; raise it (ulimit -n,"
                              " LimitNOFILE=)")
-        log.info("the open-files limit (%d) lets this half hold %d connections at once", limit, connections)
+        log.info("the open-files limit (%d) lets this half hold %d connections at once in each direction", limit,
+                 connections)
 
     def accept_loop(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
         """The accept loop: accept, admit and expire until until() is true."""
@@ -3405,10 +3409,10 @@ class Half:
             return True  # the control port bounds itself
         if listener.waiting >= WAITING_PER_LISTENER:
             return False
-        if not self.admission.room_for_another():
-            throttled.warning("descriptors", "the open-files limit is reached (%d connections held);"
-                              " connections wait until one ends (raise the limit: ulimit -n, LimitNOFILE=)",
-                              len(self.admission.live))
+        if not self.admission.room_for_another(listener.route.direction):
+            throttled.warning(f"descriptors {listener.route.direction}", "the open-files limit is reached for %s"
+                              " connections (%d held in all); connections wait until one ends (raise the limit:"
+                              " ulimit -n, LimitNOFILE=)", listener.route.direction, len(self.admission.live))
             return False
         return True
 

@@ -450,3 +450,39 @@ def test_out_of_descriptors_every_client_waits_and_is_served(proxy, role):
             assert half.process.poll() is None, f"the {half.role} half exited"
     finally:
         service.stop()
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
+def test_two_halves_at_their_open_files_limit_never_hold_each_others_connections(proxy):
+    """Both halves with 40 descriptors, a few connections each.  The host half is stopped while
+    inbound clients queue in its listen queue and apps' outbound connections fill the enclave half,
+    whose dials wait in the host half's vsock listen queue.  Resumed, the host half takes the
+    inbound ones first: if they could take every descriptor, their dials would wait in the
+    enclave half's queue behind its outbound connections, which wait in the host half's, for
+    ever (no timeout covers a connection in a listen queue).  Each direction has half of them."""
+    def answer(sock: socket.socket) -> None:
+        sock.sendall(b"echo:" + sock.recv(100))
+
+    service = ThreadedServer(answer)
+    host_port, app_port = free_port(), free_port()
+    wrapper = ["prlimit", "--nofile=40:40", "--"]
+    proxy.write_config(inbound(host_port, service.port) + outbound("127.0.0.1", service.port, app_port))
+    enclave = proxy.start("enclave", wrapper=wrapper)
+    host = proxy.start("host", wrapper=wrapper)
+    clients = []
+    try:
+        host.process.send_signal(signal.SIGSTOP)
+        clients += [connect(host_port) for _ in range(4)]  # wait in the stopped host half's listen queue
+        clients += [connect(app_port) for _ in range(4)]
+        wait_for(lambda: enclave.log().count("dialing for") >= 2, "the enclave half to dial for the apps")
+        host.process.send_signal(signal.SIGCONT)
+        for sock in clients:
+            sock.sendall(b"hello")
+        for sock in clients:  # each closed once answered, making room for the next
+            assert recv_all(sock) == b"echo:hello"
+            sock.close()
+    finally:
+        host.process.send_signal(signal.SIGCONT)
+        for sock in clients:
+            sock.close()
+        service.stop()
