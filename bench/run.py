@@ -1,42 +1,50 @@
 #!/usr/bin/env python3
-"""bench/run.py: qproxy against socat and a direct connection, in one command.
+"""bench/run.py: qproxy against its peers at their best and a direct connection, in one command.
 
-    python3 bench/run.py            # the full run, about seven minutes
-    python3 bench/run.py --quick    # fewer, shorter runs: under three minutes
+    python3 bench/run.py            # the full run, about seventeen minutes
+    python3 bench/run.py --quick    # fewer, shorter runs: about six minutes
 
 Method
 ------
-Three chains carry the same traffic to the same server, on loopback only:
+Chains carry the same traffic to the same server, on loopback only, each with
+two hops (host: TCP listener -> Unix socket, enclave: Unix socket -> the
+server), each hop its own process in its own session, as in production:
 
-* direct: the client straight to the server (the ceiling);
-* socat:  ``socat TCP-LISTEN:A,fork,reuseaddr UNIX-CONNECT:S`` then
-          ``socat UNIX-LISTEN:S,fork TCP:127.0.0.1:B``;
-* qproxy: ``qproxy.py host`` on A -> emulated vsock (a Unix socket, as
-          QPROXY_VSOCK_EMULATION makes it) -> ``qproxy.py enclave`` -> B.
+* direct:     the client straight to the server (the ceiling);
+* socat:      ``socat TCP-LISTEN:A,fork,reuseaddr UNIX-CONNECT:S`` then
+              ``socat UNIX-LISTEN:S,fork TCP:127.0.0.1:B`` (8 KiB buffer, for reference);
+* socat-256k: the same with ``-b 262144``, socat at its best in bulk;
+* asyncio:    bench/peers/asyncio_relay.py, an asyncio Protocol relay;
+* uvloop:     the same relay on uvloop's event loop, when the peers' Python
+              (--peer-python, by default the one that runs qproxy) imports uvloop;
+* qproxy:     ``qproxy.py host`` on A -> emulated vsock (a Unix socket, as
+              QPROXY_VSOCK_EMULATION makes it) -> ``qproxy.py enclave`` -> B.
 
-Each proxy hop is its own process, as in production.  qproxy listens with a
-backlog of 1024, so socat's listeners and nginx get ``backlog=1024`` too
-(``--socat-backlog 0`` gives socat its default of 5, as in the baseline).
+qproxy listens with a backlog of 1024, so socat's listeners, the asyncio relay
+and nginx get 1024 too (``--socat-backlog 0`` gives socat its default of 5).
 
 Workloads, each with a warm-up and then at least three runs, medians
 reported (min, max and every run in the JSON).  Runs go round the chains in
-turn, so slow drift on the machine hits every chain alike.
+turn, a different chain first each round, so slow drift on the machine hits
+every chain alike.  Around every measured run the CPU time (user + system,
+reaped children included) of every process in each hop's session is read
+from /proc, so each rate comes with its CPU cost per unit of work.
 
-* throughput: one iperf3 stream (Gbit/s);
-* keepalive:  ``wrk -t2 -c50 --latency`` against nginx "Hello world!":
-              requests per second and the 50/90/99 % latency;
-* churn:      the same with ``Connection: close``, i.e. connections per second;
-* conns:      1,000 idle connections held through qproxy to a server in this
-              process; peak RSS, threads and fds of each half while they are
-              held, then how long until fds and threads are back at the
-              baseline taken before they opened;
+* throughput: one iperf3 stream: Gbit/s and CPU seconds per GB;
+* keepalive:  ``wrk --latency`` against nginx "Hello world!" at 1, 10, 50 and
+              200 connections: requests per second and CPU per request, and
+              the 50/90/99 % latency at 50;
+* churn:      wrk -c50 with ``Connection: close``, i.e. connections per second;
+* conns:      1,000 idle connections held through every chain to a server in
+              this process: peak RSS, threads and fds of each hop while they
+              are held, how long until fds and threads are back at the
+              baseline taken before they opened, and the RSS after that;
 * stall:      1,000 clients that never read, each sent 1 MiB, held while 1,000
               others each fetch 256 KiB through qproxy: peak RSS of each half
               (its buffer_memory bound), then its RSS once they are all closed;
-* startup:    exec of each half (the vendor's walk-through config) to the first
-              successful connect() to its listener, polled every 1 ms;
-* idle:       VmRSS of each half started with the walk-through config, no
-              traffic (socat's two listeners alongside, for scale).
+* startup:    exec of each half (qproxy with the vendor's walk-through config)
+              to the first successful connect() to its listener, polled every 1 ms;
+* idle:       VmRSS of each half started with no traffic.
 
 qproxy.py is copied when the run starts and the copy is measured, so an
 edit made meanwhile cannot mix two versions in one table (its sha256 is in the
@@ -53,6 +61,7 @@ import dataclasses
 import contextlib
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -76,9 +85,14 @@ ROOT = BENCH.parent
 DEFAULT_JSON = BENCH / "results" / "latest.json"
 
 WORKLOADS = ("startup", "idle", "conns", "stall", "throughput", "keepalive", "churn")
-CHAINS = ("direct", "socat", "qproxy")
+CHAINS = ("direct", "socat", "socat-256k", "asyncio", "uvloop", "qproxy")  # the table's columns, in order
+PEERS = ("socat", "socat-256k", "asyncio", "uvloop")  # what qproxy is compared with (direct is the ceiling)
+SOCATS = ("socat", "socat-256k")
+SOCAT_BEST_BUFFER = 262144  # socat -b: its best in bulk (the default is 8 KiB)
+RELAY = BENCH / "peers" / "asyncio_relay.py"
+KEEPALIVE_CONNECTIONS = (1, 10, 50, 200)  # wrk -c for the keep-alive scaling; 50 carries the targets
 PACKAGES = {"iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx-light", "socat": "socat"}
-NEEDS = {  # tools a workload cannot run without (startup and idle use socat only if present)
+NEEDS = {  # tools a workload cannot run without (the others use socat only if present)
     "throughput": ("iperf3", "socat"),
     "keepalive": ("wrk", "nginx", "socat"),
     "churn": ("wrk", "nginx", "socat"),
@@ -100,6 +114,7 @@ class BenchError(Exception):
 @dataclasses.dataclass
 class Settings:
     runs: int  # measured runs per chain and workload
+    scaling_runs: int  # measured runs per chain at the keep-alive levels other than 50 (at most `runs`)
     seconds: int  # length of one iperf3 or wrk run
     warmup: int  # length of the warm-up run
     starts: int  # measured starts per half
@@ -107,8 +122,8 @@ class Settings:
     settle: float  # seconds an idle half is left alone before its RSS is read
 
 
-QUICK = Settings(runs=3, seconds=2, warmup=1, starts=5, conns=1000, settle=0.5)
-FULL = Settings(runs=5, seconds=5, warmup=2, starts=9, conns=1000, settle=1.0)
+QUICK = Settings(runs=3, scaling_runs=3, seconds=2, warmup=1, starts=5, conns=1000, settle=0.5)
+FULL = Settings(runs=5, scaling_runs=3, seconds=5, warmup=2, starts=9, conns=1000, settle=1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -269,6 +284,52 @@ def proc_status(pid: int) -> dict[str, int]:
     return status
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# /proc/PID/stat fields after "(comm)": the session, and utime stime cutime cstime
+STAT_SESSION, STAT_CPU = 3, slice(11, 15)
+
+
+def proc_stats() -> list[tuple[int, list[str]]]:
+    """Every process's pid and /proc/PID/stat fields after the command name (which may hold spaces)."""
+    stats = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                text = Path(entry.path, "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            stats.append((int(entry.name), text.rpartition(")")[2].split()))
+    return stats
+
+
+def session_members(leader: int) -> list[int]:
+    """The processes of a hop: every hop leads its own session (Scope.spawn), socat's forks included."""
+    return [pid for pid, fields in proc_stats() if int(fields[STAT_SESSION]) == leader]
+
+
+def session_cpu(leaders: list[int]) -> float:
+    """CPU seconds (user + system) spent so far by the sessions of these hops: their live processes'
+    own time plus what their reaped children spent (socat forks one per connection and reaps them).
+    A child that ends between two readings moves from its own line to its parent's cutime/cstime,
+    so the difference of two readings is the CPU the hops spent in between."""
+    ticks = sum(sum(int(n) for n in fields[STAT_CPU]) for _, fields in proc_stats()
+                if int(fields[STAT_SESSION]) in leaders)
+    return ticks / CLOCK_TICKS
+
+
+def session_status(leader: int) -> dict[str, int]:
+    """proc_status() summed over a hop's processes (VmRSS counts pages shared by socat's forks in each)."""
+    total = {"VmRSS": 0, "VmHWM": 0, "Threads": 0, "fds": 0}
+    for pid in session_members(leader):
+        try:
+            status = proc_status(pid)
+        except OSError:  # ended meanwhile
+            continue
+        for key in total:
+            total[key] += status.get(key, 0)
+    return total
+
+
 def raise_fd_limit(wanted: int = 8192) -> None:
     import resource
 
@@ -281,26 +342,29 @@ def raise_fd_limit(wanted: int = 8192) -> None:
 
 
 # ---------------------------------------------------------------------------
-# The chains: direct, socat, qproxy
+# The chains: direct, the peers, qproxy
 # ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Context:
-    """What every workload needs to know: the interpreter, qproxy.py, the settings."""
+    """What every workload needs to know: the interpreters, qproxy.py, the settings, the chains."""
 
     python: str
+    peer_python: str  # runs the asyncio and uvloop relays
     qproxy: Path
     settings: Settings
     socat_backlog: int
     tools: dict[str, str]
+    uvloop: str | None  # the version peer_python imports, None when it cannot
+    chains: tuple[str, ...]  # those this machine can run, in CHAINS order
 
 
 @dataclasses.dataclass
 class Chain:
     name: str
     port: int  # where the client connects
-    pids: dict[str, int] = dataclasses.field(default_factory=dict)  # qproxy: role -> pid
+    pids: dict[str, int] = dataclasses.field(default_factory=dict)  # hop ("host", "enclave") -> its session leader
 
 
 def qproxy_env(vsock_dir: Path, rust_log: str | None = "warn") -> dict:
@@ -334,42 +398,87 @@ def socat_listen_options(ctx: Context) -> str:
     return f",backlog={ctx.socat_backlog}" if ctx.socat_backlog else ""
 
 
-def start_socat(ctx: Context, scope: Scope, target_port: int) -> Chain:
-    """socat TCP-LISTEN:A -> Unix socket S -> socat UNIX-LISTEN:S -> 127.0.0.1:target_port."""
-    folder = scope.folder("socat")
-    path = str(folder / "vsock")
-    port = free_port()
-    backlog = socat_listen_options(ctx)
-    socat = ctx.tools["socat"]
-    enclave = scope.spawn([socat, f"UNIX-LISTEN:{path},fork{backlog}", f"TCP:127.0.0.1:{target_port}"],
-                          folder / "enclave.log")
-    host = scope.spawn([socat, f"TCP-LISTEN:{port},fork,reuseaddr{backlog}", f"UNIX-CONNECT:{path}"],
-                       folder / "host.log")
-    wait_until(lambda: is_listening(path), enclave, "socat UNIX-LISTEN")
-    wait_until(lambda: is_listening(("127.0.0.1", port)), host, "socat TCP-LISTEN")
-    return Chain("socat", port, {"host": host.pid, "enclave": enclave.pid})
+def peer_hops(ctx: Context, name: str, port: int, path: str, target_port: int) -> dict[str, list[str]]:
+    """The argv of a peer's two hops: host (127.0.0.1:port -> Unix socket path), enclave (path -> target_port)."""
+    if name in SOCATS:
+        socat = [ctx.tools["socat"]] + (["-b", str(SOCAT_BEST_BUFFER)] if name == "socat-256k" else [])
+        backlog = socat_listen_options(ctx)
+        return {"host": socat + [f"TCP-LISTEN:{port},fork,reuseaddr{backlog}", f"UNIX-CONNECT:{path}"],
+                "enclave": socat + [f"UNIX-LISTEN:{path},fork{backlog}", f"TCP:127.0.0.1:{target_port}"]}
+    relay = [ctx.peer_python, str(RELAY)] + (["--uvloop"] if name == "uvloop" else [])
+    return {"host": relay + [f"tcp:127.0.0.1:{port}", f"unix:{path}"],
+            "enclave": relay + [f"unix:{path}", f"tcp:127.0.0.1:{target_port}"]}
 
 
-def start_chains(ctx: Context, scope: Scope, target_port: int, names: tuple[str, ...] = CHAINS) -> list[Chain]:
-    starters = {
-        "direct": lambda: Chain("direct", target_port),
-        "socat": lambda: start_socat(ctx, scope, target_port),
-        "qproxy": lambda: start_qproxy(ctx, scope, target_port),
-    }
-    return [starters[name]() for name in names]
+def start_peer(ctx: Context, scope: Scope, name: str, target_port: int) -> Chain:
+    """A peer's enclave hop on a Unix socket, then its host hop on a free port, both listening."""
+    folder = scope.folder(name)
+    path, port = str(folder / "vsock"), free_port()
+    hops = peer_hops(ctx, name, port, path, target_port)
+    enclave = scope.spawn(hops["enclave"], folder / "enclave.log")
+    host = scope.spawn(hops["host"], folder / "host.log")
+    wait_until(lambda: is_listening(path), enclave, f"{name} enclave hop")
+    wait_until(lambda: is_listening(("127.0.0.1", port)), host, f"{name} host hop")
+    return Chain(name, port, {"host": host.pid, "enclave": enclave.pid})
 
 
-def rounds(ctx: Context, chains: list[Chain], once: Callable[[Chain, int], dict]) -> dict[str, list[dict]]:
-    """A warm-up run on each chain, then `runs` rounds over all chains, starting one later each round."""
-    for chain in chains:
-        once(chain, ctx.settings.warmup)
+def start_chains(ctx: Context, scope: Scope, target_port: int, names: tuple[str, ...] | None = None) -> list[Chain]:
+    """The chains named (by default every one this machine can run), all reaching 127.0.0.1:target_port."""
+    chains = []
+    for name in names or ctx.chains:
+        if name == "direct":
+            chains.append(Chain("direct", target_port))
+        elif name == "qproxy":
+            chains.append(start_qproxy(ctx, scope, target_port))
+        else:
+            chains.append(start_peer(ctx, scope, name, target_port))
+    return chains
+
+
+def relayed(ctx: Context) -> tuple[str, ...]:
+    """The chains with hops to measure: all but direct."""
+    return tuple(name for name in ctx.chains if name != "direct")
+
+
+def interleave(chains: list[Chain], runs: int, once: Callable[[Chain], dict]) -> dict[str, list[dict]]:
+    """`runs` rounds over all chains, a different one first each round, so drift hits them all alike."""
     results: dict[str, list[dict]] = {chain.name: [] for chain in chains}
-    for turn in range(ctx.settings.runs):
+    for turn in range(runs):
         shift = turn % len(chains)
         for chain in chains[shift:] + chains[:shift]:
-            results[chain.name].append(once(chain, ctx.settings.seconds))
+            results[chain.name].append(once(chain))
             time.sleep(0.3)  # let forked children and closing sockets settle between runs
     return results
+
+
+def quiet_cpu(leaders: list[int], timeout: float = 10.0) -> float:
+    """session_cpu() once each hop is down to its own process.  While a fork is being reaped, a read
+    of /proc can miss its CPU (the parent read before the reaping, the child after) or count it twice."""
+    deadline = time.monotonic() + timeout
+    while any(len(session_members(leader)) > 1 for leader in leaders) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return session_cpu(leaders)
+
+
+def with_cpu(chain: Chain, run: Callable[[], dict]) -> dict:
+    """run()'s result plus "cpu": the CPU seconds both hops spent on it, closing its connections
+    included (None for direct)."""
+    leaders = list(chain.pids.values())
+    before = quiet_cpu(leaders)
+    result = run()
+    result["cpu"] = quiet_cpu(leaders) - before if leaders else None
+    return result
+
+
+def rounds(ctx: Context, chains: list[Chain], once: Callable[[Chain, int], dict],
+           warmup: bool = True, runs: int | None = None) -> dict[str, list[dict]]:
+    """A warm-up run on each chain (unless they are warm already), then interleaved measured runs
+    (by default settings.runs), each with its CPU cost."""
+    if warmup:
+        for chain in chains:
+            once(chain, ctx.settings.warmup)
+    return interleave(chains, runs or ctx.settings.runs,
+                      lambda chain: with_cpu(chain, lambda: once(chain, ctx.settings.seconds)))
 
 
 # ---------------------------------------------------------------------------
@@ -392,26 +501,43 @@ def median_of(figure: dict, chain: str) -> float | None:
 
 
 def make_figure(label: str, unit: str, runs: dict[str, list], target: str = "",
-                check: Callable[[dict], bool] | None = None, decimals: int = 1) -> dict:
-    """One row of the table: each chain's runs summarised, the two ratios, and the target met or not."""
-    figure: dict = {"label": label, "unit": unit, "decimals": decimals}
+                check: Callable[[dict], bool] | None = None, decimals: int = 1, higher: bool = False) -> dict:
+    """One row of the table: each chain's runs summarised, qproxy's ratio to every other chain and to
+    the best peer, and the target met or not.  higher: more is better (rates); else less (costs, times)."""
+    figure: dict = {"label": label, "unit": unit, "decimals": decimals, "higher_is_better": higher}
     for chain in CHAINS:
         figure[chain] = summary(runs[chain]) if chain in runs else None
-    ours, socat, direct = (median_of(figure, chain) for chain in ("qproxy", "socat", "direct"))
-    figure["qproxy_socat"] = ours / socat if ours is not None and socat else None
-    figure["qproxy_direct"] = ours / direct if ours is not None and direct else None
+    ours = median_of(figure, "qproxy")
+    medians = {chain: median for chain in CHAINS if chain != "qproxy" and (median := median_of(figure, chain))}
+    figure["ratios"] = {chain: ours / median for chain, median in medians.items()} if ours is not None else {}
+    peers = [chain for chain in PEERS if chain in medians]
+    figure["best_peer"] = (max if higher else min)(peers, key=medians.__getitem__) if peers else None
+    figure["qproxy_best"] = figure["ratios"].get(figure["best_peer"])
     figure["target"] = target
     figure["met"] = None
     if check is not None and figure["qproxy"] is not None:
         try:
             figure["met"] = bool(check(figure))
-        except TypeError:  # a value the check needs is missing
+        except (TypeError, KeyError):  # a value the check needs is missing
             figure["met"] = False
     return figure
 
 
+def versus(peer: str, factor: float, higher: bool) -> tuple[str, Callable[[dict], bool]]:
+    """A target on qproxy's median as a multiple of one peer's: at least factor (rates) or at most (costs)."""
+    if higher:
+        return f">= {factor:g}x {peer}", lambda f: f["ratios"][peer] >= factor
+    return f"<= {factor:g}x {peer}", lambda f: f["ratios"][peer] <= factor
+
+
 def column(results: dict[str, list[dict]], key: str) -> dict[str, list]:
     return {chain: [run[key] for run in runs] for chain, runs in results.items()}
+
+
+def cpu_per(results: dict[str, list[dict]], work: Callable[[dict], float]) -> dict[str, list]:
+    """Each relayed chain's CPU seconds per unit of work (work(run) units in that run), run by run."""
+    return {chain: [run["cpu"] / work(run) for run in runs]
+            for chain, runs in results.items() if runs and runs[0]["cpu"] is not None}
 
 
 # ---------------------------------------------------------------------------
@@ -426,7 +552,8 @@ def iperf3_once(ctx: Context, chain: Chain, seconds: int) -> dict:
         report = json.loads(run_tool(argv, timeout=seconds + 30) or "{}")
         error = report.get("error")
         if not error:
-            return {"gbps": report["end"]["sum_received"]["bits_per_second"] / 1e9}
+            received = report["end"]["sum_received"]
+            return {"gbps": received["bits_per_second"] / 1e9, "bytes": received["bytes"]}
         if "busy" not in error:  # the server still closing the last test: try again
             break
         time.sleep(0.5)
@@ -440,9 +567,15 @@ def run_throughput(ctx: Context, scope: Scope) -> dict:
     wait_until(lambda: is_listening(("127.0.0.1", port)), server, "iperf3 server")
     chains = start_chains(ctx, scope, port)
     results = rounds(ctx, chains, lambda chain, seconds: iperf3_once(ctx, chain, seconds))
-    return {"throughput": make_figure(
-        "throughput, 1 stream", "Gbit/s", column(results, "gbps"), ">= 1.2x socat",
-        lambda f: f["qproxy_socat"] >= 1.2, decimals=2)}
+    figures = {
+        "throughput": make_figure("throughput, 1 stream", "Gbit/s", column(results, "gbps"),
+                                  *versus("socat-256k", 1.15, higher=True), decimals=2, higher=True),
+        "throughput_cpu": make_figure("CPU per GB moved, both hops", "s",
+                                      cpu_per(results, lambda run: run["bytes"] / 1e9),
+                                      *versus("socat-256k", 0.8, higher=False), decimals=2),
+    }
+    figures["throughput"]["raw"] = results
+    return figures
 
 
 # ---------------------------------------------------------------------------
@@ -500,42 +633,71 @@ def parse_wrk(output: str) -> dict:
     return result
 
 
-def wrk_once(ctx: Context, chain: Chain, seconds: int, close: bool) -> dict:
-    argv = [ctx.tools["wrk"], "-t2", "-c50", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+def wrk_once(ctx: Context, chain: Chain, seconds: int, connections: int = 50, close: bool = False) -> dict:
+    threads = 1 if connections == 1 else 2
+    argv = [ctx.tools["wrk"], f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
-    result = parse_wrk(run_tool(argv + [f"http://127.0.0.1:{chain.port}/"], timeout=seconds + 30))
+    output = run_tool(argv + [f"http://127.0.0.1:{chain.port}/"], timeout=seconds + 30)
+    result = parse_wrk(output)
     if result["requests"] == 0:
-        raise BenchError(f"wrk through {chain.name}: no request completed")
+        raise BenchError(f"wrk through {chain.name}: no request completed in {seconds} s:\n{output}")
     return result
 
 
-def wrk_errors(results: dict[str, list[dict]]) -> dict[str, list[int]]:
-    return column(results, "errors")
+def per_request(run: dict) -> float:
+    """A wrk run's requests in millions: CPU seconds per million requests are microseconds per request."""
+    return run["requests"] / 1e6
 
 
 def run_keepalive(ctx: Context, scope: Scope) -> dict:
+    """wrk at each of KEEPALIVE_CONNECTIONS, the chains interleaved at each; warmed up once, before the
+    first.  50 connections, which carries the targets, gets the full count of runs."""
     chains = start_chains(ctx, scope, start_nginx(ctx, scope))
-    results = rounds(ctx, chains, lambda chain, seconds: wrk_once(ctx, chain, seconds, close=False))
-    figures = {"keepalive_rate": make_figure(
-        "keep-alive, 50 conns", "req/s", column(results, "rate"), ">= 1.0x socat",
-        lambda f: f["qproxy_socat"] >= 1.0, decimals=0)}
-    for percent in (50, 90, 99):
-        target, check = ("<= socat", lambda f: f["qproxy_socat"] <= 1.0) if percent == 99 else ("", None)
-        figures[f"keepalive_p{percent}"] = make_figure(
-            f"keep-alive latency p{percent}", "ms", column(results, f"p{percent}"), target, check, decimals=2)
-    figures["keepalive_rate"]["errors"] = wrk_errors(results)
+    figures = {}
+    for connections in KEEPALIVE_CONNECTIONS:
+        results = rounds(ctx, chains, lambda chain, seconds, c=connections: wrk_once(ctx, chain, seconds, c),
+                         warmup=connections == KEEPALIVE_CONNECTIONS[0],
+                         runs=ctx.settings.runs if connections == 50 else ctx.settings.scaling_runs)
+        figures.update(keepalive_figures(connections, results))
+    return figures
+
+
+def keepalive_figures(connections: int, results: dict[str, list[dict]]) -> dict:
+    """Requests/s and CPU per request at this many connections; at 50 the latencies too, and the targets."""
+    key = f"keepalive_c{connections}"
+    target = versus("asyncio", 1.25, higher=True) if connections == 50 else ("", None)
+    figures = {f"{key}_rate": make_figure(f"keep-alive c{connections}", "req/s", column(results, "rate"),
+                                          *target, decimals=0, higher=True)}
+    if connections == 50:
+        for percent in (50, 90, 99):
+            target = versus("asyncio", 1, higher=False) if percent == 99 else ("", None)
+            figures[f"{key}_p{percent}"] = make_figure(f"keep-alive c{connections} latency p{percent}", "ms",
+                                                       column(results, f"p{percent}"), *target, decimals=2)
+    figures[f"{key}_cpu"] = make_figure(f"keep-alive c{connections}: CPU per request", "us",
+                                        cpu_per(results, per_request))
+    figures[f"{key}_rate"]["errors"] = column(results, "errors")
+    figures[f"{key}_rate"]["raw"] = results
     return figures
 
 
 def run_churn(ctx: Context, scope: Scope) -> dict:
     chains = start_chains(ctx, scope, start_nginx(ctx, scope))
     results = rounds(ctx, chains, lambda chain, seconds: wrk_once(ctx, chain, seconds, close=True))
-    figure = make_figure("churn, Connection: close", "conn/s", column(results, "rate"), ">= 1.5x socat",
-                         lambda f: f["qproxy_socat"] >= 1.5, decimals=0)
-    figure["errors"] = wrk_errors(results)
-    return {"churn_rate": figure, "churn_p99": make_figure(
-        "churn latency p99", "ms", column(results, "p99"), decimals=2)}
+    # The target is set against uvloop, the fastest peer at accepting; without it, against asyncio.
+    peer = "uvloop" if "uvloop" in ctx.chains else "asyncio"
+    target, check = versus(peer, 1.1, higher=True)
+    if peer != "uvloop":
+        target += " (uvloop absent)"
+    rate = make_figure("churn, Connection: close", "conn/s", column(results, "rate"), target, check,
+                       decimals=0, higher=True)
+    rate["errors"] = column(results, "errors")
+    rate["raw"] = results
+    return {
+        "churn_rate": rate,
+        "churn_p99": make_figure("churn latency p99", "ms", column(results, "p99"), decimals=2),
+        "churn_cpu": make_figure("churn: CPU per connection", "us", cpu_per(results, per_request)),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -641,12 +803,16 @@ def close_all(socks: list[socket.socket]) -> None:
     socks.clear()
 
 
+def hop_status(pids: dict[str, int]) -> dict[str, dict]:
+    return {role: session_status(pid) for role, pid in pids.items()}
+
+
 def settled(pids: dict[str, int], timeout: float = 10.0) -> dict[str, dict]:
-    """Each half's status once its fd and thread counts hold still for half a second."""
+    """Each hop's status once its fd and thread counts hold still for half a second."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        now = {role: proc_status(pid) for role, pid in pids.items()}
+        now = hop_status(pids)
         counts = {role: (s["fds"], s["Threads"]) for role, s in now.items()}
         if counts == last or time.monotonic() > deadline:
             return now
@@ -655,13 +821,13 @@ def settled(pids: dict[str, int], timeout: float = 10.0) -> dict[str, dict]:
 
 
 def wait_released(pids: dict[str, int], baseline: dict[str, dict], timeout: float = 15.0) -> dict[str, float | None]:
-    """Seconds until each half's fds and threads are back at (or under) baseline; None if never."""
+    """Seconds until each hop's fds and threads are back at (or under) baseline; None if never."""
     start = time.perf_counter()
     released: dict[str, float | None] = {role: None for role in pids}
     while time.perf_counter() - start < timeout:
         for role, pid in pids.items():
             if released[role] is None:
-                status = proc_status(pid)
+                status = session_status(pid)
                 if status["fds"] <= baseline[role]["fds"] and status["Threads"] <= baseline[role]["Threads"]:
                     released[role] = time.perf_counter() - start
         if None not in released.values():
@@ -670,21 +836,26 @@ def wait_released(pids: dict[str, int], baseline: dict[str, dict], timeout: floa
     return released
 
 
-def hold_once(chain: Chain, count: int, baseline: dict[str, dict]) -> dict:
-    """Hold count connections through the chain, sample each half, close them, time the release."""
+def hold_once(chain: Chain, count: int, baseline: dict[str, dict], settle: float) -> dict:
+    """Hold count connections through the chain and sample its hops (the peak), close them, time the
+    release, and read the hops' RSS once released and left alone for `settle` seconds (the after)."""
     held = open_held(chain.port, count, time.monotonic() + 60)
     try:
         peak = {role: {"VmRSS": 0, "Threads": 0, "fds": 0} for role in chain.pids}
+        both = 0
         for _ in range(6):
-            for role, pid in chain.pids.items():
-                status = proc_status(pid)
+            now = hop_status(chain.pids)
+            for role, status in now.items():
                 for key in peak[role]:
                     peak[role][key] = max(peak[role][key], status[key])
+            both = max(both, sum(status["VmRSS"] for status in now.values()))
             time.sleep(0.1)
     finally:
         close_all(held)
     released = wait_released(chain.pids, baseline)
-    result = {}
+    time.sleep(settle)
+    after = sum(status["VmRSS"] for status in hop_status(chain.pids).values())
+    result = {"rss": both / 1024, "after_rss": after / 1024}
     for role in chain.pids:
         result[f"{role}_rss"] = peak[role]["VmRSS"] / 1024
         result[f"{role}_threads"] = peak[role]["Threads"]
@@ -699,25 +870,30 @@ def run_conns(ctx: Context, scope: Scope) -> dict:
     scope.closers.append(server.stop)
     count = ctx.settings.conns
     raise_fd_limit(count * 3)
-    (chain,) = start_chains(ctx, scope, server.port, ("qproxy",))
-    close_all(open_held(chain.port, 100, time.monotonic() + 30))  # warm-up
-    baseline = settled(chain.pids)
-    runs = [hold_once(chain, count, baseline) for _ in range(ctx.settings.runs)]
-    figures = {}
+    chains = start_chains(ctx, scope, server.port, relayed(ctx))
+    baselines = {}
+    for chain in chains:
+        close_all(open_held(chain.port, 100, time.monotonic() + 30))  # warm-up
+        baselines[chain.name] = settled(chain.pids)
+    results = interleave(chains, ctx.settings.runs,
+                         lambda chain: hold_once(chain, count, baselines[chain.name], ctx.settings.settle))
+    figures = {
+        "conns_rss": make_figure(f"{count} conns: peak RSS, both hops", "MB", column(results, "rss"),
+                                 "lowest of all", lambda f: f["qproxy_best"] < 1),
+        "conns_after_rss": make_figure(f"{count} conns: RSS after, both hops", "MB", column(results, "after_rss")),
+    }
     for role in ("host", "enclave"):
-        def values(key: str) -> dict[str, list]:
-            return {"qproxy": [run[f"{role}_{key}"] for run in runs]}
-
         figures[f"conns_{role}_rss"] = make_figure(
-            f"{count} conns: {role} peak RSS", "MB", values("rss"), "< 100 MB",
+            f"{count} conns: {role} peak RSS", "MB", column(results, f"{role}_rss"), "< 100 MB",
             lambda f: f["qproxy"]["max"] < 100)
-        figures[f"conns_{role}_threads"] = make_figure(f"{count} conns: {role} peak threads", "", values("threads"),
-                                                       decimals=0)
+        figures[f"conns_{role}_threads"] = make_figure(
+            f"{count} conns: {role} peak threads", "", column(results, f"{role}_threads"), decimals=0)
+        figures[f"conns_{role}_threads"]["peak_fds"] = column(results, f"{role}_fds")
         figures[f"conns_{role}_released"] = make_figure(
-            f"{count} conns: {role} fds+threads freed", "s", values("released"), "all, every run",
+            f"{count} conns: {role} fds+threads freed", "s", column(results, f"{role}_released"), "all, every run",
             lambda f: None not in f["qproxy"]["runs"], decimals=2)
-        figures[f"conns_{role}_released"]["baseline"] = baseline[role]
-        figures[f"conns_{role}_threads"]["peak_fds"] = values("fds")["qproxy"]
+        figures[f"conns_{role}_released"]["none_means"] = "NOT FREED"
+        figures[f"conns_{role}_released"]["baseline"] = {name: status[role] for name, status in baselines.items()}
     return figures
 
 
@@ -998,15 +1174,19 @@ def walkthrough_halves(ctx: Context, folder: Path) -> dict[str, Listening]:
     }
 
 
-def socat_halves(ctx: Context, folder: Path) -> dict[str, Listening]:
+def peer_halves(ctx: Context, folder: Path, name: str) -> dict[str, Listening]:
     path, port = str(folder / "vsock"), free_port()
-    backlog = socat_listen_options(ctx)
-    socat = ctx.tools["socat"]
-    return {
-        "host": Listening([socat, f"TCP-LISTEN:{port},fork,reuseaddr{backlog}", f"UNIX-CONNECT:{path}"],
-                          ("127.0.0.1", port)),
-        "enclave": Listening([socat, f"UNIX-LISTEN:{path},fork{backlog}", f"TCP:127.0.0.1:{free_port()}"], path),
-    }
+    hops = peer_hops(ctx, name, port, path, free_port())
+    return {"host": Listening(hops["host"], ("127.0.0.1", port)), "enclave": Listening(hops["enclave"], path)}
+
+
+def starters(ctx: Context) -> dict[str, Callable[[Context, Path], dict[str, Listening]]]:
+    """qproxy and, for scale, the peers this machine has (socat-256k starts and idles as socat does)."""
+    kinds = {"qproxy": walkthrough_halves}
+    for name in ("socat", "asyncio", "uvloop"):
+        if name in ctx.chains:
+            kinds[name] = functools.partial(peer_halves, name=name)
+    return kinds
 
 
 def time_start(scope: Scope, half: Listening, log: Path) -> float:
@@ -1021,9 +1201,7 @@ def time_start(scope: Scope, half: Listening, log: Path) -> float:
 
 
 def run_startup(ctx: Context, scope: Scope) -> dict:
-    kinds = {"qproxy": walkthrough_halves}
-    if "socat" in ctx.tools:
-        kinds["socat"] = socat_halves
+    kinds = starters(ctx)
     times: dict[str, dict[str, list]] = {"host": {}, "enclave": {}}
     for name, halves in kinds.items():
         for role in ("host", "enclave"):
@@ -1050,9 +1228,7 @@ def idle_once(ctx: Context, halves: Callable[[Context, Path], dict[str, Listenin
 
 
 def run_idle(ctx: Context, scope: Scope) -> dict:
-    kinds = {"qproxy": walkthrough_halves}
-    if "socat" in ctx.tools:
-        kinds["socat"] = socat_halves
+    kinds = starters(ctx)
     rss: dict[str, dict[str, list]] = {"host": {}, "enclave": {}}
     for name, halves in kinds.items():
         runs = [idle_once(ctx, halves, name) for _ in range(ctx.settings.runs)]
@@ -1150,6 +1326,24 @@ def output_of(argv: list[str]) -> str:
     return (done.stdout or done.stderr).strip() or "?"
 
 
+def uvloop_version(python: str) -> str | None:
+    """uvloop's version as this Python imports it, or None: then there is no uvloop chain."""
+    try:
+        done = subprocess.run([python, "-c", "import uvloop; print(uvloop.__version__)"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or "?"
+
+
+def available_chains(tools: dict[str, str], uvloop: str | None) -> tuple[str, ...]:
+    """Every chain but those whose relay this machine lacks (socat's, for the workloads that can do without)."""
+    return tuple(name for name in CHAINS
+                 if (name not in SOCATS or "socat" in tools) and (name != "uvloop" or uvloop))
+
+
 def describe_run(ctx: Context, source: Path, quick: bool) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -1158,6 +1352,10 @@ def describe_run(ctx: Context, source: Path, quick: bool) -> dict:
         "kernel": platform.release(),
         "python": output_of([ctx.python, "-c", "import sys; print(sys.version.split()[0])"]),
         "python_path": ctx.python,
+        "peer_python": ctx.peer_python,
+        "peer_python_version": output_of([ctx.peer_python, "-c", "import sys; print(sys.version.split()[0])"]),
+        "uvloop": ctx.uvloop,
+        "chains": list(ctx.chains),
         "qproxy": str(source),
         "qproxy_sha256": hashlib.sha256(ctx.qproxy.read_bytes()).hexdigest(),
         "qproxy_version": output_of([ctx.python, str(ctx.qproxy), "--version"]).replace("qproxy ", ""),
@@ -1175,39 +1373,61 @@ def format_value(value: float | None, decimals: int) -> str:
     return f"{value:,.{decimals}f}"
 
 
-def format_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def format_best(figure: dict) -> str:
+    """qproxy's median over the best peer's, and which peer that is."""
+    ratio = figure["qproxy_best"]
+    return "-" if ratio is None else f"{ratio:.2f}x {figure['best_peer']}"
+
+
+def chain_cell(figure: dict, chain: str) -> str:
+    """The chain's median, or what a missing value in any run means (a hop that never freed its fds)."""
+    measured = figure.get(chain)
+    if measured and figure.get("none_means") and None in measured["runs"]:
+        return figure["none_means"]
+    return format_value(median_of(figure, chain), figure["decimals"])
 
 
 def table(figures: dict) -> str:
-    header = ("figure", "direct", "socat", "qproxy", "q/socat", "q/direct", "target", "met?")
-    rows = [header]
+    """One row per figure, one column per chain measured, then qproxy over the best peer and the target;
+    a blank line between workloads."""
+    chains = [chain for chain in CHAINS if any(figure.get(chain) for figure in figures.values())]
+    header = ("figure", *chains, "qproxy / best peer", "target", "met?")
+    rows: list[tuple[str, ...] | None] = [header]
+    workload = None
     for figure in figures.values():
+        if figure.get("workload") != workload:
+            workload = figure.get("workload")
+            rows.append(None)
         label = f"{figure['label']} ({figure['unit']})" if figure["unit"] else figure["label"]
-        cells = [format_value(median_of(figure, chain), figure["decimals"]) for chain in CHAINS]
-        if figure["label"].endswith("freed") and figure["qproxy"] and None in figure["qproxy"]["runs"]:
-            cells[2] = "NOT FREED"
         met = {True: "yes", False: "NO", None: ""}[figure["met"]]
-        rows.append((label, *cells, format_ratio(figure["qproxy_socat"]), format_ratio(figure["qproxy_direct"]),
+        rows.append((label, *(chain_cell(figure, chain) for chain in chains), format_best(figure),
                      figure["target"], met))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    widths = [max(len(row[i]) for row in rows if row) for i in range(len(header))]
+    numbers = range(1, len(chains) + 1)  # right-aligned; the words left-aligned
     lines = []
     for row in rows:
-        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:6], widths[1:6])]
-        cells += [row[6].ljust(widths[6]), row[7]]
+        if row is None:
+            lines.append("")
+            continue
+        cells = [cell.rjust(widths[i]) if i in numbers else cell.ljust(widths[i]) for i, cell in enumerate(row)]
         lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return "\n".join(lines[:1] + lines[2:])  # no blank line under the header
 
 
 def headline(meta: dict) -> str:
     s = meta["settings"]
-    return (
+    peers = "" if meta["peer_python"] == meta["python_path"] else \
+        f"; the asyncio relays run by {meta['peer_python']} (Python {meta['peer_python_version']})"
+    lines = [
         f"qproxy bench ({meta['mode']}) {meta['date']}: {meta['cpu']}, {meta['cores']} cores, Linux {meta['kernel']}, "
-        f"Python {meta['python']}, qproxy {meta['qproxy_version']} (sha256 {meta['qproxy_sha256'][:12]})\n"
-        f"medians of {s['runs']} runs of {s['seconds']} s after a {s['warmup']} s warm-up "
-        f"({s['starts']} starts for start-up); listen backlog 1024 for qproxy, nginx and "
-        f"socat (socat backlog: {meta['socat_backlog']})"
-    )
+        f"Python {meta['python']}, qproxy {meta['qproxy_version']} (sha256 {meta['qproxy_sha256'][:12]})",
+        f"medians of {s['runs']} runs of {s['seconds']} s after a {s['warmup']} s warm-up ({s['scaling_runs']} "
+        f"runs at keep-alive c1, c10, c200; {s['starts']} starts for start-up); listen backlog 1024 for qproxy, "
+        f"nginx, the asyncio relays and socat (socat backlog: {meta['socat_backlog']})",
+        f"chains: {', '.join(chain + (' ' + meta['uvloop'] if chain == 'uvloop' else '') for chain in meta['chains'])}"
+        f"{peers}",
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -1218,11 +1438,12 @@ def headline(meta: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs: under three minutes")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs: about six minutes")
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads to run (default: all of {','.join(WORKLOADS)})")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results ({DEFAULT_JSON})")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs qproxy.py (default: this one)")
+    parser.add_argument("--peer-python", help="interpreter that runs the asyncio and uvloop relays (default: --python)")
     parser.add_argument("--qproxy", type=Path, default=ROOT / "qproxy.py", help="the qproxy.py to measure")
     parser.add_argument("--runs", type=int, help="measured runs per workload (at least 3 for medians that mean much)")
     parser.add_argument("--seconds", type=int, help="length of each iperf3/wrk run")
@@ -1238,6 +1459,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--only: unknown workload {', '.join(unknown) or '(none)'}; choose from {', '.join(WORKLOADS)}")
     if not args.qproxy.is_file():
         parser.error(f"--qproxy: no file {args.qproxy}")
+    args.peer_python = args.peer_python or args.python  # the same interpreter on both sides: a fair race
     return args
 
 
@@ -1245,6 +1467,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     settings = dataclasses.replace(QUICK if args.quick else FULL)
     if args.runs:
         settings.runs = args.runs
+        settings.scaling_runs = min(settings.scaling_runs, args.runs)
     if args.seconds:
         settings.seconds = args.seconds
     return settings
@@ -1266,6 +1489,8 @@ def run_workload(ctx: Context, name: str, errors: dict[str, str]) -> dict:
         print(f" FAILED: {error}", flush=True)
         return {}
     print(f" {time.monotonic() - began:.0f} s", flush=True)
+    for figure in figures.values():
+        figure["workload"] = name  # the table groups its rows by it
     return figures
 
 
@@ -1283,8 +1508,10 @@ def main(argv: list[str] | None = None) -> int:
             # Measure a copy: qproxy.py edited during the run must not mix two versions in one table.
             snapshot = outer.folder("snapshot") / "qproxy.py"
             shutil.copyfile(args.qproxy, snapshot)
-            ctx = Context(python=args.python, qproxy=snapshot, settings=settings_from(args),
-                          socat_backlog=args.socat_backlog, tools=tools)
+            uvloop = uvloop_version(args.peer_python)
+            ctx = Context(python=args.python, peer_python=args.peer_python, qproxy=snapshot,
+                          settings=settings_from(args), socat_backlog=args.socat_backlog, tools=tools,
+                          uvloop=uvloop, chains=available_chains(tools, uvloop))
             meta = describe_run(ctx, args.qproxy.resolve(), args.quick)
             print(headline(meta), flush=True)
             if meta["cpu_busy_before_pct"] > 10:
@@ -1300,6 +1527,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(figures))
     print()
     print(f"targets missed: {', '.join(missed)}" if missed else "every target measured was met")
+    if not ctx.uvloop:
+        print(f"note: {ctx.peer_python} cannot import uvloop, so there is no uvloop chain "
+              "(pip install uvloop for that Python, or pass --peer-python one that has it)")
     for name, figure in figures.items():
         if any(sum(runs) for runs in figure.get("errors", {}).values()):
             print(f"note: wrk socket errors or non-2xx replies, per run: {figure['errors']} ({figure['label']})")

@@ -1,19 +1,25 @@
-"""bench/run.py: a fast subset runs end to end and writes sane JSON; wrk's output is read right.
+"""bench/run.py: a fast subset runs end to end and writes sane JSON; wrk's output is read right;
+the asyncio relay peer carries bytes and half-closes right; CPU is counted for a hop's forks too.
 
 The subset (start-up and idle RSS) needs no external tool: socat joins it only
-when installed.  The load workloads (iperf3, wrk, nginx) are not run here; they
-take minutes and want a quiet machine: `python3 bench/run.py --quick`.
+when installed, uvloop only when this Python imports it.  The load workloads
+(iperf3, wrk, nginx) are not run here; they take minutes and want a quiet
+machine: `python3 bench/run.py --quick`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 
-from conftest import ROOT
+from conftest import ROOT, free_port, wait_for
 
 BENCH = ROOT / "bench" / "run.py"
 
@@ -47,8 +53,12 @@ def test_quick_startup_and_idle_write_sane_json(tmp_path):
         idle = figures[f"idle_{role}_rss"]
         assert len(idle["qproxy"]["runs"]) >= 3
         assert 1 < idle["qproxy"]["median"] < 500, idle
+        assert idle["asyncio"]["median"] > 0 and idle["ratios"]["asyncio"] > 0
         if shutil.which("socat"):
-            assert idle["socat"]["median"] > 0 and idle["qproxy_socat"] > 0
+            assert idle["socat"]["median"] > 0 and idle["ratios"]["socat"] > 0
+        assert idle["best_peer"] in ("socat", "asyncio", "uvloop")
+    assert ("uvloop" in results["meta"]["chains"]) == bool(results["meta"]["uvloop"])
+    assert "start-up, host half" in done.stdout and "qproxy / best peer" in done.stdout
     assert results["targets_missed"] == [f["label"] for f in figures.values() if f["met"] is False]
 
 
@@ -78,9 +88,96 @@ def test_wrk_output_is_read_with_its_units():
     assert parsed["errors"] == 6
 
 
-def test_ratios_and_targets():
+def test_ratios_best_peer_and_targets():
     bench = load_bench()
-    figure = bench.make_figure("x", "req/s", {"direct": [10, 30, 20], "socat": [4, 5, 6], "qproxy": [6, 5, 7]},
-                               ">= 1.2x socat", lambda f: f["qproxy_socat"] >= 1.2)
+    runs = {"direct": [10, 30, 20], "socat": [4, 5, 6], "asyncio": [3, 4, 5], "qproxy": [6, 5, 7]}
+    figure = bench.make_figure("x", "req/s", runs, *bench.versus("socat", 1.2, higher=True), higher=True)
     assert figure["qproxy"] == {"median": 6, "min": 5, "max": 7, "runs": [6, 5, 7]}
-    assert figure["qproxy_socat"] == 1.2 and figure["qproxy_direct"] == 0.3 and figure["met"] is True
+    assert figure["ratios"] == {"direct": 0.3, "socat": 1.2, "asyncio": 1.5}
+    assert figure["best_peer"] == "socat" and figure["qproxy_best"] == 1.2  # direct is the ceiling, not a peer
+    assert figure["target"] == ">= 1.2x socat" and figure["met"] is True
+    costs = bench.make_figure("y", "s", runs, *bench.versus("asyncio", 0.8, higher=False))
+    assert costs["best_peer"] == "asyncio" and costs["met"] is False  # lower is better: 6 / 4 = 1.5x
+    absent = bench.make_figure("z", "s", runs, *bench.versus("uvloop", 1.1, higher=True), higher=True)
+    assert absent["met"] is False  # a target against a peer that was not measured is not met
+
+
+def test_table_has_a_column_per_chain_measured_and_the_best_peer():
+    bench = load_bench()
+    figure = bench.make_figure("rate", "req/s", {"socat": [100.0], "asyncio": [200.0], "qproxy": [300.0]},
+                               decimals=0, higher=True)
+    figure["workload"] = "keepalive"
+    lines = bench.table({"rate": figure}).splitlines()
+    assert lines[0].split() == ["figure", "socat", "asyncio", "qproxy", "qproxy", "/", "best", "peer", "target", "met?"]
+    assert lines[1].split() == ["rate", "(req/s)", "100", "200", "300", "1.50x", "asyncio"]
+
+
+def echo_server() -> int:
+    """A loopback server that echoes each connection and half-closes it on the client's EOF."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn):
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+    def accept():
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_the_asyncio_relay_carries_every_byte_both_ways_and_the_half_close(tmp_path):
+    """Two hops of bench/peers/asyncio_relay.py, as the bench chains them: 4 MiB out, the client's EOF,
+    4 MiB back and then the server's EOF.  A peer that lost bytes or hung on EOF would spoil every figure."""
+    target, port, path = echo_server(), free_port(), str(tmp_path / "vsock")
+    relay = [sys.executable, str(ROOT / "bench" / "peers" / "asyncio_relay.py")]
+    hops = [subprocess.Popen(relay + [f"unix:{path}", f"tcp:127.0.0.1:{target}"]),
+            subprocess.Popen(relay + [f"tcp:127.0.0.1:{port}", f"unix:{path}"])]
+    try:
+        payload = bytes(range(256)) * (4 * 4096)
+        wait_for(lambda: os.path.exists(path), "the enclave hop's socket")
+        sock = wait_for(lambda: try_connect(port), "the host hop's listener")
+        with sock:
+            sock.settimeout(15)
+            sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+            sender.start()
+            received = bytearray()
+            while data := sock.recv(65536):
+                received += data
+            sender.join()
+        assert bytes(received) == payload
+    finally:
+        for hop in hops:
+            hop.kill()
+            hop.wait()
+
+
+def try_connect(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=1)
+    except OSError:
+        return None
+
+
+def test_cpu_of_a_hop_counts_its_reaped_forks():
+    """socat forks per connection: a hop's CPU must include children that ended meanwhile."""
+    bench = load_bench()
+    burn = "import time; end = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; time.sleep(0.5); "
+                               f"subprocess.run([sys.executable, '-c', {burn!r}]); time.sleep(30)"],
+                              start_new_session=True)
+    try:
+        time.sleep(0.2)
+        assert bench.session_members(parent.pid) == [parent.pid]  # before the fork
+        before = bench.session_cpu([parent.pid])
+        wait_for(lambda: len(bench.session_members(parent.pid)) == 2, "the child", timeout=10)
+        wait_for(lambda: bench.session_members(parent.pid) == [parent.pid], "the child's end", timeout=10)
+        assert bench.session_cpu([parent.pid]) - before >= 0.3  # its 0.3 s now in the parent's cutime
+    finally:
+        parent.kill()
+        parent.wait()
