@@ -1288,8 +1288,9 @@ class Dialer:
             family, kind, proto, _, address = socket.getaddrinfo(
                 target.host, target.port, self.family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)[0]
             sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if target.kind == "tcp":
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             error = sock.connect_ex(address)
             if error not in (0, errno.EINPROGRESS):
@@ -1881,7 +1882,7 @@ class Buffers:
 
     def take_pipe(self) -> Pipe | None:
         """A pipe for a bulk flow, while the budget and the pipes' descriptors allow; it counts as a buffer."""
-        if self.lent >= self.limit or self.pipes >= self.pipe_limit:
+        if not self.room() or self.pipes >= self.pipe_limit:
             return None
         try:
             pipe = Pipe()
