@@ -1162,12 +1162,12 @@ class Listening:
     env: dict | None = None
 
 
-def walkthrough_halves(ctx: Context, folder: Path) -> dict[str, Listening]:
+def walkthrough_halves(ctx: Context, folder: Path, script: Path | None = None) -> dict[str, Listening]:
     config, host_port = walkthrough_config(folder)
     vsock_dir = folder / "vsock"
     vsock_dir.mkdir()
     env = qproxy_env(vsock_dir, rust_log=None)  # the config's own log level, as the vendor ships it
-    qproxy = [ctx.python, str(ctx.qproxy)]
+    qproxy = [ctx.python, str(script or ctx.qproxy)]
     return {
         "host": Listening(qproxy + ["host", "--config", str(config), ENCLAVE_CID], ("127.0.0.1", host_port), env),
         "enclave": Listening(qproxy + ["enclave", "--config", str(config)], str(vsock_dir / str(VSOCK_PORT)), env),
@@ -1227,16 +1227,34 @@ def idle_once(ctx: Context, halves: Callable[[Context, Path], dict[str, Listenin
         return {role: proc_status(process.pid)["VmRSS"] / 1024 for role, process in processes.items()}
 
 
+def compiled_halves(ctx: Context, folder: Path) -> dict[str, Listening]:
+    """The walk-through halves run from bytecode, python3 qproxy.pyc, as the smallest image runs them:
+    without the heap that compiling the source leaves behind."""
+    compiled = folder / "qproxy.pyc"
+    subprocess.run([ctx.python, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], sys.argv[2], doraise=True)",
+                    str(ctx.qproxy), str(compiled)], check=True)
+    return walkthrough_halves(ctx, folder, compiled)
+
+
 def run_idle(ctx: Context, scope: Scope) -> dict:
     kinds = starters(ctx)
     rss: dict[str, dict[str, list]] = {"host": {}, "enclave": {}}
+    compiled: dict[str, dict[str, list]] = {"host": {}, "enclave": {}}
     for name, halves in kinds.items():
         runs = [idle_once(ctx, halves, name) for _ in range(ctx.settings.runs)]
         for role in rss:
             rss[role][name] = [run[role] for run in runs]
-    return {f"idle_{role}_rss": make_figure(
-        f"idle RSS, {role} half", "MB", rss[role], "< 20 MB", lambda f: f["qproxy"]["median"] < 20)
-        for role in ("host", "enclave")}
+    runs = [idle_once(ctx, compiled_halves, "qproxy.pyc") for _ in range(ctx.settings.runs)]
+    for role in compiled:
+        compiled[role]["qproxy"] = [run[role] for run in runs]
+    figures = {}
+    for role in ("host", "enclave"):
+        figures[f"idle_{role}_rss"] = make_figure(
+            f"idle RSS, {role} half", "MB", rss[role], "< 20 MB", lambda f: f["qproxy"]["median"] < 20)
+        figures[f"idle_{role}_rss_pyc"] = make_figure(
+            f"idle RSS, {role} half, from .pyc", "MB", compiled[role], "< 20 MB",
+            lambda f: f["qproxy"]["median"] < 20)
+    return figures
 
 
 RUNNERS: dict[str, Callable[[Context, Scope], dict]] = {
