@@ -1507,7 +1507,8 @@ class Admission:
     """
 
     def __init__(self, limit: int, queue_timeout: float):
-        self.descriptors = math.inf  # what a direction's connections may hold: two each, one while waiting
+        self.descriptors = math.inf  # what connections may hold: two each, one while waiting
+        self.share = math.inf  # what one direction's connections may hold of that
         self.lock = threading.Lock()
         self.gates = {direction: Gate(direction, limit) for direction in ("inbound", "outbound")}
         self.queue_timeout = queue_timeout or math.inf
@@ -1518,23 +1519,28 @@ class Admission:
         self.ends_wanted = False  # the accept loop waits for ends (a listener paused, a stop): each wakes it
         self.wakeup = Wakeup()
 
-    def budget(self, descriptors: int) -> int:
-        """Let connections hold at most this many descriptors, half of them each direction; return how
-        many connections that is for a direction.
+    def budget(self, descriptors: int, directions: int) -> int:
+        """Let connections hold at most this many descriptors, an equal share for each of the
+        directions the half listens for; return how many connections a share holds.
 
         Each holds two once its far side is dialed, and a waiting one keeps
         room for its second: accepting with the last descriptor would leave
         nothing to dial with, and the client would be reset for it.  Shared,
         one direction could take every descriptor while its connections wait
         on the other (a request that calls out through the same half), for ever.
+        A half that listens one way only needs no share for the other.
         """
-        self.descriptors = descriptors // 2
-        return max(self.descriptors // 2, 0)
+        self.descriptors = descriptors
+        self.share = descriptors // max(directions, 1)
+        return max(self.share // 2, 0)
 
     def room_for_another(self, direction: str) -> bool:
-        """Whether direction may accept one more connection, with a descriptor for its dial (from the accept loop)."""
+        """Whether direction may accept one more connection, with a descriptor for its dial (from the accept loop).
+        Within its share, and within the whole: a reload that split the descriptors anew finds connections
+        of the old split still open."""
         gate = self.gates[direction]
-        return 2 * (gate.open + len(gate.waiting) + 1) <= self.descriptors
+        held = sum(other.open + len(other.waiting) for other in self.gates.values())
+        return 2 * (gate.open + len(gate.waiting) + 1) <= self.share and 2 * (held + 1) <= self.descriptors
 
     def arrive(self, listener: Listener, route: Route, client: socket.socket, address: Address) -> list[Connection]:
         """Queue a connection just accepted on listener, for route; return those admitted now (from the accept loop)."""
@@ -3160,6 +3166,8 @@ class Half:
         self.workers = Workers(self.fail)
         self.listeners: list[Listener] = []
         self.paused: set[Listener] = set()  # listeners out of the selector until they may accept again
+        self.open_files = 0  # the open-files limit, once budget_descriptors read it
+        self.descriptors: float = math.inf  # what that limit leaves connections, to share among directions
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.admission.wakeup.reader, selectors.EVENT_READ)
         # A thread the half cannot work without that dies takes the half with it, loudly.
@@ -3255,6 +3263,7 @@ class Half:
         Returns what changed, in a few words."""
         current = {listener.route.listen: listener for listener in self.listeners if listener.route}
         wanted = {route.listen: route for route in routes}
+        directions = self.directions()
         changes: collections.Counter[str] = collections.Counter()
         for listen, listener in current.items():
             if listen not in wanted:
@@ -3273,6 +3282,8 @@ class Half:
                 except StartError as error:
                     log.error("reload: %s", error)
                     changes["could not listen"] += 1
+        if self.descriptors < math.inf and self.directions() != directions:
+            self.split_descriptors()
         return ", ".join(f"{count} {what}" for what, count in changes.items()) or "no entry changed"
 
     def run(self, status: str = "") -> int:
@@ -3315,13 +3326,28 @@ class Half:
         with socket.socket() as probe:  # the lowest free descriptor: those below it are all taken
             held = probe.fileno()
         descriptors = limit - held - DESCRIPTOR_RESERVE
-        connections = self.admission.budget(descriptors - self.connector.reactor.buffers.allow_pipes(descriptors))
-        if connections < 1:
+        self.descriptors = descriptors - self.connector.reactor.buffers.allow_pipes(descriptors)
+        self.open_files = limit
+        if self.split_descriptors() < 1:
             raise StartError(f"the open-files limit ({limit}) leaves no descriptors for a connection: this half"
                              f" holds {held} and keeps {DESCRIPTOR_RESERVE} in reserve; raise it (ulimit -n,"
                              " LimitNOFILE=)")
-        log.info("the open-files limit (%d) lets this half hold %d connections at once in each direction", limit,
-                 connections)
+
+    def split_descriptors(self) -> int:
+        """Share the connections' descriptors among the directions the half listens for (again after
+        a reload); return how many connections a direction may hold."""
+        directions = self.directions()
+        connections = self.admission.budget(int(self.descriptors), len(directions))
+        if len(directions) == 1:
+            log.info("the open-files limit (%d) lets this half hold %d %s connections at once", self.open_files,
+                     connections, directions[0])
+        elif directions:
+            log.info("the open-files limit (%d) lets this half hold %d connections at once in each direction",
+                     self.open_files, connections)
+        return connections
+
+    def directions(self) -> list[str]:
+        return sorted({listener.route.direction for listener in self.listeners if listener.route})
 
     def accept_loop(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
         """The accept loop: accept, admit and expire until until() is true."""

@@ -486,3 +486,39 @@ def test_two_halves_at_their_open_files_limit_never_hold_each_others_connections
         for sock in clients:
             sock.close()
         service.stop()
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
+def test_a_half_that_listens_one_way_gives_it_every_descriptor_until_a_reload_adds_the_other(proxy):
+    """A host half with inbound entries only and 64 descriptors holds as many inbound connections as
+    they allow, not half as many: no share is kept for a direction it does not listen for.  A reload
+    that adds an outbound entry shares them: the inbound connections already open stay, and a new
+    one waits until they are fewer than the inbound share."""
+    service = ThreadedServer(echo)
+    port = free_port()
+    proxy.write_config(inbound(port, service.port))
+    proxy.start("enclave")
+    host = proxy.start("host", wrapper=["prlimit", "--nofile=64:64", "--"])
+    held = int(host.wait_log(r"lets this half hold (\d+) inbound connections at once")[1])
+    clients = []
+    try:
+        for _ in range(held):  # each echoed while every one before it stays open
+            clients.append(connect(port))
+            clients[-1].sendall(b"x")
+            assert recv_exactly(clients[-1], 1) == b"x"
+
+        proxy.write_config(inbound(port, service.port) + outbound("127.0.0.1", service.port, free_port()))
+        host.process.send_signal(signal.SIGHUP)
+        share = int(host.wait_log(r"lets this half hold (\d+) connections at once in each direction")[1])
+        assert share < held, f"a share of {share} inbound connections after the reload, {held} before"
+        waiting = connect(port)
+        waiting.sendall(b"y")
+        assert_no_reply_yet(waiting)
+        while len(clients) >= share:
+            clients.pop().close()
+        assert recv_exactly(waiting, 1) == b"y"
+        waiting.close()
+    finally:
+        for sock in clients:
+            sock.close()
+        service.stop()
