@@ -191,6 +191,9 @@ LOG_QUEUE = 10_000  # records waiting for the log writer; more are dropped and c
 LOG_DRAIN = 1.0  # seconds a stopping half gives the log writer to write what waits
 ABORT_LOG_DRAIN = 0.25  # the same when a second stop signal cuts the stop short
 LOG_DRAIN_POLL = 0.01  # seconds between a stopping half's looks at whether its log is written
+# Seconds records gather before the log writer writes them, or the enclave half's link sends them:
+# a thread woken for each record would take the GIL from the reactor a few times a connection.
+LOG_LINGER = 0.05
 LOG_ERROR_REPORT = 60.0  # seconds between the lines on stderr that say a log cannot be written
 WARNING_INTERVAL = 10.0  # seconds between two warnings of one recurring problem; the ones between are counted
 
@@ -950,6 +953,10 @@ def setup_logging(role: str, config: Config, environ: Mapping[str, str]) -> LogW
         level = "warn"
     logging.addLevelName(TRACE, "TRACE")
     logging.addLevelName(logging.WARNING, "WARN")
+    # No line shows where, in which thread or process, a record was made: as the logging HOWTO's
+    # "Optimization" says, so no record looks for it (a walk up the stack, os.getpid()).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     own = log_handler(log_path(config, role, role), config.log_location)
     own.setFormatter(UTCFormatter(f"%(asctime)s %(levelname)-5s qproxy::{role} %(message)s"))
     own.addFilter(lambda record: record.name == log.name)
@@ -1005,6 +1012,13 @@ class LogQueue(logging.handlers.QueueHandler):
         self.dropped = 0
         self.queued = self.written = 0  # records put in the queue, and written (or failed and counted) of them
 
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """QueueHandler.prepare without its copy of the record: the handler after this one (the
+        enclave half's LogOutbox) wants the message as formatted here, traceback and all, too."""
+        record.msg = record.message = self.format(record)
+        record.args = record.exc_info = record.exc_text = record.stack_info = None
+        return record
+
     def enqueue(self, record: logging.LogRecord) -> None:  # logging holds self.lock here
         try:
             self.queue.put_nowait(record)
@@ -1032,6 +1046,14 @@ class LogWriter(logging.handlers.QueueListener):
         self.reopening = False
 
     WAKE = "reopen"  # queued by reopen(), so that it happens even when nothing else is logged
+
+    def dequeue(self, block: bool) -> logging.LogRecord | str:  # type: ignore[override]
+        """The next record; when none waits, the first to come, once LOG_LINGER has let others gather."""
+        with contextlib.suppress(queue.Empty):
+            return self.source.records.get_nowait()
+        record = self.source.records.get()
+        time.sleep(LOG_LINGER)
+        return record
 
     def handle(self, record: logging.LogRecord | str) -> None:
         if self.reopening:
@@ -1123,13 +1145,41 @@ class LogFile(ReportsFailures, logging.handlers.RotatingFileHandler):
     or truncating it."""
 
     lock: threading.Lock  # made by logging.Handler (an RLock)
+    room: float  # bytes the file could still take when last looked at, less the most each line since can take
+    AROUND = 64  # the most bytes of a line that are not its message: time, level, "qproxy::enclave ", newline
 
     def __init__(self, path: str, max_size: int, backups: int):
         super().__init__(path, maxBytes=max_size if backups else 0, backupCount=backups, encoding="utf-8")
 
     def _open(self) -> io.TextIOWrapper:  # logging's hook for opening the file, also after a rotation
+        self.room = 0  # look at it before the first line
         return os.fdopen(os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640), "a",
                          encoding=self.encoding)
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:  # logging's hook, before each line
+        """Whether record's line would take the file past max_size, so that it is rotated first.
+
+        The standard handler looks at the file for each line (two stat() calls
+        and a seek) and formats the line twice; this one looks (fstat) only
+        once the lines written since its last look could have filled it, each
+        counted at the most bytes it can take.  The file's own size decides: a
+        logrotate copytruncate may have emptied it meanwhile.
+        """
+        if not self.maxBytes:
+            return False
+        line = 4 * len(record.getMessage()) + self.AROUND  # UTF-8: at most 4 bytes a character
+        if line <= self.room:
+            self.room -= line
+            return False
+        if self.stream is None:
+            self.stream = self._open()
+        self.stream.flush()
+        status = os.fstat(self.stream.fileno())
+        if not stat.S_ISREG(status.st_mode):  # never rotate a device or a pipe, as the standard handler
+            self.room = math.inf
+            return False
+        self.room = self.maxBytes - status.st_size - line
+        return self.room < 0
 
     def reopen(self) -> None:
         with self.lock:
@@ -1143,8 +1193,15 @@ class LogFile(ReportsFailures, logging.handlers.RotatingFileHandler):
 
 
 class UTCFormatter(logging.Formatter):
+    second = (-1, "")  # the last second formatted, and how: one tuple, which threads replace whole
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        when, shown = self.second
+        if int(record.created) != when:
+            when = int(record.created)
+            shown = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+            self.second = when, shown
+        return f"{shown}.{int(record.msecs):03d}Z"
 
 
 TIME_FORMATTER = UTCFormatter()  # a record's time as every log line shows it
@@ -2571,20 +2628,27 @@ class ControlLink:
             selector.register(self.sock, selectors.EVENT_READ)
             if self.outbox:
                 selector.register(self.outbox.wakeup.reader, selectors.EVENT_READ)
+            # When the outbox's records go: at once those it holds, later LOG_LINGER after a wake-up.
+            send_at = 0.0 if self.outbox else math.inf
             while True:
-                wait = max(min(next_beat, self.silent_at()) - time.monotonic(), 0)
+                if self.outbox and time.monotonic() >= send_at:
+                    # More came while it sent: send them once the other half has been heard.
+                    send_at = 0.0 if self.outbox.send(self.sock) else math.inf
+                wait = max(min(next_beat, self.silent_at(), send_at) - time.monotonic(), 0)
                 if self.unwritten and self.confirm_written():
                     wait = min(wait, ACK_POLL)  # some are still on their way to the file
-                if self.outbox and self.outbox.send(self.sock):
-                    wait = 0  # more came while it sent: send them once the other half has been heard
                 ready = selector.select(wait)
                 now = time.monotonic()
                 for key, _ in ready:
                     if key.fileobj is self.sock:
                         if not self.receive(now):
                             return
+                        if self.outbox and self.outbox.records:  # an ack may have made room for them
+                            send_at = min(send_at, now)
                     elif self.outbox:
                         self.outbox.wakeup.clear()
+                        gathered = len(self.outbox.records) >= LOG_BACKLOG // 2
+                        send_at = min(send_at, now if gathered else now + LOG_LINGER)
                 if now >= next_beat:
                     send_message(self.sock, {"type": "heartbeat"})
                     next_beat = now + HEARTBEAT_INTERVAL
@@ -2778,7 +2842,7 @@ class LogOutbox(logging.Handler):
             return
         if len(self.records) == LOG_BACKLOG:
             self.lost += 1
-        elif not self.records:
+        elif len(self.records) in (0, LOG_BACKLOG // 2):  # the link sends them soon; at half the room, now
             self.wakeup.wake()
         self.records.append(entry)
 
