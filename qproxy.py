@@ -1564,8 +1564,7 @@ class Admission:
     """
 
     def __init__(self, limit: int, queue_timeout: float):
-        self.descriptors = math.inf  # what connections may hold: two each, one while waiting
-        self.share = math.inf  # what one direction's connections may hold of that
+        self.share = math.inf  # descriptors one direction's connections may hold: two each, one while waiting
         self.lock = threading.Lock()
         self.gates = {direction: Gate(direction, limit) for direction in ("inbound", "outbound")}
         self.queue_timeout = queue_timeout or math.inf
@@ -1577,8 +1576,8 @@ class Admission:
         self.wakeup = Wakeup()
 
     def budget(self, descriptors: int, directions: int) -> int:
-        """Let connections hold at most this many descriptors, an equal share for each of the
-        directions the half listens for; return how many connections a share holds.
+        """Let connections hold at most this many descriptors, an equal share for each of
+        directions; return how many connections a share holds.
 
         Each holds two once its far side is dialed, and a waiting one keeps
         room for its second: accepting with the last descriptor would leave
@@ -1587,17 +1586,13 @@ class Admission:
         on the other (a request that calls out through the same half), for ever.
         A half that listens one way only needs no share for the other.
         """
-        self.descriptors = descriptors
-        self.share = descriptors // max(directions, 1)
+        self.share = descriptors // directions
         return max(self.share // 2, 0)
 
     def room_for_another(self, direction: str) -> bool:
-        """Whether direction may accept one more connection, with a descriptor for its dial (from the accept loop).
-        Within its share, and within the whole: a reload that split the descriptors anew finds connections
-        of the old split still open."""
+        """Whether direction may accept one more connection, with a descriptor for its dial (from the accept loop)."""
         gate = self.gates[direction]
-        held = sum(other.open + len(other.waiting) for other in self.gates.values())
-        return 2 * (gate.open + len(gate.waiting) + 1) <= self.share and 2 * (held + 1) <= self.descriptors
+        return 2 * (gate.open + len(gate.waiting) + 1) <= self.share
 
     def arrive(self, listener: Listener, route: Route, client: socket.socket, address: Address) -> list[Connection]:
         """Queue a connection just accepted on listener, for route; return those admitted now (from the accept loop)."""
@@ -3230,8 +3225,6 @@ class Half:
         self.workers = Workers(self.fail)
         self.listeners: list[Listener] = []
         self.paused: set[Listener] = set()  # listeners out of the selector until they may accept again
-        self.open_files = 0  # the open-files limit, once budget_descriptors read it
-        self.descriptors: float = math.inf  # what that limit leaves connections, to share among directions
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.admission.wakeup.reader, selectors.EVENT_READ)
         # A thread the half cannot work without that dies takes the half with it, loudly.
@@ -3327,7 +3320,6 @@ class Half:
         Returns what changed, in a few words."""
         current = {listener.route.listen: listener for listener in self.listeners if listener.route}
         wanted = {route.listen: route for route in routes}
-        directions = self.directions()
         changes: collections.Counter[str] = collections.Counter()
         for listen, listener in current.items():
             if listen not in wanted:
@@ -3346,8 +3338,6 @@ class Half:
                 except StartError as error:
                     log.error("reload: %s", error)
                     changes["could not listen"] += 1
-        if self.descriptors < math.inf and self.directions() != directions:
-            self.split_descriptors()
         return ", ".join(f"{count} {what}" for what, count in changes.items()) or "no entry changed"
 
     def run(self, status: str = "") -> int:
@@ -3390,28 +3380,19 @@ class Half:
         with socket.socket() as probe:  # the lowest free descriptor: those below it are all taken
             held = probe.fileno()
         descriptors = limit - held - DESCRIPTOR_RESERVE
-        self.descriptors = descriptors - self.connector.reactor.buffers.allow_pipes(descriptors)
-        self.open_files = limit
-        if self.split_descriptors() < 1:
+        descriptors -= self.connector.reactor.buffers.allow_pipes(descriptors)
+        # The host half may gain a direction by a reload, whose share the other direction could hold
+        # by then, with its connections waiting on it: it keeps one for each from the start.  The
+        # enclave half never reloads.
+        listened = sorted({listener.route.direction for listener in self.listeners if listener.route})
+        directions = (self.role == "enclave" and listened) or ["inbound", "outbound"]
+        connections = self.admission.budget(descriptors, len(directions))
+        if connections < 1:
             raise StartError(f"the open-files limit ({limit}) leaves no descriptors for a connection: this half"
                              f" holds {held} and keeps {DESCRIPTOR_RESERVE} in reserve; raise it (ulimit -n,"
                              " LimitNOFILE=)")
-
-    def split_descriptors(self) -> int:
-        """Share the connections' descriptors among the directions the half listens for (again after
-        a reload); return how many connections a direction may hold."""
-        directions = self.directions()
-        connections = self.admission.budget(int(self.descriptors), len(directions))
-        if len(directions) == 1:
-            log.info("the open-files limit (%d) lets this half hold %d %s connections at once", self.open_files,
-                     connections, directions[0])
-        elif directions:
-            log.info("the open-files limit (%d) lets this half hold %d connections at once in each direction",
-                     self.open_files, connections)
-        return connections
-
-    def directions(self) -> list[str]:
-        return sorted({listener.route.direction for listener in self.listeners if listener.route})
+        each = "in each direction" if len(directions) == 2 else f"({directions[0]}, the only direction it listens for)"
+        log.info("the open-files limit (%d) lets this half hold %d connections at once %s", limit, connections, each)
 
     def accept_loop(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
         """The accept loop: accept, admit and expire until until() is true."""

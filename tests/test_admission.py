@@ -489,35 +489,61 @@ def test_two_halves_at_their_open_files_limit_never_hold_each_others_connections
 
 
 @pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
-def test_a_half_that_listens_one_way_gives_it_every_descriptor_until_a_reload_adds_the_other(proxy):
-    """A host half with inbound entries only and 64 descriptors holds as many inbound connections as
-    they allow, not half as many: no share is kept for a direction it does not listen for.  A reload
-    that adds an outbound entry shares them: the inbound connections already open stay, and a new
-    one waits until they are fewer than the inbound share."""
+def test_an_enclave_half_that_listens_one_way_gives_it_every_descriptor(proxy):
+    """An enclave half with inbound entries only and 64 descriptors holds as many inbound
+    connections at once as they allow: no share is kept for a direction it never relays (it
+    never reloads).  Its log says how many, and that many are served at once."""
     service = ThreadedServer(echo)
     port = free_port()
     proxy.write_config(inbound(port, service.port))
-    proxy.start("enclave")
-    host = proxy.start("host", wrapper=["prlimit", "--nofile=64:64", "--"])
-    held = int(host.wait_log(r"lets this half hold (\d+) inbound connections at once")[1])
+    enclave = proxy.start("enclave", wrapper=["prlimit", "--nofile=64:64", "--"])
+    proxy.start("host")
+    held = int(enclave.wait_log(r"qproxy::enclave the open-files limit \(64\) lets this half hold (\d+)"
+                                r" connections at once \(inbound, the only direction")[1])
     clients = []
     try:
         for _ in range(held):  # each echoed while every one before it stays open
             clients.append(connect(port))
             clients[-1].sendall(b"x")
             assert recv_exactly(clients[-1], 1) == b"x"
-
-        proxy.write_config(inbound(port, service.port) + outbound("127.0.0.1", service.port, free_port()))
-        host.process.send_signal(signal.SIGHUP)
-        share = int(host.wait_log(r"lets this half hold (\d+) connections at once in each direction")[1])
-        assert share < held, f"a share of {share} inbound connections after the reload, {held} before"
-        waiting = connect(port)
+        waiting = connect(port)  # one more waits for room
+        clients.append(waiting)
         waiting.sendall(b"y")
         assert_no_reply_yet(waiting)
-        while len(clients) >= share:
-            clients.pop().close()
+        clients.pop(0).close()
         assert recv_exactly(waiting, 1) == b"y"
-        waiting.close()
+    finally:
+        for sock in clients:
+            sock.close()
+        service.stop()
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
+def test_a_host_half_reloaded_into_a_second_direction_has_its_share_for_it(proxy):
+    """A host half with 40 descriptors and inbound entries only keeps a share for outbound from
+    the start: a reload may add an outbound entry while inbound connections hold all of theirs,
+    and those may be requests waiting on calls out through it."""
+    service = ThreadedServer(echo)
+    port, app_port = free_port(), free_port()
+    both = inbound(port, service.port) + outbound("127.0.0.1", service.port, app_port)
+    proxy.write_config(both)
+    proxy.start("enclave")
+    proxy.write_config(inbound(port, service.port))
+    host = proxy.start("host", wrapper=["prlimit", "--nofile=40:40", "--"])
+    share = int(host.wait_log(r"qproxy::host the open-files limit \(40\) lets this half hold (\d+) connections"
+                              r" at once in each direction")[1])
+    clients = []
+    try:
+        for _ in range(share):
+            clients.append(connect(port))
+            clients[-1].sendall(b"x")
+            assert recv_exactly(clients[-1], 1) == b"x"
+        proxy.write_config(both)
+        host.process.send_signal(signal.SIGHUP)
+        host.wait_log(r"reload: .*1 added")
+        with connect(app_port) as app:  # through the host half's new outbound listener
+            app.sendall(b"out")
+            assert recv_exactly(app, 3) == b"out"
     finally:
         for sock in clients:
             sock.close()
