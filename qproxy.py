@@ -1114,8 +1114,12 @@ class ReportsFailures(logging.Handler):
         super().emit(record)
         if lost and self.lost == lost:  # this one went through, after some that did not
             self.lost = 0
-            super().emit(log.makeRecord(log.name, logging.WARNING, "", 0, "%d log records were lost while the"
-                                        " log could not be written", (lost,), None))
+            # Made from the record that went through, so that it has every field this handler's lines show
+            # (the host half's copy of the enclave's log shows the enclave's time).
+            super().emit(logging.makeLogRecord({
+                **record.__dict__, "levelno": logging.WARNING, "levelname": logging.getLevelName(logging.WARNING),
+                "msg": "%d log records were lost while the log could not be written", "args": (lost,),
+                "exc_info": None, "exc_text": None, "stack_info": None}))
 
     def handleError(self, record: logging.LogRecord | None) -> None:
         self.lost += 1
@@ -1153,8 +1157,11 @@ class LogFile(ReportsFailures, logging.handlers.RotatingFileHandler):
 
     def _open(self) -> io.TextIOWrapper:  # logging's hook for opening the file, also after a rotation
         self.room = 0  # look at it before the first line
-        return os.fdopen(os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640), "a",
-                         encoding=self.encoding)
+        # Not blocking to open: a FIFO nobody reads fails at once (ENXIO) instead of holding the half at
+        # start.  Blocking to write: a reader that stalls holds only the writer, as any stalled log does.
+        descriptor = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o640)
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "a", encoding=self.encoding)
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:  # logging's hook, before each line
         """Whether record's line would take the file past max_size, so that it is rotated first.
@@ -1276,10 +1283,9 @@ class Vsock:
         try:
             lock = open(path + ".lock", "a")  # noqa: SIM115 -- held open, and locked, while the port listens
         except OSError as error:
-            raise StartError(
-                f"cannot create {path}.lock for vsock port {port} ({error.strerror}): QPROXY_VSOCK_EMULATION"
-                " must name a folder of its own that this user can write"
-            ) from None
+            hint = "" if error.errno in (errno.EMFILE, errno.ENFILE) else (
+                ": QPROXY_VSOCK_EMULATION must name a folder of its own that this user can write")
+            raise StartError(f"cannot create {path}.lock for vsock port {port} ({error.strerror}){hint}") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -298,15 +298,31 @@ def test_a_full_disk_costs_a_line_on_stderr_not_traffic_and_logging_resumes(prox
                             r" written again", line) for line in reports), reports
 
     filler.unlink()  # room again
-    def resumed():
+    def resumed():  # in the host half's own log, and in its copy of the enclave's, whose lines have the enclave's time
         assert not relay_many(host_port, 20)
-        return re.search(r"WARN  qproxy::host \d+ log records were lost while the log could not be written\n"
-                         r"(.*\n)*.*INFO  qproxy::host conn \d+ closed", text_of(host_log))
-    wait_for(resumed, "records in host.log again, after the count of those lost")
+        return all(re.search(rf"WARN  qproxy::{role} \d+ log records were lost while the log could not be written\n"
+                             rf"(.*\n)*.*INFO  qproxy::{role} conn \d+ closed", text_of(small_tmpfs / f"{role}.log"))
+                   for role in ("host", "enclave"))
+    wait_for(resumed, "records in host.log and the enclave log's copy again, after the count of those lost")
     assert host.stop() == 0 and enclave.stop() == 0
     stderr = host.log()
     assert "Logging error" not in stderr and "Traceback" not in stderr, stderr[:3000]
+    assert "Formatting field" not in stderr, stderr[:3000]
     assert len([line for line in stderr.splitlines() if line.startswith("qproxy: cannot write the log")]) <= 2
+
+
+def test_a_fifo_nobody_reads_as_the_log_file_does_not_hold_the_start(proxy, tmp_path):
+    """A log path that is a FIFO no process has open: the half waits for no reader to come; it says
+    it cannot write there, logs to stderr, and serves."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    os.mkfifo(folder / "host.log")
+    proxy.write_config(log_location(folder, tmp_path / "enclave-logs"))
+    host = start(proxy, "host", proxy.config, {"RUST_LOG": "info"})
+    host.wait_log("host half ready")
+    assert re.search(r"qproxy: cannot write the log file \S+/host\.log \(No such device or address\); logging to"
+                     r" stderr", host.log()), host.log()[:3000]
+    assert host.stop() == 0
 
 
 # --- 3. signals: logrotate and SIGHUP -------------------------------------------------------------
