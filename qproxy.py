@@ -325,6 +325,13 @@ class Wakeup:
                 pass
 
 
+def ignore_from_now_on(*numbers: int) -> None:
+    """For a process whose stop is done: what is left is the interpreter's own exit, which puts
+    back the default handlers, and a late signal must not turn a clean stop into death by signal."""
+    for number in numbers:
+        signal.signal(number, signal.SIG_IGN)
+
+
 def notify_systemd(state: str) -> None:
     """Tell systemd how the half is doing (a Type=notify unit sets NOTIFY_SOCKET); nothing otherwise."""
     path = os.environ.get("NOTIFY_SOCKET", "")
@@ -3368,10 +3375,7 @@ class Half:
             self.fail("the accept loop")
         self.admission.abort()  # those still dialing: the exit resets their clients
         log.info("%s half stopped", self.role)
-        # What is left is the interpreter's own exit, which puts back the default
-        # handlers: a late signal must not turn this clean stop into death by signal.
-        for number in (*STOP_SIGNALS, signal.SIGHUP):
-            signal.signal(number, signal.SIG_IGN)
+        ignore_from_now_on(*STOP_SIGNALS, signal.SIGHUP)
         return EXIT_OK
 
     def budget_descriptors(self) -> None:
@@ -4031,6 +4035,7 @@ def run_demo() -> int:
                 process.wait()
         for service in services:
             service.server_close()
+        ignore_from_now_on(*DEMO_STOPS)
 
 
 def walk_through(folder: str, stop: DemoStop, halves: dict[str, subprocess.Popen[bytes]],
