@@ -1597,7 +1597,6 @@ class Admission:
         nothing to dial with, and the client would be reset for it.  Shared,
         one direction could take every descriptor while its connections wait
         on the other (a request that calls out through the same half), for ever.
-        A half that listens one way only needs no share for the other.
         """
         self.share = descriptors // directions
         return max(self.share // 2, 0)
