@@ -27,7 +27,9 @@ same format two other ways, and tests/test_schema.py proves all three agree:
 
 What the schema cannot say: the rules that span entries (vsock ports unique
 and distinct from the control port, host ports unique, enclave-side listening
-ports unique) and the warning for an inbound entry that loops back out.
+ports unique), the warning for an inbound entry that loops back out, and of an
+egress rule more than its shape (a range without host bits, ports from 1 to
+65535, a name's IDNA form).
 ``qproxy.py check-config FILE`` checks those.
 An editor also sees TOML's float 80.0 as the JSON number 80, an integer, so it
 misses ``port = 80.0``; qproxy does not.
@@ -71,6 +73,15 @@ class OutboundConnection(TypedDict):
     enclave_port: NotRequired[int]  # extension; default: tcp_port
 
 
+class Egress(TypedDict):
+    """The [egress] table (extension): the enclave's HTTP CONNECT and SOCKS5 proxy, and its rules."""
+
+    proxy_port: int
+    vsock_port: int
+    allow: NotRequired[list[str]]  # default: [], nothing allowed
+    deny: NotRequired[list[str]]  # default: []
+
+
 class LogLocation(TypedDict, total=False):
     """The [log_location] table; every key has a default."""
 
@@ -99,6 +110,7 @@ class QproxyConfig(TypedDict, total=False):
 
     inbound_connections: list[InboundConnection]
     outbound_connections: list[OutboundConnection]
+    egress: Egress
     log_location: LogLocation
     limits: Limits
 
@@ -135,11 +147,19 @@ HOSTNAME_SCHEMA = {
 }
 
 
-# What JSON Schema needs of a kind beyond its type, range and choices (qproxy.KINDS): the shape of its strings.
+# An egress rule's shape: a name pattern (any characters but space, ':', '[', ']' and '/'), an
+# IPv4 address or range, or an IPv6 one (in brackets when ports follow), then ports or not.
+# check-config checks the rest: ranges without host bits, ports within 1-65535, IDNA.
+PORTS_SHAPE = r"(:(\*|[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*))?"
+RULE_SHAPE = (r"^((\*\.)?[^\s:\[\]/*]+|\*|[0-9.]+(/[0-9]{1,2})?|\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?\])"
+              + PORTS_SHAPE + r"$|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?$")
+
+# What JSON Schema needs of a kind beyond its type, range and choices (qproxy.KINDS): the shape of its values.
 STRING_SCHEMAS: dict[str, dict[str, Any]] = {
     "hostname": HOSTNAME_SCHEMA,
     "ip_address": IP_ADDRESS_SCHEMA,
     "text": {"minLength": 1, "pattern": r"^[^\x00]*$"},
+    "rules": {"items": {"type": "string", "pattern": RULE_SHAPE}},
 }
 
 

@@ -126,6 +126,8 @@ if typing.TYPE_CHECKING:
 # A control message, as JSON decodes it; a socket's address: (host, port, ...) or (cid, port), a Unix path.
 Message = dict[str, typing.Any]
 Address = typing.Union[tuple[typing.Any, ...], str, bytes]
+# One answer of socket.getaddrinfo: family, type, protocol, canonical name, address.
+AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[typing.Any, ...]]
 
 try:
     if sys.version_info >= (3, 11):
@@ -196,6 +198,13 @@ LOG_DRAIN_POLL = 0.01  # seconds between a stopping half's looks at whether its 
 LOG_LINGER = 0.05
 LOG_ERROR_REPORT = 60.0  # seconds between the lines on stderr that say a log cannot be written
 WARNING_INTERVAL = 10.0  # seconds between two warnings of one recurring problem; the ones between are counted
+
+# Egress: what a request on the proxy port, and the header between the halves, may cost
+EGRESS_REQUEST_MAX = 8192  # bytes of a client's HTTP CONNECT request header, or of its SOCKS5 messages
+EGRESS_REQUEST_TIMEOUT = 10.0  # seconds a client has for its whole request, however slowly its bytes come
+EGRESS_HEADER_MAX = 512  # bytes of one line between the halves: a 253-character name, a port, an answer
+EGRESS_ANSWER_TIMEOUT = 120.0  # seconds the enclave half waits for the host half's answer: resolving and dialing
+EGRESS_REASON_SHOWN = 200  # characters of the host half's reason that reach the client
 
 # Control link
 CONTROL_MAX_MESSAGE = 64 * 1024  # bytes of one message, and of one read
@@ -454,6 +463,27 @@ TABLES = {
             ),
         },
     ),
+    "egress": Table(
+        array=False,
+        description="A proxy in the enclave (HTTP CONNECT and SOCKS5) to any destination that the rules of"
+        " both halves allow; without this table there is none.",
+        fields={
+            "proxy_port": Field(
+                "tcp_port", "TCP port the enclave half listens on, on 127.0.0.1, for HTTP CONNECT and SOCKS5.",
+                extension=True,
+            ),
+            "vsock_port": Field(
+                "vsock_port", "Vsock port the host half listens on for the destinations the enclave half asks"
+                " for; unique in the file.", extension=True,
+            ),
+            "allow": Field(
+                "rules", "Destinations that may be reached, unless a deny rule matches: nothing else may.",
+                default=[], extension=True,
+            ),
+            "deny": Field("rules", "Destinations that may not be reached, whatever allows them.", default=[],
+                          extension=True),
+        },
+    ),
     "log_location": Table(
         array=False,
         description="Where each half writes its log; without this table both log to stderr.",
@@ -546,6 +576,13 @@ class Outbound(typing.NamedTuple):
     enclave_port: int
 
 
+class Egress(typing.NamedTuple):
+    proxy_port: int
+    vsock_port: int
+    allow: list[str]
+    deny: list[str]
+
+
 class LogLocation(typing.NamedTuple):
     host_log: str
     enclave_log: str
@@ -571,6 +608,7 @@ DEFAULT_LIMITS = Limits._make(field.default for field in TABLES["limits"].fields
 class Config(typing.NamedTuple):
     inbound: tuple[Inbound, ...] = ()
     outbound: tuple[Outbound, ...] = ()
+    egress: Egress | None = None
     log_location: LogLocation | None = None
     limits: Limits = DEFAULT_LIMITS
     lines: Mapping[tuple[str, int], int] = {}  # where each entry begins in the file; only messages use it
@@ -596,10 +634,124 @@ def is_hostname(text: str) -> bool:
     )
 
 
+IPAddress = typing.Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = typing.Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+ALL_PORTS = (TCP_PORT_RANGE,)
+V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def canonical_name(text: str) -> str:
+    """A DNS name as the egress rules compare it: its IDNA (A-label) form, lower case, without
+    a final dot.  ValueError when text is no name (an address is none either)."""
+    name = text[:-1] if text.endswith(".") else text
+    if not name.isascii():  # only then the codec, which costs a half 0.4 MB (unicodedata) once loaded
+        try:
+            name = name.encode("idna").decode("ascii")  # Python's codec: IDNA 2003
+        except UnicodeError:
+            raise ValueError(f"{text!r} is not a DNS name") from None
+        except LookupError:  # an image without the codec (examples/build-rootfs.sh leaves it out)
+            raise ValueError(f"{text!r}: a name that is not ASCII needs Python's idna codec, which this"
+                             " Python lacks; write it in its xn-- form") from None
+    name = name.lower()
+    if is_ip_literal(name) or not is_hostname(name) or name.endswith("."):
+        raise ValueError(f"{text!r} is not a DNS name")
+    return name
+
+
+def canonical_address(text: str) -> IPAddress:
+    """An address as the egress rules compare it: an IPv4 address mapped into IPv6 is the IPv4 one."""
+    address = ipaddress.ip_address(text)
+    return (address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else address
+
+
+class Rule(typing.NamedTuple):
+    """One egress rule, as the file writes it (text) and as it matches: a name pattern (an exact
+    name, "*.DOMAIN" for every name below DOMAIN, "*" for every name) or an address range, and
+    the ports, as (first, last) ranges."""
+
+    text: str
+    name: str | None
+    network: IPNetwork | None
+    ports: tuple[tuple[int, int], ...]
+
+    def matches(self, host: str, address: IPAddress | None, port: int) -> bool:
+        """Whether the rule covers port of a destination: a canonical name, or an address."""
+        if not any(first <= port <= last for first, last in self.ports):
+            return False
+        if self.network is not None:
+            return address is not None and address in self.network
+        if address is not None or self.name is None:
+            return False
+        return self.name == "*" or host == self.name or (self.name[0] == "*" and host.endswith(self.name[1:]))
+
+
+def parse_rule(text: str) -> Rule:
+    """A rule from its text: PATTERN or PATTERN:PORTS, an IPv6 pattern with ports in brackets.
+    ValueError, saying what is wrong, when it is none."""
+    if text.startswith("["):
+        pattern, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("an IPv6 pattern in brackets is [ADDRESS]:PORTS or [RANGE]:PORTS")
+        ports = rest[1:] if rest else None
+        if not pattern or ":" not in pattern:
+            raise ValueError(f"{pattern!r} in brackets is no IPv6 address or range")
+    elif text.count(":") > 1:  # an IPv6 address or range, without ports
+        pattern, ports = text, None
+    else:
+        pattern, colon, ports_text = text.partition(":")
+        ports = ports_text if colon else None
+    return Rule(text, *parse_pattern(pattern), parse_ports(ports))
+
+
+def parse_pattern(pattern: str) -> tuple[str | None, IPNetwork | None]:
+    if re.fullmatch(r"[0-9.]+(/[0-9]+)?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]+)?", pattern):
+        try:
+            network = ipaddress.ip_network(pattern)
+        except ValueError as error:  # "has host bits set", a prefix too long, no address at all
+            raise ValueError(f"{pattern!r} is no address or range: {error}") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and network.subnet_of(V4_MAPPED):
+            # As canonical_address() sees the addresses it is matched with: IPv4 ones.
+            network = ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
+        return None, network
+    if pattern == "*":
+        return "*", None
+    if pattern.startswith("*."):
+        return "*." + canonical_name(pattern[2:]), None
+    return canonical_name(pattern), None
+
+
+def parse_ports(text: str | None) -> tuple[tuple[int, int], ...]:
+    if text is None or text == "*":
+        return ALL_PORTS
+    ranges = []
+    for part in text.split(","):
+        first, dash, last = part.partition("-")
+        if not re.fullmatch(r"[0-9]{1,5}", first) or (dash and not re.fullmatch(r"[0-9]{1,5}", last)):
+            raise ValueError(f"{text!r} is not PORT, PORT-PORT, several of them joined by commas, or *")
+        low, high = int(first), int(last if dash else first)
+        if not TCP_PORT_RANGE[0] <= low <= high <= TCP_PORT_RANGE[1]:
+            raise ValueError(f"ports {part!r}: a port is from 1 to 65535, a range's first not above its last")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def rules_problem(value: list[typing.Any]) -> str | None:
+    """What is wrong with the first bad rule of a list, or None when every one is a rule."""
+    for number, text in enumerate(value, 1):
+        if not isinstance(text, str):
+            return f"rule {number} is {shown(text)}, not a string"
+        try:
+            parse_rule(text)
+        except ValueError as error:
+            return f"rule {number} ({shown(text)}): {error}"
+    return None
+
+
 class Kind(typing.NamedTuple):
     """What the values of a field may be: JSON Schema's type for them ("integer", "number",
-    "boolean" or "string"), README's words for them and an error's, whether a value of that
-    type is one, and the range or the choices, which the JSON Schema gives too."""
+    "boolean", "string" or "array"), README's words for them and an error's, whether a value of
+    that type is one, and the range or the choices, which the JSON Schema gives too.  problem:
+    for a value of the right type that does not fit, what is wrong with it, in more words."""
 
     type: str
     words: str
@@ -607,6 +759,7 @@ class Kind(typing.NamedTuple):
     fits: Callable[[typing.Any], bool]
     range: tuple[float, float] | None = None
     choices: tuple[str, ...] | None = None
+    problem: Callable[[typing.Any], str | None] | None = None
 
 
 def integers(low: int, high: int) -> Kind:
@@ -630,9 +783,11 @@ KINDS = {
                       "one of " + ", ".join(LOG_LEVELS), lambda value: value in LOG_LEVELS, choices=LOG_LEVELS),
     "text": Kind("string", "string, not empty", "a non-empty string without NUL",
                  lambda value: bool(value) and "\0" not in value),
+    "rules": Kind("array", "array of rules: `NAME`, `*.DOMAIN`, `*`, address or range, each with `:PORTS` or not",
+                  "an array of egress rules", lambda value: rules_problem(value) is None, problem=rules_problem),
 }
 JSON_TYPES: dict[str, type | tuple[type, ...]] = {
-    "integer": int, "number": (int, float), "boolean": bool, "string": str,
+    "integer": int, "number": (int, float), "boolean": bool, "string": str, "array": list,
 }
 
 
@@ -643,6 +798,8 @@ def check_value(field: Field, value: object) -> str | None:
     typed = isinstance(value, JSON_TYPES[kind.type]) and (kind.type == "boolean") == isinstance(value, bool)
     if typed and kind.fits(value):
         return None
+    if typed and kind.problem:
+        return kind.problem(value)
     expected = kind.expected if typed or kind.type != "string" else "a string"
     return f"expected {expected}, found {shown(value)}"
 
@@ -798,6 +955,7 @@ def check_document(document: dict[str, typing.Any], control_port: int,
     config = Config(
         inbound=tuple(Inbound(**e) for e in entries["inbound_connections"]),
         outbound=tuple(Outbound(**e) for e in entries["outbound_connections"]),
+        egress=next((Egress(**e) for e in entries["egress"]), None),
         log_location=next((LogLocation(**e) for e in entries["log_location"]), None),
         limits=next((Limits(**e) for e in entries["limits"]), DEFAULT_LIMITS),
         lines=lines,
@@ -825,13 +983,14 @@ def cross_check(entries: dict[str, list[dict[str, typing.Any]]], control_port: i
 
     unique(
         "vsock port",
-        ports("inbound_connections", "vsock_port") + ports("outbound_connections", "vsock_port"),
+        ports("inbound_connections", "vsock_port") + ports("outbound_connections", "vsock_port")
+        + ports("egress", "vsock_port"),
         {control_port: "the control port"},
     )
     unique("host_port", ports("inbound_connections", "host_port"), {})  # even on two bind addresses: keep it simple
     unique(
-        "enclave-side listening port (outbound enclave_port, by default tcp_port)",
-        ports("outbound_connections", "enclave_port"),
+        "enclave-side listening port (outbound enclave_port, by default tcp_port, and egress proxy_port)",
+        ports("outbound_connections", "enclave_port") + ports("egress", "proxy_port"),
         {},
     )
     return problems
@@ -1238,6 +1397,8 @@ class Endpoint(typing.NamedTuple):
     port: int
 
     def __str__(self) -> str:
+        if not self.port:  # the host half's egress target: each connection names its own
+            return f"{self.kind} {self.host}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.kind} {host}:{self.port}"
 
@@ -1371,8 +1532,12 @@ class Dialer:
         return sock, error == 0
 
     def connect_tcp(self, host: str, port: int, conn_id: int) -> socket.socket:
-        """Try every address the name has, in the resolver's order; literals skip DNS.  At debug,
-        the answer and each address that failed are logged, named by conn_id."""
+        """Try every address the name has, in the resolver's order; literals skip DNS."""
+        return self.connect_first(self.resolve(host, port, conn_id), conn_id)
+
+    def resolve(self, host: str, port: int, conn_id: int) -> list[AddressInfo]:
+        """The addresses of host, as getaddrinfo gives them, of the family asked for; logged at debug,
+        named by conn_id.  socket.gaierror when there are none."""
         flags = socket.AI_NUMERICHOST if is_ip_literal(host) else 0
         try:
             addresses = socket.getaddrinfo(host, port, self.family, socket.SOCK_STREAM, 0, flags)
@@ -1385,6 +1550,11 @@ class Dialer:
         if not flags:
             log.debug("conn %d: %s resolves to %s", conn_id, host,
                       ", ".join(str(address[4][0]) for address in addresses))
+        return addresses
+
+    def connect_first(self, addresses: list[AddressInfo], conn_id: int) -> socket.socket:
+        """The first of addresses that answers, tried in order; each failure logged at debug.  The
+        error of the last when none does."""
         failure: OSError | None = None
         for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
@@ -1443,11 +1613,16 @@ def resetting(sock: socket.socket) -> None:
 
 
 class Route(typing.NamedTuple):
-    """A listener and where each connection it accepts goes; direction is "inbound" or "outbound"."""
+    """A listener and where each connection it accepts goes; direction is "inbound", "outbound" or
+    "egress", whose connections each ask for a destination, which policy judges."""
 
     listen: Endpoint
     target: Endpoint
     direction: str
+    policy: Policy | None = None
+
+
+DIRECTIONS = ("inbound", "outbound", "egress")
 
 
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -1579,7 +1754,7 @@ class Admission:
     def __init__(self, limit: int, queue_timeout: float):
         self.share = math.inf  # descriptors one direction's connections may hold: two each, one while waiting
         self.lock = threading.Lock()
-        self.gates = {direction: Gate(direction, limit) for direction in ("inbound", "outbound")}
+        self.gates = {direction: Gate(direction, limit) for direction in DIRECTIONS}
         self.queue_timeout = queue_timeout or math.inf
         self.live: set[Connection] = set()
         self.ids = itertools.count(1)
@@ -1789,6 +1964,10 @@ def host_routes(config: Config, enclave_cid: str) -> list[Route]:
         Route(Endpoint("vsock", "", entry.vsock_port), Endpoint("tcp", entry.hostname, entry.tcp_port), "outbound")
         for entry in config.outbound
     ]
+    if config.egress:
+        asked = Endpoint("tcp", "any destination the rules allow", 0)
+        routes.append(Route(Endpoint("vsock", "", config.egress.vsock_port), asked, "egress",
+                            Policy.of(config.egress, "host")))
     return routes
 
 
@@ -1802,6 +1981,10 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
               "outbound")
         for entry in config.outbound
     ]
+    if config.egress:
+        routes.append(Route(Endpoint("tcp", "127.0.0.1", config.egress.proxy_port),
+                            Endpoint("vsock", parent_cid, config.egress.vsock_port), "egress",
+                            Policy.of(config.egress, "enclave")))
     return routes
 
 
@@ -1878,6 +2061,433 @@ class Connector:
                                       connection.conn_id, target, explain(error))
         reset(connection.client)
         self.admission.release(connection)
+
+
+# ---------------------------------------------------------------------------
+# Egress: a client's request on the proxy port, the rules of each half, and the one line
+# each way between the halves before the bytes flow
+# ---------------------------------------------------------------------------
+# The enclave half takes an HTTP CONNECT or SOCKS5 request on its proxy port,
+# judges the destination by its own rules, and asks the host half on the egress
+# vsock port with one line; the host half judges it by its rules, resolves the
+# name, drops every address the rules refuse, dials the rest in order and answers
+# with one line; the enclave half judges the address the host half reached, and
+# answers its client.  Then the two sockets go to the reactor, as any other
+# connection's do.  Both run in a setup worker, each bounded in size and time.
+#
+#     enclave -> host   qproxy-egress 1 HOST PORT\n
+#     host -> enclave   qproxy-egress 1 STATUS DETAIL\n
+#
+# HOST is a name in its IDNA form or an IP address; STATUS is an outcome below;
+# DETAIL is "ADDRESS PORT" for connected, else the reason, in words.
+
+EGRESS_PREFIX = "qproxy-egress 1 "
+
+# Address ranges that are not the public internet (IANA's special-purpose registries, NAT64, 6to4):
+# an address there is dialed only when an address rule within them allows it, so that no name
+# leads a request to the parent's loopback, its private networks or a metadata service.
+SPECIAL_RANGES = tuple(ipaddress.ip_network(text) for text in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "240.0.0.0/4",
+    "::/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "2002::/16",
+    "fc00::/7", "fe80::/10", "ff00::/8",
+))
+
+# What each outcome of a request is to a client: (HTTP status, SOCKS5 reply code, RFC 9209 Proxy-Status error).
+EGRESS_OUTCOMES = {
+    "connected": (200, 0x00, ""),
+    "denied": (403, 0x02, "http_request_denied"),
+    "no-such-host": (502, 0x04, "dns_error"),
+    "refused": (502, 0x05, "connection_refused"),
+    "host-unreachable": (502, 0x04, "destination_unavailable"),
+    "network-unreachable": (502, 0x03, "destination_ip_unroutable"),
+    "timed-out": (504, 0x06, "connection_timeout"),
+    "failed": (502, 0x01, "proxy_internal_error"),
+    # The enclave half's own, about the request itself.
+    "bad-request": (400, 0x01, "http_request_error"),
+    "bad-command": (501, 0x07, "http_request_error"),
+    "bad-address-type": (400, 0x08, "http_request_error"),
+    "too-large": (431, 0x01, "http_request_error"),
+    "too-slow": (408, 0x01, "http_request_error"),
+}
+# What the host half may answer: the outcomes above the enclave half's own.
+HOST_OUTCOMES = ("connected", "denied", "no-such-host", "refused", "host-unreachable", "network-unreachable",
+                 "timed-out", "failed")
+HTTP_REASONS = {200: "Connection established", 400: "Bad Request", 403: "Forbidden", 408: "Request Timeout",
+                431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway",
+                504: "Gateway Timeout"}
+# A dial's error, as an outcome.
+DIAL_OUTCOMES = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timed-out", errno.EHOSTUNREACH: "host-unreachable",
+                 errno.ENETUNREACH: "network-unreachable"}
+
+
+def special_range(address: IPAddress) -> IPNetwork | None:
+    return next((network for network in SPECIAL_RANGES if address in network), None)
+
+
+def within_special(network: IPNetwork) -> bool:
+    """Whether network lies inside one of SPECIAL_RANGES: only such an allow rule lets an address there through."""
+    return any(network.version == wider.version and network.subnet_of(wider)  # type: ignore[arg-type]
+               for wider in SPECIAL_RANGES)
+
+
+class Policy(typing.NamedTuple):
+    """One half's egress rules: a deny rule that matches decides, then an allow rule; nothing else passes.
+
+    A destination is judged as asked for (a name by the name rules, an address
+    by the address rules), and then each address it is dialed at: no deny rule
+    may match it, and an address in SPECIAL_RANGES needs an address rule of
+    allow that lies within them too (10.0.0.0/8, not 0.0.0.0/0).
+    """
+
+    whose: str  # "the enclave half's" or "the host half's": which rules a reason names
+    allow: tuple[Rule, ...]
+    deny: tuple[Rule, ...]
+
+    @classmethod
+    def of(cls, egress: Egress, role: str) -> Policy:
+        return cls(f"the {role} half's", tuple(map(parse_rule, egress.allow)), tuple(map(parse_rule, egress.deny)))
+
+    def __str__(self) -> str:
+        return "; ".join(f"{what} " + (", ".join(rule.text for rule in rules) or "nothing")
+                         for what, rules in (("allow", self.allow), ("deny", self.deny)))
+
+    def judge(self, host: str, port: int) -> tuple[bool, str]:
+        """Whether a destination (canonical: see destination()) may be asked for, and the rule that says so."""
+        address = canonical_address(host) if is_ip_literal(host) else None
+        for rule in self.deny:
+            if rule.matches(host, address, port):
+                return False, f"{self.whose} deny rule {quoted(rule.text)}"
+        for rule in self.allow:
+            if rule.matches(host, address, port):
+                refused = self.refuses(address, port) if address else None
+                return refused is None, refused or f"{self.whose} rule {quoted(rule.text)}"
+        return False, f"no allow rule of {self.whose} matches"
+
+    def refuses(self, address: IPAddress, port: int) -> str | None:
+        """Why address may not be dialed for port, or None when it may."""
+        for rule in self.deny:
+            if rule.matches("", address, port):
+                return f"{address} is denied by {self.whose} rule {quoted(rule.text)}"
+        special = special_range(address)
+        if special and not any(rule.network and within_special(rule.network) and rule.matches("", address, port)
+                               for rule in self.allow):
+            return f"{address} is in {special}, which only an address rule of {self.whose} within it allows"
+        return None
+
+
+def destination(host: str) -> str:
+    """A destination's host as the rules and the header take it: an address in its usual
+    form, or a name in its IDNA form.  ValueError when it is neither."""
+    if is_ip_literal(host):
+        return str(canonical_address(host))
+    return canonical_name(host)
+
+
+class RequestError(Exception):
+    """A request that will not be served: its outcome (a key of EGRESS_OUTCOMES), why, in words, and
+    the protocol its client speaks, which the answer must be in ("": none)."""
+
+    def __init__(self, outcome: str, reason: str, protocol: str = "http"):
+        super().__init__(reason)
+        self.outcome = outcome
+        self.protocol = protocol
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until deadline, for a socket's timeout; socket.timeout when there are none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    return left
+
+
+def read_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """size bytes from a blocking sock by deadline.  EOFError when it ends first; socket.timeout at the deadline."""
+    data = b""
+    while len(data) < size:
+        sock.settimeout(remaining(deadline))
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def read_through(sock: socket.socket, end: bytes, limit: int, deadline: float) -> bytes:
+    """The bytes from a blocking sock up to and including end, at most limit of them, by deadline.
+
+    Only what comes before end is taken: the bytes after it (a client's first
+    bytes for the tunnel, a server's greeting) stay in the socket for the reactor.
+    ValueError when limit bytes come without end; EOFError, socket.timeout as read_exactly.
+    """
+    taken = b""
+    while True:
+        sock.settimeout(remaining(deadline))
+        seen = taken + sock.recv(limit - len(taken), socket.MSG_PEEK)
+        if len(seen) == len(taken):
+            raise EOFError
+        found = seen.find(end, max(len(taken) - len(end) + 1, 0))
+        if found >= 0:
+            return taken + read_exactly(sock, found + len(end) - len(taken), deadline)
+        if len(seen) >= limit:
+            raise ValueError(f"no end within {limit} bytes")
+        taken += read_exactly(sock, len(seen) - len(taken), deadline)  # none of them is end: take them
+
+
+class ProxyRequest(typing.NamedTuple):
+    """A client's request on the proxy port: its protocol ("http" or "socks5"), and the destination."""
+
+    protocol: str
+    host: str
+    port: int
+
+    @classmethod
+    def read(cls, sock: socket.socket, deadline: float) -> ProxyRequest:
+        """Read a request, told apart by its first byte.  RequestError when there is none to serve."""
+        protocol = "http"
+        try:
+            sock.settimeout(remaining(deadline))
+            first = sock.recv(1, socket.MSG_PEEK)
+            if first == b"\x05":
+                protocol = "socks5"
+                return cls.socks5(sock, deadline)
+            if first.isalpha():
+                return cls.http(sock, deadline)
+            protocol = ""  # no answer: there is none the client would understand
+            hint = "; is the client told https:// for the proxy? It is http://" if first == b"\x16" else ""
+            raise RequestError("bad-request", f"neither HTTP nor SOCKS5{hint}" if first else "no request")
+        except RequestError as error:
+            raise RequestError(error.outcome, str(error), protocol) from None
+        except socket.timeout:
+            raise RequestError("too-slow", f"no whole request within {EGRESS_REQUEST_TIMEOUT:g} s", protocol) from None
+        except ValueError:
+            raise RequestError("too-large", f"a request over {EGRESS_REQUEST_MAX} bytes", protocol) from None
+        except EOFError:
+            raise RequestError("bad-request", "the client ended its request unfinished", protocol) from None
+
+    @classmethod
+    def http(cls, sock: socket.socket, deadline: float) -> ProxyRequest:
+        """CONNECT HOST:PORT HTTP/1.x and its header lines, which say nothing a tunnel needs."""
+        head = read_through(sock, b"\r\n\r\n", EGRESS_REQUEST_MAX, deadline)
+        line = head.partition(b"\r\n")[0].decode("latin-1")
+        request = re.fullmatch(r"(\S+) (\S+) HTTP/1\.[01]", line)
+        if not request:
+            raise RequestError("bad-request", "not an HTTP/1 request line")
+        if request.group(1) != "CONNECT":
+            raise RequestError("bad-command", f"{escaped(request.group(1))} requests are not proxied: this"
+                               " proxy only tunnels (CONNECT); use https://, or an outbound entry")
+        target = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([^\[\]:/@]+):([0-9]{1,5})", request.group(2))
+        if not target:
+            raise RequestError("bad-request", f"{quoted(request.group(2))} is not HOST:PORT")
+        return cls.aimed("http", target.group(1) or target.group(3), int(target.group(2) or target.group(4)))
+
+    @classmethod
+    def socks5(cls, sock: socket.socket, deadline: float) -> ProxyRequest:
+        """RFC 1928: the methods (only "no authentication" is offered), then CONNECT to an address or a name."""
+        _, count = read_exactly(sock, 2, deadline)
+        if 0 not in read_exactly(sock, count, deadline):
+            sock.sendall(b"\x05\xff")
+            raise RequestError("bad-request", "the client offers no method without authentication")
+        sock.sendall(b"\x05\x00")
+        version, command, _, kind = read_exactly(sock, 4, deadline)
+        if version != 5:
+            raise RequestError("bad-request", f"SOCKS version {version} in the request")
+        if kind == 1:
+            host = str(ipaddress.IPv4Address(read_exactly(sock, 4, deadline)))
+        elif kind == 4:
+            host = str(ipaddress.IPv6Address(read_exactly(sock, 16, deadline)))
+        elif kind == 3:
+            name = read_exactly(sock, read_exactly(sock, 1, deadline)[0], deadline)
+            host = name.decode("utf-8", errors="replace")
+        else:
+            raise RequestError("bad-address-type", f"address type {kind}")
+        port = int.from_bytes(read_exactly(sock, 2, deadline), "big")
+        if command != 1:
+            raise RequestError("bad-command", f"command {command}: only CONNECT (1) is served")
+        return cls.aimed("socks5", host, port)
+
+    @classmethod
+    def aimed(cls, protocol: str, host: str, port: int) -> ProxyRequest:
+        try:
+            canonical = destination(host)
+        except ValueError:
+            raise RequestError("bad-request", f"{quoted(host)} is neither a DNS name nor an IP address") from None
+        if not TCP_PORT_RANGE[0] <= port <= TCP_PORT_RANGE[1]:
+            raise RequestError("bad-request", f"port {port}")
+        return cls(protocol, canonical, port)
+
+
+def answer_client(sock: socket.socket, protocol: str, outcome: str, reason: str) -> None:
+    """Tell a client on the proxy port how its request ended, as its protocol says (best effort).
+    A SOCKS5 client whose request could not be read gets no reply: there is none for that."""
+    status, code, error = EGRESS_OUTCOMES[outcome]
+    if protocol == "socks5" and outcome in ("bad-request", "too-slow", "too-large"):
+        return
+    if protocol == "socks5":
+        message = bytes((5, code, 0, 1)) + bytes(6)  # bound to 0.0.0.0:0: nothing a client needs
+    elif status == 200:
+        message = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    else:
+        details = escaped(reason).replace("\\", "\\\\").replace('"', '\\"')
+        body = f"qproxy: {escaped(reason)}\n".encode()
+        message = (f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                   f'Proxy-Status: qproxy; error={error}; details="{details}"\r\n\r\n').encode() + body
+    with contextlib.suppress(OSError):
+        sock.settimeout(EGRESS_REQUEST_TIMEOUT)
+        sock.sendall(message)
+
+
+def ask_line(host: str, port: int) -> bytes:
+    return f"{EGRESS_PREFIX}{host} {port}\n".encode()
+
+
+def answer_line(outcome: str, detail: str) -> bytes:
+    return f"{EGRESS_PREFIX}{outcome} {escaped(detail)[:EGRESS_REASON_SHOWN]}\n".encode()
+
+
+def parse_line(line: bytes) -> tuple[str, str]:
+    """A header line's two words after the prefix: HOST PORT, or STATUS DETAIL.  ValueError when it is none."""
+    text = line.decode("ascii")
+    if not text.startswith(EGRESS_PREFIX) or not text.endswith("\n"):
+        raise ValueError("no qproxy-egress line")
+    first, _, rest = text[len(EGRESS_PREFIX):-1].partition(" ")
+    return first, rest
+
+
+def shown_destination(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class EgressSetup:
+    """Sets up the connections of the egress ports: in the enclave half (``ask_host``) a client's
+    request, in the host half (``dial_asked``) the enclave half's.  Each runs in a setup worker;
+    whatever goes wrong ends this connection only, with an answer that says why."""
+
+    def __init__(self, connector: Connector):
+        self.connector = connector
+
+    def ask_host(self, connection: Connection) -> None:
+        """Read the client's request, judge it by the enclave half's rules, ask the host half on the
+        route's vsock port, judge the address it reached, and answer the client."""
+        client, target = connection.client, connection.route.target
+        policy = typing.cast(Policy, connection.route.policy)
+        far: socket.socket | None = None
+        self.connector.prepare(connection)
+        try:
+            request = ProxyRequest.read(client, time.monotonic() + EGRESS_REQUEST_TIMEOUT)
+        except RequestError as error:
+            self.refuse(connection, None, error.protocol, error)
+            return
+        except OSError as error:  # the client went away
+            self.refuse(connection, None, "http", RequestError("failed", explain(error)))
+            return
+        try:
+            asked = shown_destination(request.host, request.port)
+            connection.aim(f"{asked} via {target}")
+            self.judge(connection, policy, request.host, request.port)
+            try:
+                far = self.connector.dialer.vsock.connect(int(target.host), target.port, self.connector.dialer.timeout)
+                far.sendall(ask_line(request.host, request.port))
+                status, detail = parse_line(read_through(far, b"\n", EGRESS_HEADER_MAX,
+                                                         time.monotonic() + EGRESS_ANSWER_TIMEOUT))
+            except socket.timeout:
+                raise RequestError("timed-out", f"the host half gave no answer for {asked} in time") from None
+            except (OSError, EOFError, ValueError, UnicodeDecodeError) as error:
+                why = explain(error) if isinstance(error, OSError) else "no answer (has its file an [egress] table?)"
+                raise RequestError("failed", f"the host half, on {target}: {why}") from None
+            if status != "connected":
+                raise RequestError(status if status in HOST_OUTCOMES else "failed", detail)
+            address = detail.partition(" ")[0]
+            try:
+                refused = policy.refuses(canonical_address(address), request.port)
+            except ValueError:
+                raise RequestError("failed", f"the host half reached {quoted(address)}, which is no address") from None
+            if refused:
+                raise RequestError("denied", f"the host half reached {refused}")
+        except RequestError as error:
+            self.refuse(connection, far, request.protocol, error)
+            return
+        answer_client(client, request.protocol, "connected", "")
+        connection.dial(far, math.inf)
+        self.connector.opened(connection)
+        self.connector.reactor.hand_over(connection)
+
+    def dial_asked(self, connection: Connection) -> None:
+        """Read what the enclave half asks for, judge it by the host half's rules, resolve it, dial
+        the addresses the rules let through in the resolver's order, and answer with the outcome."""
+        asker, dialer = connection.client, self.connector.dialer
+        policy = typing.cast(Policy, connection.route.policy)
+        try:
+            host, port_text = parse_line(read_through(asker, b"\n", EGRESS_HEADER_MAX,
+                                                      time.monotonic() + EGRESS_REQUEST_TIMEOUT))
+            port = int(port_text) if re.fullmatch("[0-9]{1,5}", port_text) else 0
+            if destination(host) != host or not TCP_PORT_RANGE[0] <= port <= TCP_PORT_RANGE[1]:
+                raise ValueError
+        except (OSError, EOFError, ValueError, UnicodeDecodeError):
+            throttled.warning("egress header", "conn %d: the enclave half's request on %s is no qproxy-egress line;"
+                              " closing it (is the other end a qproxy enclave half of this version?)",
+                              connection.conn_id, connection.route.listen)
+            asker.close()
+            self.connector.admission.release(connection)
+            return
+        connection.aim(f"tcp {shown_destination(host, port)}")
+        far = None
+        try:
+            self.connector.prepare(connection)
+            self.judge(connection, policy, host, port)
+            try:
+                addresses = dialer.resolve(host, port, connection.conn_id)
+            except socket.gaierror as error:
+                raise RequestError("no-such-host", f"{host}: {explain(error)}") from None
+            refusals = [policy.refuses(canonical_address(address[4][0]), port) for address in addresses]
+            if all(refusals):
+                raise RequestError("denied", "; ".join(typing.cast(list[str], refusals)))
+            for refused in filter(None, refusals):
+                log.info("conn %d: not dialed: %s", connection.conn_id, refused)
+            try:
+                far = dialer.connect_first([a for a, refused in zip(addresses, refusals) if not refused],
+                                           connection.conn_id)
+            except OSError as error:
+                timed_out = isinstance(error, socket.timeout)
+                outcome = "timed-out" if timed_out else DIAL_OUTCOMES.get(error.errno or 0, "failed")
+                raise RequestError(outcome, f"{shown_destination(host, port)}: {explain(error)}") from None
+            reached = far.getpeername()
+            asker.settimeout(EGRESS_REQUEST_TIMEOUT)
+            asker.sendall(answer_line("connected", f"{reached[0]} {reached[1]}"))
+        except (RequestError, OSError) as error:  # OSError: the enclave half or the far side went away
+            failure = error if isinstance(error, RequestError) else RequestError("failed", explain(error))
+            with contextlib.suppress(OSError):
+                asker.settimeout(EGRESS_REQUEST_TIMEOUT)
+                asker.sendall(answer_line(failure.outcome, str(failure)))
+            self.refuse(connection, far, "", failure)
+            return
+        connection.dial(far, math.inf)
+        self.connector.opened(connection)
+        self.connector.reactor.hand_over(connection)
+
+    @staticmethod
+    def judge(connection: Connection, policy: Policy, host: str, port: int) -> None:
+        """Log the rules' decision; RequestError when they deny the destination."""
+        allowed, why = policy.judge(host, port)
+        asked = shown_destination(host, port)
+        if not allowed:
+            raise RequestError("denied", f"{asked} is denied: {why}")
+        log.info("conn %d: %s allowed by %s", connection.conn_id, asked, why)
+
+    def refuse(self, connection: Connection, far: socket.socket | None, protocol: str, error: RequestError) -> None:
+        """End a connection that will not be relayed; a client of the proxy port (protocol "http" or
+        "socks5"; "" for the host half's, answered already) is told why, as its protocol can say it."""
+        if protocol:
+            answer_client(connection.client, protocol, error.outcome, str(error))
+        if far is not None:
+            far.close()
+        connection.client.close()
+        self.connector.admission.release(connection)
+        throttled.warning_or_info(f"egress {error.outcome}", "conn %d %s: %s: %s", connection.conn_id,
+                                  error.outcome, connection.path, error)
 
 
 # ---------------------------------------------------------------------------
@@ -2232,6 +2842,10 @@ class Connection:
         self.down: Flow | None = None
         self.fds = (client.fileno(), -1)  # client, far: what epoll knows them by, also once closed
         self.masks = [0, 0]
+
+    def aim(self, target: str) -> None:
+        """Name the destination an egress connection asked for, in place of its route's target."""
+        self.path = f"{self.path.rpartition(' -> ')[0]} -> {target}"
 
     def dial(self, far: socket.socket, deadline: float) -> None:
         """The far side is being dialed: the reactor waits until it can write to it, or deadline."""
@@ -2729,17 +3343,23 @@ class Budget:
 
 # What the enclave half tells the host half about its configuration, and how the host compares it.
 
-# The keys of each direction's entries that the halves compare: every key but the host-only bind_address.
+# The keys of each direction's entries that the halves compare: every key but the host-only
+# bind_address, and the egress rules, which are each half's own (a destination must pass both).
 ENTRY_KEYS = {
     "inbound": ("vsock_port", "host_port", "enclave_port"),
     "outbound": ("vsock_port", "hostname", "tcp_port", "enclave_port"),
+    "egress": ("vsock_port", "proxy_port"),
 }
+DIRECTION_TABLES = {"inbound": "inbound_connections", "outbound": "outbound_connections", "egress": "egress"}
 
 
 def entries_of(config: Config) -> dict[str, list[dict[str, typing.Any]]]:
-    """A config's connection entries, as the enclave half's hello carries them."""
+    """A config's connection entries, as the enclave half's hello carries them: [egress] as a direction
+    of one entry, or none."""
+    found = {"inbound": config.inbound, "outbound": config.outbound,
+             "egress": (config.egress,) if config.egress else ()}
     return {
-        direction: [{key: getattr(entry, key) for key in keys} for entry in getattr(config, direction)]
+        direction: [{key: getattr(entry, key) for key in keys} for entry in found[direction]]
         for direction, keys in ENTRY_KEYS.items()
     }
 
@@ -2754,10 +3374,11 @@ def by_vsock_port(entries: object) -> dict[str, dict[int, dict[str, typing.Any]]
         raise ValueError("entries is not an object")
     found: dict[str, dict[int, dict[str, typing.Any]]] = {}
     for direction in ENTRY_KEYS:
-        listed = entries.get(direction)
+        listed = entries.get(direction, [] if direction == "egress" else None)  # a version before egress: none
         if not isinstance(listed, list):
             raise ValueError(f"entries.{direction} is not a list")
-        fields = TABLES[f"{direction}_connections"].fields
+        fields = {key: field for key, field in TABLES[DIRECTION_TABLES[direction]].fields.items()
+                  if key in ENTRY_KEYS[direction]}
         found[direction] = {}
         for entry in listed:
             # Keys a later version may add are not this one's business.
@@ -2779,6 +3400,11 @@ ENTRY_USES: dict[str, tuple[Callable[[dict[str, typing.Any]], str], Callable[[di
     "outbound": (
         lambda entry: f"forwards vsock port {entry['vsock_port']} to {entry['hostname']}:{entry['tcp_port']}",
         lambda entry: f"forwards 127.0.0.1:{entry['enclave_port']} to vsock port {entry['vsock_port']}",
+    ),
+    "egress": (
+        lambda entry: f"dials the destinations asked for on vsock port {entry['vsock_port']}",
+        lambda entry: f"asks for the destinations of proxy port 127.0.0.1:{entry['proxy_port']} on vsock port"
+                      f" {entry['vsock_port']}",
     ),
 }
 
@@ -3234,6 +3860,8 @@ class Half:
         self.stopping = threading.Event()
         self.admission = Admission(max_connections, limits.queue_timeout)
         self.connector = Connector(Dialer(vsock, limits.connect_timeout, family), self.admission, limits)
+        egress = EgressSetup(self.connector)
+        self.egress_job = egress.ask_host if role == "enclave" else egress.dial_asked
         self.workers = Workers(self.fail)
         self.listeners: list[Listener] = []
         self.paused: set[Listener] = set()  # listeners out of the selector until they may accept again
@@ -3340,7 +3968,8 @@ class Half:
                 changes["removed"] += 1
             elif wanted[listen] != listener.route:
                 listener.route = wanted[listen]
-                log.info("reload: %s -> %s from now on", listen, listener.route.target)
+                rules = f" ({listener.route.policy})" if listener.route.policy else ""
+                log.info("reload: %s -> %s%s from now on", listen, listener.route.target, rules)
                 changes["changed"] += 1
         for listen, route in wanted.items():
             if listen not in current:
@@ -3390,17 +4019,20 @@ class Half:
             held = probe.fileno()
         descriptors = limit - held - DESCRIPTOR_RESERVE
         descriptors -= self.connector.reactor.buffers.allow_pipes(descriptors)
-        # The host half may gain a direction by a reload, whose share the other direction could hold
-        # by then, with its connections waiting on it: it keeps one for each from the start.  The
-        # enclave half never reloads.
-        listened = sorted({listener.route.direction for listener in self.listeners if listener.route})
-        directions = (self.role == "enclave" and listened) or ["inbound", "outbound"]
+        # The host half may gain inbound or outbound by a reload, whose share the other direction
+        # could hold by then, with its connections waiting on it: it keeps one for each from the
+        # start (and for egress when it has it: a reload cannot add it).  The enclave half never reloads.
+        listened = {listener.route.direction for listener in self.listeners if listener.route}
+        if self.role == "host":
+            listened |= {"inbound", "outbound"}
+        directions = [direction for direction in DIRECTIONS if direction in listened] or ["inbound", "outbound"]
         connections = self.admission.budget(descriptors, len(directions))
         if connections < 1:
             raise StartError(f"the open-files limit ({limit}) leaves no descriptors for a connection: this half"
                              f" holds {held} and keeps {DESCRIPTOR_RESERVE} in reserve; raise it (ulimit -n,"
                              " LimitNOFILE=)")
-        each = "in each direction" if len(directions) == 2 else f"({directions[0]}, the only direction it listens for)"
+        each = (f"({directions[0]}, the only direction it listens for)" if len(directions) == 1
+                else f"in each direction ({', '.join(directions)})")
         log.info("the open-files limit (%d) lets this half hold %d connections at once %s", limit, connections, each)
 
     def accept_loop(self, until: Callable[[], bool], deadline: float = math.inf) -> None:
@@ -3452,17 +4084,19 @@ class Half:
 
     def set_up(self, admitted: list[Connection]) -> None:
         """Dial for each admitted connection, in order: at once when its target has no name to
-        resolve, else in a setup worker; those no thread can be had for wait again."""
+        resolve, else (and an egress request always) in a setup worker; those no thread can be had
+        for wait again."""
         for index, connection in enumerate(admitted):
             if self.admission.short_of:  # the last dial found no descriptor: the rest wait again, in order
                 for waiting in reversed(admitted[index:]):
                     self.admission.requeue(waiting, self.admission.short_of)
                 return
-            if not self.connector.dialer.resolves(connection.route.target):
+            egress = connection.route.direction == "egress"
+            if not (egress or self.connector.dialer.resolves(connection.route.target)):
                 self.connector.start(connection)
                 continue
             try:
-                self.workers.run(self.connector.set_up, connection)
+                self.workers.run(self.egress_job if egress else self.connector.set_up, connection)
             except RuntimeError as error:  # no thread to be had: these wait again, in their order
                 for waiting in reversed(admitted[index:]):
                     self.admission.requeue(waiting, "threads")
@@ -3534,6 +4168,9 @@ def reload_host(half: Half, control: ControlServer, running: Config, args: argpa
     for table in ("limits", "log_location"):
         if getattr(config, table) != getattr(running, table):
             log.warning("reload: [%s] changed; it is read at start only, so restart the host half to apply it", table)
+    if config.egress and not running.egress:  # it would have no share of the descriptors (budget_descriptors)
+        log.warning("reload: [egress] is new; restart the host half to serve it")
+        config = config._replace(egress=None)
     summary = half.apply_routes(host_routes(config, str(args.cid)))
     control.entries = entries_of(config)
     log.info("reload: %s: %s", args.config, summary)
@@ -3595,6 +4232,12 @@ def config_summary(path: str, config: Config, parent_cid: int, control_port: int
         for route in enclave_routes(enclave_config or config, str(parent_cid))
     ]
     lines.append(f"enclave: dial vsock {parent_cid}:{control_port} for the control connection")
+    for role, egress in (("host", config.egress), ("enclave", (enclave_config or config).egress)):
+        if egress:
+            lines.append(f"{role}: egress rules: {Policy.of(egress, role)}")
+    if config.egress or (enclave_config or config).egress:
+        lines.append("egress: a destination must pass the rules of both halves; an address in a special-purpose"
+                     " range (loopback, private, link-local, ...) also needs an address rule within such ranges")
     where = config.log_location
     if where:
         lines.append(

@@ -237,3 +237,55 @@ def read_to_end(sock: socket.socket) -> tuple[bytes, str]:
             data += chunk
     except ConnectionResetError:
         return data, "reset"
+
+
+def private_resolver(folder: Path, hosts: str) -> list[str]:
+    """A wrapper that runs a command with its own /etc/hosts and a files-only nsswitch.conf, in a mount
+    namespace of its own: the test names resolve the same anywhere, and none waits on a DNS server."""
+    (folder / "hosts").write_text(hosts)
+    (folder / "nsswitch.conf").write_text("hosts: files\n")
+    mounts = f'mount --bind "{folder}/hosts" /etc/hosts'
+    if os.path.exists("/etc/nsswitch.conf"):
+        mounts += f' && mount --bind "{folder}/nsswitch.conf" /etc/nsswitch.conf'
+    return ["unshare", "-m", "sh", "-c", f'{mounts} && exec "$0" "$@"']
+
+
+class SilentListener:
+    """A loopback TCP port that never answers a SYN, so that a dial to it times out.
+
+    The trick: a listening socket with backlog 0 whose accept queue is filled first by connections
+    nobody accepts.  Linux then drops further SYNs on the floor (net.ipv4.tcp_abort_on_overflow is
+    0 by default): no SYN-ACK and no RST, so the connect hangs until the dialer's own timeout, which
+    is exactly "no answer within connect_timeout".  It needs no route to nowhere, no network
+    namespace and no privilege.  The constructor checks it worked on this kernel: the last filler's
+    connect must itself have hung.
+    """
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers = []
+        for _ in range(8):  # the kernel may queue one or two beyond the backlog: stop at the first that hangs
+            filler = socket.socket()
+            filler.settimeout(0.5)
+            try:
+                filler.connect(("127.0.0.1", self.port))
+            except socket.timeout:
+                filler.close()
+                return
+            self.fillers.append(filler)
+        raise AssertionError("the listen queue never filled: cannot make a port that does not answer")
+
+    def close(self):
+        for sock in self.fillers:
+            sock.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_listener():
+    listener = SilentListener()
+    yield listener
+    listener.close()

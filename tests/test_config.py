@@ -272,6 +272,7 @@ KINDS = {
     "outbound_connections": {
         "hostname": "hostname", "vsock_port": "vsock_port", "tcp_port": "tcp_port", "enclave_port": "tcp_port",
     },
+    "egress": {"proxy_port": "tcp_port", "vsock_port": "vsock_port", "allow": "rules", "deny": "rules"},
     "log_location": {
         "host_log": "text", "enclave_log": "text", "log_level": "log_level",
         "host_log_dir": "text", "enclave_log_dir": "text", "forward_enclave_log": "boolean",
@@ -299,6 +300,11 @@ VALID = {
     "ip_address": ["0.0.0.0", "127.0.0.1", "10.1.2.3", "::", "::1", "2001:db8::1"],
     "log_level": list(qproxy.LOG_LEVELS),
     "text": ["x", "日志.log", "/var/log/with space", "a" * 300],
+    "rules": [
+        [], ["api.example.com"], ["*.example.com:443"], ["*:443"], ["*"], ["API.Example.COM.:80,443"],
+        ["bücher.example:443"], ["10.0.0.0/8:5432"], ["127.0.0.1"], ["2001:db8::/32"], ["[2001:db8::1]:443"],
+        ["[::1]:1-1024,8080"], ["0.0.0.0/0:*"], ["::ffff:10.0.0.0/104"], ["a.test:1-65535", "b.test:22"],
+    ],
 }
 
 INVALID = {
@@ -316,6 +322,12 @@ INVALID = {
     "ip_address": ["", "localhost", "eth0", "1.2.3", "256.1.1.1", "[::1]", "1.2.3.4:80", "fe80::1%eth0", 0, True],
     "log_level": ["INFO", "Warn", "WARN", "warning", "none", "", " info", 3, True, ["info"]],
     "text": ["", "a\0b", 1, True, 1.5, ["host.log"], {"name": "host.log"}],
+    "rules": [
+        [""], ["a.test:"], ["a.test:0"], ["a.test:65536"], ["a.test:443-80"], ["a.test:http"], ["a.test:1,,2"],
+        ["*.*.example.com"], ["api.*.com"], ["*example.com"], ["a b"], ["10.0.0.1/8"], ["10.0.0.0/33"], ["1.2.3"],
+        ["[::1"], ["[::1]443"], ["[a.test]:443"], ["::1:443:x"], ["fe80::1%eth0"], ["a.test", 443], [["a.test"]],
+        "a.test", 443, True, {"allow": "a.test"},
+    ],
 }
 
 LEVEL_CHOICES = ", ".join(qproxy.LOG_LEVELS)
@@ -330,6 +342,7 @@ EXPECTED = {
     "ip_address": "expected a",  # an IPv4 or IPv6 address / a string
     "log_level": "expected ",  # one of ... / a string
     "text": "expected a ",
+    "rules": "",  # an array of egress rules / rule N (...): what is wrong with it
 }
 
 
@@ -349,6 +362,7 @@ def valid_document() -> dict:
             "host_log_dir": "/var/log/qproxy", "enclave_log_dir": "/var/log/qproxy",
         },
         "limits": {"connections_per_listener": 100, "connect_timeout": 3, "idle_timeout": 600},
+        "egress": {"proxy_port": 3128, "vsock_port": 8000, "allow": ["*.example.com:443"], "deny": ["10.0.0.0/8"]},
     }
 
 
@@ -367,7 +381,7 @@ def where(table: str) -> str:
 
 def loaded(config: qproxy.Config, table: str, key: str) -> object:
     entry = {"inbound_connections": config.inbound[1:2], "outbound_connections": config.outbound[1:2],
-             "log_location": (config.log_location,), "limits": (config.limits,)}[table][0]
+             "log_location": (config.log_location,), "limits": (config.limits,), "egress": (config.egress,)}[table][0]
     return getattr(entry, key)
 
 
@@ -399,7 +413,10 @@ def test_invalid_value_is_one_error_naming_entry_and_field(tmp_path, table, key,
     assert len(found) == 1, found
     prefix = f"{where(table)}: {key}: {EXPECTED[KINDS[table][key]]}"
     assert found[0].startswith(prefix), found
-    assert ", found " in found[0]
+    if KINDS[table][key] == "rules" and isinstance(value, list):  # the rule, and what is wrong with it
+        assert re.match(r"rule [0-9]+ (\(.*\): .|is )", found[0][len(prefix):]), found
+    else:
+        assert ", found " in found[0]
     if isinstance(value, int) and not isinstance(value, bool):
         assert found[0].endswith(f"found {value}")
 
@@ -418,7 +435,7 @@ def test_error_shows_what_was_found(tmp_path):
 ])
 def test_missing_required_key(tmp_path, table, key):
     document = valid_document()
-    del document[table][1][key]
+    del (document[table][1] if qproxy.TABLES[table].array else document[table])[key]
     assert problems(tmp_path, document) == [f"{where(table)}: {key}: missing (required)"]
 
 
@@ -427,6 +444,7 @@ def test_required_keys_are_the_vendors():
     assert required == {
         "inbound_connections": ["host_port", "enclave_port", "vsock_port"],
         "outbound_connections": ["hostname", "vsock_port", "tcp_port"],
+        "egress": ["proxy_port", "vsock_port"],  # an extension: its table is optional, these two are not
         "log_location": [],
         "limits": [],
     }

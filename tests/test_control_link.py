@@ -268,6 +268,7 @@ def test_the_enclave_half_greets_with_its_entries_and_notices_a_silent_host_half
                              "enclave_port": 8080}],
                 "outbound": [{"vsock_port": 8001, "hostname": "api.example.com", "tcp_port": 443,
                               "enclave_port": app_port}],
+                "egress": [],
             },
         }
         enclave.wait_log(r"WARN  qproxy::enclave control: the host half has said nothing for [3-9]\.")

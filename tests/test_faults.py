@@ -21,7 +21,9 @@ import time
 import pytest
 
 import qproxy
-from conftest import DEADLINE, ThreadedServer, echo, free_port, inbound, outbound, read_to_end, recv_all, wait_for
+from conftest import (
+    DEADLINE, ThreadedServer, echo, free_port, inbound, outbound, private_resolver, read_to_end, recv_all, wait_for,
+)
 from test_relay import connect, exchange, process_counts
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to count descriptors and threads")
@@ -400,17 +402,6 @@ def test_a_stalled_upstream_holds_only_its_own_connection_until_it_closes(proxy)
 needs_mount_namespace = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare to give the host half its own resolver files"
 )
-
-
-def private_resolver(folder, hosts: str) -> list[str]:
-    """A wrapper that runs a command with its own /etc/hosts and a files-only nsswitch.conf, in a
-    mount namespace of its own: names resolve the same anywhere, and none waits on a DNS server."""
-    (folder / "hosts").write_text(hosts)
-    (folder / "nsswitch.conf").write_text("hosts: files\n")
-    mounts = f'mount --bind "{folder}/hosts" /etc/hosts'
-    if os.path.exists("/etc/nsswitch.conf"):
-        mounts += f' && mount --bind "{folder}/nsswitch.conf" /etc/nsswitch.conf'
-    return ["unshare", "-m", "sh", "-c", f'{mounts} && exec "$0" "$@"']
 
 
 @needs_mount_namespace

@@ -91,37 +91,6 @@ def test_the_enclave_half_keeps_its_listeners_within_the_limit_too(proxy):
         upstream.stop()
 
 
-class SilentListener:
-    """A TCP port that never completes another handshake: its listen queue (backlog 0) is full."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        self.port = self.sock.getsockname()[1]
-        self.fillers = []
-        for _ in range(8):  # the kernel may queue one or two beyond the backlog; stop at the first that hangs
-            filler = socket.socket()
-            filler.settimeout(0.5)
-            try:
-                filler.connect(("127.0.0.1", self.port))
-            except socket.timeout:
-                filler.close()
-                return
-            self.fillers.append(filler)
-        raise AssertionError("the listen queue never filled: cannot make a port that does not answer")
-
-    def close(self):
-        for sock in self.fillers:
-            sock.close()
-        self.sock.close()
-
-
-@pytest.fixture
-def silent_listener():
-    listener = SilentListener()
-    yield listener
-    listener.close()
 
 
 def test_connect_timeout_resets_the_app_after_the_configured_time(proxy, silent_listener):

@@ -78,6 +78,12 @@ hostnames = st.one_of(
     st.text(max_size=8),
 ).filter(lambda text: "\n" not in text and "%" not in text)
 
+# Rules of every shape qproxy takes, and bad ones that the schema's shape refuses too (what only
+# check-config can refuse, such as host bits in a range, is left out, as config_schema.py says).
+GOOD_RULES = ["api.example.com", "*.example.com:443", "*:443", "*", "bücher.example:80,443", "10.0.0.0/8:5432",
+              "127.0.0.1", "2001:db8::/32", "[2001:db8::1]:443", "[::1]:1-1024,8080", "0.0.0.0/0:*"]
+BAD_RULES = ["", "a b", "a.test:", "a.test:http", "api.*.com", "[::1", "[::1]443", "[a.test]:443", "::1:443:x",
+             "a.test:1,,2"]
 texts = st.one_of(st.text(max_size=8), st.sampled_from(["", "\0", "a\0", "host.log", "日志"]))
 GOOD = {
     "hostname": st.one_of(
@@ -89,6 +95,7 @@ GOOD = {
     "text": st.text(min_size=1, max_size=8).filter(lambda text: "\0" not in text),
     "seconds": st.one_of(st.integers(*qproxy.SECONDS_RANGE), st.floats(*qproxy.SECONDS_RANGE)),
     "boolean": st.booleans(),
+    "rules": st.lists(st.sampled_from(GOOD_RULES), max_size=3),
 }
 BAD = {
     "hostname": hostnames,  # about half of these are bad
@@ -101,6 +108,8 @@ BAD = {
         texts, st.booleans(),
     ),
     "boolean": st.one_of(st.integers(0, 1), texts),
+    "rules": st.one_of(st.lists(st.sampled_from(BAD_RULES), min_size=1, max_size=2),
+                       st.lists(st.integers(0, 9), min_size=1, max_size=2), texts),
 }
 UNKNOWN_KEYS = ["host_prot", "hostnames", "extra", "Log_Level", ""]
 
@@ -170,9 +179,15 @@ def test_schema_accepts_exactly_what_qproxy_accepts(document):
     assert (schema_errors == []) == (problems == []), (problems, schema_errors)
 
 
+# Egress rules of a right shape that only check-config refuses: a port beyond 65535, host bits, no address.
+RULES_BEYOND_SHAPE = {"a.test:0", "a.test:65536", "a.test:443-80", "10.0.0.1/8", "10.0.0.0/33", "1.2.3"}
+
+
 def comparable(value: object) -> bool:
-    """Whether schema and validator are meant to agree on value (see wrong_types and hostnames above)."""
+    """Whether schema and validator are meant to agree on value (see wrong_types, hostnames and GOOD_RULES above)."""
     if isinstance(value, float) and (value.is_integer() or value != value):
+        return False
+    if isinstance(value, list) and RULES_BEYOND_SHAPE.intersection(item for item in value if isinstance(item, str)):
         return False
     return not (isinstance(value, str) and ("\n" in value or "%" in value))
 
@@ -230,7 +245,7 @@ def test_vendor_examples_fit_the_schema(example):
 
 PYTHON_TYPES = {
     "tcp_port": int, "vsock_port": int, "count": int, "mebibytes": int, "seconds": float, "boolean": bool, "hostname": str,
-    "ip_address": str, "text": str,
+    "ip_address": str, "text": str, "rules": list[str],
 }
 
 
@@ -267,7 +282,7 @@ def test_entry_typed_dict_matches_table(name):
             assert typing.get_origin(hints[key]) is typing.Literal
             assert typing.get_args(hints[key]) == qproxy.LOG_LEVELS
         else:
-            assert hints[key] is PYTHON_TYPES[field.kind], key
+            assert hints[key] == PYTHON_TYPES[field.kind], key  # == for list[str]: each is a new alias
 
 
 # ---------------------------------------------------------------------------
@@ -312,6 +327,8 @@ def test_printed_schema_is_derived_from_the_table(printed):
                 assert (prop["type"], prop["minimum"], prop["maximum"]) == ("number", *qproxy.SECONDS_RANGE)
             elif field.kind == "boolean":
                 assert prop["type"] == "boolean"
+            elif field.kind == "rules":
+                assert (prop["type"], prop["items"]["type"]) == ("array", "string")
             else:
                 assert prop["type"] == "string"
             if field.kind == "log_level":
