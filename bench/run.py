@@ -35,6 +35,11 @@ from /proc, so each rate comes with its CPU cost per unit of work.
               200 connections: requests per second and CPU per request, and
               the 50/90/99 % latency at 50;
 * churn:      wrk -c50 with ``Connection: close``, i.e. connections per second;
+* egress:     qproxy only: requests per second, each on a new connection, through
+              the egress proxy (CONNECT, its 200, then GET through the tunnel) and
+              through an outbound entry to the same nginx, served by one pair of
+              halves; a load generator of this file's own (two processes, 50
+              requests in flight) drives both, and nginx straight (its ceiling);
 * conns:      1,000 idle connections held through every chain to a server in
               this process: peak RSS, threads and fds of each hop while they
               are held, how long until fds and threads are back at the
@@ -60,10 +65,12 @@ import argparse
 import dataclasses
 import contextlib
 import datetime
+import errno
 import fcntl
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -84,7 +91,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 DEFAULT_JSON = BENCH / "results" / "latest.json"
 
-WORKLOADS = ("startup", "idle", "conns", "stall", "throughput", "keepalive", "churn")
+WORKLOADS = ("startup", "idle", "conns", "stall", "throughput", "keepalive", "churn", "egress")
 CHAINS = ("direct", "socat", "socat-256k", "asyncio", "uvloop", "qproxy")  # the table's columns, in order
 PEERS = ("socat", "socat-256k", "asyncio", "uvloop")  # what qproxy is compared with (direct is the ceiling)
 SOCATS = ("socat", "socat-256k")
@@ -96,6 +103,7 @@ NEEDS = {  # tools a workload cannot run without (the others use socat only if p
     "throughput": ("iperf3", "socat"),
     "keepalive": ("wrk", "nginx", "socat"),
     "churn": ("wrk", "nginx", "socat"),
+    "egress": ("nginx",),  # its load generator is this file's own
     "conns": (),
     "stall": (),
     "startup": (),
@@ -109,6 +117,11 @@ ENCLAVE_CID = "4"
 
 class BenchError(Exception):
     """The benchmark itself failed (not: qproxy missed a target)."""
+
+
+class Unsupported(Exception):
+    """The qproxy.py measured lacks what a workload measures (an older copy, --qproxy): the workload
+    is left out with a note, and the run goes on."""
 
 
 @dataclasses.dataclass
@@ -365,6 +378,7 @@ class Chain:
     name: str
     port: int  # where the client connects
     pids: dict[str, int] = dataclasses.field(default_factory=dict)  # hop ("host", "enclave") -> its session leader
+    logs: dict[str, Path] = dataclasses.field(default_factory=dict)  # hop -> its output (the egress row reads them)
 
 
 def qproxy_env(vsock_dir: Path, rust_log: str | None = "warn") -> dict:
@@ -375,20 +389,28 @@ def qproxy_env(vsock_dir: Path, rust_log: str | None = "warn") -> dict:
     return env
 
 
-def start_qproxy(ctx: Context, scope: Scope, target_port: int) -> Chain:
-    """host half on a free port -> emulated vsock -> enclave half -> 127.0.0.1:target_port."""
-    folder = scope.folder("qproxy")
+def spawn_halves(ctx: Context, scope: Scope, name: str,
+                 config_text: str) -> tuple[Path, subprocess.Popen, subprocess.Popen]:
+    """Both halves of qproxy started with this config, over emulated vsock in a folder of their own:
+    that vsock folder, the enclave half, the host half (not yet listening)."""
+    folder = scope.folder(name)
     vsock_dir = folder / "vsock"
     vsock_dir.mkdir()
-    port = free_port()
     config = folder / "bench.toml"
-    config.write_text(
-        f"[[inbound_connections]]\nhost_port = {port}\nenclave_port = {target_port}\nvsock_port = {VSOCK_PORT}\n"
-    )
+    config.write_text(config_text)
     env = qproxy_env(vsock_dir)
     enclave = scope.spawn([ctx.python, str(ctx.qproxy), "enclave", "--config", str(config)], folder / "enclave.log", env)
     host = scope.spawn([ctx.python, str(ctx.qproxy), "host", "--config", str(config), ENCLAVE_CID],
                        folder / "host.log", env)
+    return vsock_dir, enclave, host
+
+
+def start_qproxy(ctx: Context, scope: Scope, target_port: int) -> Chain:
+    """host half on a free port -> emulated vsock -> enclave half -> 127.0.0.1:target_port."""
+    port = free_port()
+    vsock_dir, enclave, host = spawn_halves(
+        ctx, scope, "qproxy",
+        f"[[inbound_connections]]\nhost_port = {port}\nenclave_port = {target_port}\nvsock_port = {VSOCK_PORT}\n")
     wait_until(lambda: is_listening(str(vsock_dir / str(VSOCK_PORT))), enclave, "qproxy enclave half")
     wait_until(lambda: is_listening(("127.0.0.1", port)), host, "qproxy host half")
     return Chain("qproxy", port, {"host": host.pid, "enclave": enclave.pid})
@@ -698,6 +720,284 @@ def run_churn(ctx: Context, scope: Scope) -> dict:
         "churn_p99": make_figure("churn latency p99", "ms", column(results, "p99"), decimals=2),
         "churn_cpu": make_figure("churn: CPU per connection", "us", cpu_per(results, per_request)),
     }
+
+
+# ---------------------------------------------------------------------------
+# Workload: the egress proxy (HTTP CONNECT) against an outbound entry, a new connection per request
+# ---------------------------------------------------------------------------
+
+
+LOAD_PROCESSES = 2  # load-generator processes: one Python loop alone would cap the rate before the halves do
+LOAD_CONNECTIONS = 50  # requests in flight at once over all of them, as churn's wrk -c50
+LOAD_DRAIN = 10.0  # seconds the requests in flight at the end of a run get to finish
+HELLO = b"Hello world!"  # the body of nginx's every reply (nginx_config)
+
+
+def check_egress_support(ctx: Context, scope: Scope) -> None:
+    """Unsupported when the qproxy.py measured predates [egress] (`--qproxy` an older copy): its check-config
+    rejects the table by name.  Any other problem shows when the halves start."""
+    config = scope.folder("egress-check") / "egress.toml"
+    config.write_text('[egress]\nproxy_port = 3128\nvsock_port = 8000\nallow = ["127.0.0.0/8"]\n')
+    done = subprocess.run([ctx.python, str(ctx.qproxy), "check-config", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    if done.returncode != 0 and "unknown key 'egress'" in done.stderr + done.stdout:
+        raise Unsupported("this qproxy.py has no [egress] table")
+
+
+def start_qproxy_egress(ctx: Context, scope: Scope, upstream: int) -> list[Chain]:
+    """One pair of halves that reaches 127.0.0.1:upstream both ways, so the two are compared like for like:
+    an outbound entry (the enclave half listens on a port of its own for it) and an [egress] table whose
+    CONNECT proxy may reach that port (a 127.0.0.x target needs an address rule, loopback being a
+    special-purpose range).  The chains "outbound" and "egress", whose hops are the same two processes."""
+    outbound_port, proxy_port = free_port(), free_port()
+    vsock_dir, enclave, host = spawn_halves(
+        ctx, scope, "qproxy-egress",
+        f'[[outbound_connections]]\nhostname = "127.0.0.1"\ntcp_port = {upstream}\n'
+        f"enclave_port = {outbound_port}\nvsock_port = {VSOCK_PORT}\n\n"
+        f'[egress]\nproxy_port = {proxy_port}\nvsock_port = {VSOCK_PORT_2}\nallow = ["127.0.0.0/8:{upstream}"]\n')
+    for vsock_port in (VSOCK_PORT, VSOCK_PORT_2):
+        wait_until(lambda: is_listening(str(vsock_dir / str(vsock_port))), host, "qproxy host half")
+    for port in (outbound_port, proxy_port):
+        wait_until(lambda: is_listening(("127.0.0.1", port)), enclave, "qproxy enclave half")
+    pids = {"host": host.pid, "enclave": enclave.pid}
+    logs = {"host": host.log, "enclave": enclave.log}  # type: ignore[attr-defined]
+    return [Chain("outbound", outbound_port, pids, logs), Chain("egress", proxy_port, pids, logs)]
+
+
+@dataclasses.dataclass
+class Exchange:
+    """One request on its own connection, as the load generator's loop carries it."""
+
+    sock: socket.socket
+    tunnelling: bool  # a CONNECT sent, its answer not read yet
+    received: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+class LoadGenerator:
+    """`connections` requests in flight at once, each on a new connection to 127.0.0.1:port, each reply read
+    to its EOF (Connection: close).  With tunnel, each first asks the proxy on port for a tunnel to
+    127.0.0.1:upstream and reads its 200, as a client behind HTTPS_PROXY does; else it sends the GET at once.
+    One selector loop in one process: no threads, so the GIL costs nothing."""
+
+    def __init__(self, port: int, upstream: int, tunnel: bool, connections: int):
+        self.address = ("127.0.0.1", port)
+        self.tunnel = tunnel
+        self.connections = connections
+        target = f"127.0.0.1:{upstream}"
+        self.connect = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+        self.get = f"GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode()
+        self.selector = selectors.DefaultSelector()
+        self.end = 0.0
+        self.counts = {"in_time": 0, "requests": 0, "errors": 0, "first_error": None}
+
+    def run(self, seconds: float) -> dict:
+        """Requests completed within `seconds` (in_time: the rate) and in all (requests: the CPU the halves
+        spent includes those in flight at the end, let finish), errors, and this process's CPU seconds."""
+        cpu = time.process_time()
+        self.end = time.perf_counter() + seconds
+        for _ in range(self.connections):
+            self.open()
+        deadline = self.end + LOAD_DRAIN
+        while self.selector.get_map() and time.perf_counter() < deadline:
+            for key, events in self.selector.select(0.1):
+                self.ready(key.data, events)
+        for key in list(self.selector.get_map().values()):
+            self.fail(key.data, f"no reply {LOAD_DRAIN:.0f} s after the run ended")
+        self.selector.close()
+        return dict(self.counts, seconds=seconds, cpu=time.process_time() - cpu)
+
+    def open(self) -> None:
+        """A new connection, unless the run is over; its first bytes go once the connect is done.  A connect
+        that fails at once (no port left, say) is counted and tried again, so the load stays as it was."""
+        while time.perf_counter() < self.end:
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as curl does: no Nagle delay
+            status = sock.connect_ex(self.address)
+            if status in (0, errno.EINPROGRESS):
+                self.selector.register(sock, selectors.EVENT_WRITE, Exchange(sock, self.tunnel))
+                return
+            sock.close()
+            self.count_error(f"connect: {os.strerror(status)}")
+
+    def ready(self, exchange: Exchange, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self.connected(exchange)
+        elif exchange.tunnelling:
+            self.read_answer(exchange)
+        else:
+            self.read_reply(exchange)
+
+    def connected(self, exchange: Exchange) -> None:
+        status = exchange.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status:
+            self.fail(exchange, f"connect: {os.strerror(status)}")
+            return
+        if self.send(exchange, self.connect if exchange.tunnelling else self.get):
+            self.selector.modify(exchange.sock, selectors.EVENT_READ, exchange)
+
+    def send(self, exchange: Exchange, data: bytes) -> bool:
+        """A request of a few dozen bytes into an empty send buffer goes whole, or the exchange fails."""
+        try:
+            sent = exchange.sock.send(data)
+        except OSError as error:
+            self.fail(exchange, f"send: {error}")
+            return False
+        if sent != len(data):
+            self.fail(exchange, f"send: {sent} of {len(data)} bytes")
+            return False
+        return True
+
+    def receive(self, exchange: Exchange) -> bytes | None:
+        """What the socket has (b"" at EOF); None when nothing yet or when the exchange failed."""
+        try:
+            return exchange.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as error:
+            self.fail(exchange, f"recv: {error}")
+            return None
+
+    def read_answer(self, exchange: Exchange) -> None:
+        """The proxy's answer to the CONNECT: on its 200, the GET goes through the tunnel."""
+        data = self.receive(exchange)
+        if data is None:
+            return
+        if not data:
+            self.fail(exchange, "the proxy closed before it answered the CONNECT")
+            return
+        exchange.received += data
+        head, found, rest = exchange.received.partition(b"\r\n\r\n")
+        if not found:
+            return
+        if not head.startswith(b"HTTP/1.1 200"):
+            status_line = bytes(head.partition(b"\r")[0])
+            self.fail(exchange, f"the proxy answered {status_line!r}")
+            return
+        exchange.tunnelling = False
+        exchange.received = bytearray(rest)  # none expected: nginx says nothing before the GET
+        self.send(exchange, self.get)
+
+    def read_reply(self, exchange: Exchange) -> None:
+        data = self.receive(exchange)
+        if data:
+            exchange.received += data
+            return
+        if data is None:
+            return
+        if not (exchange.received.startswith(b"HTTP/1.1 200") and exchange.received.endswith(HELLO)):
+            self.fail(exchange, f"reply {bytes(exchange.received[:60])!r}")
+            return
+        self.close(exchange)
+        self.counts["requests"] += 1
+        self.counts["in_time"] += time.perf_counter() < self.end
+        self.open()
+
+    def fail(self, exchange: Exchange, why: str) -> None:
+        self.close(exchange)
+        self.count_error(why)
+        self.open()
+
+    def count_error(self, why: str) -> None:
+        self.counts["errors"] += 1
+        self.counts["first_error"] = self.counts["first_error"] or why
+
+    def close(self, exchange: Exchange) -> None:
+        self.selector.unregister(exchange.sock)
+        exchange.sock.close()
+
+
+def load_process(port: int, upstream: int, tunnel: bool, connections: int, seconds: float, results) -> None:
+    """The body of one load-generator process: its counts go back through results (a Pipe's end)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the bench's to handle: it stops this process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and by SIGTERM, which should end it without a traceback
+    results.send(LoadGenerator(port, upstream, tunnel, connections).run(seconds))
+    results.close()
+
+
+def generate_load(port: int, upstream: int, tunnel: bool, seconds: float) -> dict:
+    """LOAD_CONNECTIONS requests in flight over LOAD_PROCESSES forked processes: their counts summed, the rate
+    over the run's length, and how busy they were (1.0: every process used a whole CPU all along)."""
+    forked = multiprocessing.get_context("fork")  # the loop's code as it is, without importing this file again
+    workers = []
+    try:
+        for share in range(LOAD_PROCESSES):
+            connections = LOAD_CONNECTIONS // LOAD_PROCESSES + (share < LOAD_CONNECTIONS % LOAD_PROCESSES)
+            receiver, sender = forked.Pipe(duplex=False)
+            worker = forked.Process(target=load_process, args=(port, upstream, tunnel, connections, seconds, sender),
+                                    daemon=True)
+            worker.start()
+            sender.close()
+            workers.append((worker, receiver))
+        counts = [load_result(worker, receiver, seconds + LOAD_DRAIN + 30) for worker, receiver in workers]
+    finally:
+        for worker, receiver in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join(5)
+            receiver.close()
+    total = {key: sum(count[key] for count in counts) for key in ("in_time", "requests", "errors", "cpu")}
+    return {"rate": total["in_time"] / seconds, "requests": total["requests"], "errors": total["errors"],
+            "first_error": next((count["first_error"] for count in counts if count["first_error"]), None),
+            "client_busy": total["cpu"] / (seconds * LOAD_PROCESSES)}
+
+
+def load_result(worker: multiprocessing.Process, receiver, timeout: float) -> dict:
+    try:
+        if receiver.poll(timeout):
+            return receiver.recv()
+    except EOFError:
+        pass
+    raise BenchError(f"a load-generator process gave no result within {timeout:.0f} s (exit code {worker.exitcode})")
+
+
+def load_once(chain: Chain, seconds: int, upstream: int) -> dict:
+    """One run of the load generator through the chain: CONNECT first on "egress", straight on the others."""
+    result = generate_load(chain.port, upstream, chain.name == "egress", seconds)
+    if result["requests"] == 0:
+        raise BenchError(f"no request completed through {chain.name} in {seconds} s: {result['first_error']}")
+    return result
+
+
+def relative_to(figure: dict, reference: dict, name: str) -> None:
+    """figure's qproxy median over reference's, shown in the ratio column in place of the best peer: the
+    same load another way through the same halves."""
+    ours, theirs = median_of(figure, "qproxy"), median_of(reference, "qproxy")
+    figure["relative_to"] = {"name": name, "ratio": ours / theirs if ours and theirs else None}
+
+
+def log_lines(chain: Chain) -> dict[str, list[str]]:
+    """What each half logged (RUST_LOG=warn: its warnings and errors), the last 20 lines."""
+    return {role: Path(log).read_text(errors="replace").splitlines()[-20:] for role, log in chain.logs.items()}
+
+
+def run_egress(ctx: Context, scope: Scope) -> dict:
+    """The same load generator against nginx straight (its own ceiling), through an outbound entry, and
+    through the egress proxy's CONNECT, one tunnel per request: requests/s and CPU of both halves per request.
+    The CONNECT rows' ratio is to the outbound entry's: what a destination costs when the rules, not an
+    entry of its own, let the enclave reach it."""
+    check_egress_support(ctx, scope)
+    upstream = start_nginx(ctx, scope)
+    chains = [Chain("direct", upstream), *start_qproxy_egress(ctx, scope, upstream)]
+    results = rounds(ctx, chains, lambda chain, seconds: load_once(chain, seconds, upstream))
+    rates, errors, busy = column(results, "rate"), column(results, "errors"), column(results, "client_busy")
+    cpu = cpu_per(results, per_request)
+    ways = {"egress": ("CONNECT", "a new tunnel per request"),
+            "outbound": ("outbound entry", "a new connection per request")}
+    figures = {}
+    for way, (name, each) in ways.items():
+        rate = make_figure(f"egress: {name}, {each}", "req/s", {"direct": rates["direct"], "qproxy": rates[way]},
+                           decimals=0, higher=True)
+        rate["errors"] = {"direct": errors["direct"], "qproxy": errors[way]}
+        rate["client_busy"] = {"direct": busy["direct"], "qproxy": busy[way]}
+        rate["raw"] = {"direct": results["direct"], "qproxy": results[way]}
+        figures[f"egress_{way}_rate"] = rate
+    for way, (name, _) in ways.items():
+        figures[f"egress_{way}_cpu"] = make_figure(f"egress: {name}: CPU per request", "us", {"qproxy": cpu[way]})
+    relative_to(figures["egress_egress_rate"], figures["egress_outbound_rate"], "outbound")
+    relative_to(figures["egress_egress_cpu"], figures["egress_outbound_cpu"], "outbound")
+    figures["egress_egress_rate"]["log"] = log_lines(chains[-1])
+    return figures
 
 
 # ---------------------------------------------------------------------------
@@ -1262,6 +1562,7 @@ RUNNERS: dict[str, Callable[[Context, Scope], dict]] = {
     "throughput": run_throughput,
     "keepalive": run_keepalive,
     "churn": run_churn,
+    "egress": run_egress,
 }
 
 
@@ -1389,9 +1690,13 @@ def format_value(value: float | None, decimals: int) -> str:
 
 
 def format_best(figure: dict) -> str:
-    """qproxy's median over the best peer's, and which peer that is."""
-    ratio = figure["qproxy_best"]
-    return "-" if ratio is None else f"{ratio:.2f}x {figure['best_peer']}"
+    """qproxy's median over the best peer's, and which peer that is; or over what the figure is
+    relative_to (the egress row: qproxy's CONNECT proxy over its outbound entry)."""
+    if "relative_to" in figure:
+        ratio, name = figure["relative_to"]["ratio"], figure["relative_to"]["name"]
+    else:
+        ratio, name = figure["qproxy_best"], figure["best_peer"]
+    return "-" if ratio is None else f"{ratio:.2f}x {name}"
 
 
 def chain_cell(figure: dict, chain: str) -> str:
@@ -1492,8 +1797,9 @@ def on_sigterm(number: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwinds through every Scope, which stops and removes what it holds
 
 
-def run_workload(ctx: Context, name: str, errors: dict[str, str]) -> dict:
-    """One workload's figures, its processes and folders gone afterwards; a failure noted in errors."""
+def run_workload(ctx: Context, name: str, errors: dict[str, str], skipped: dict[str, str]) -> dict:
+    """One workload's figures, its processes and folders gone afterwards; a failure noted in errors,
+    a workload that this qproxy.py cannot run in skipped."""
     print(f"  {name}...", end="", flush=True)
     began = time.monotonic()
     try:
@@ -1502,6 +1808,10 @@ def run_workload(ctx: Context, name: str, errors: dict[str, str]) -> dict:
     except BenchError as error:
         errors[name] = str(error)
         print(f" FAILED: {error}", flush=True)
+        return {}
+    except Unsupported as reason:
+        skipped[name] = str(reason)
+        print(f" skipped: {reason}", flush=True)
         return {}
     print(f" {time.monotonic() - began:.0f} s", flush=True)
     for figure in figures.values():
@@ -1518,6 +1828,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     figures: dict = {}
     errors: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     try:
         with one_bench_at_a_time(not args.no_lock), Scope() as outer:
             # Measure a copy: qproxy.py edited during the run must not mix two versions in one table.
@@ -1533,7 +1844,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: the CPUs were {meta['cpu_busy_before_pct']:.0f} % busy before the run started: "
                       "figures will be noisy", flush=True)
             for name in workloads:
-                figures.update(run_workload(ctx, name, errors))
+                figures.update(run_workload(ctx, name, errors, skipped))
     except KeyboardInterrupt:
         print("\nbench: interrupted; everything started has been stopped", file=sys.stderr)
         return 130
@@ -1547,10 +1858,11 @@ def main(argv: list[str] | None = None) -> int:
               "(pip install uvloop for that Python, or pass --peer-python one that has it)")
     for name, figure in figures.items():
         if any(sum(runs) for runs in figure.get("errors", {}).values()):
-            print(f"note: wrk socket errors or non-2xx replies, per run: {figure['errors']} ({figure['label']})")
+            print(f"note: socket errors or non-2xx replies, per run: {figure['errors']} ({figure['label']})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(
-        {"meta": meta, "figures": figures, "targets_missed": missed, "errors": errors}, indent=2) + "\n")
+        {"meta": meta, "figures": figures, "targets_missed": missed, "errors": errors, "skipped": skipped},
+        indent=2) + "\n")
     print(f"results: {args.json}")
     if errors:
         print(f"bench: {len(errors)} workload(s) failed: {', '.join(errors)}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """bench/run.py: a fast subset runs end to end and writes sane JSON; wrk's output is read right;
-the asyncio relay peer carries bytes and half-closes right; CPU is counted for a hop's forks too.
+the asyncio relay peer carries bytes and half-closes right; CPU is counted for a hop's forks too;
+the egress row's load generator speaks CONNECT as a client does and counts a refusal as an error.
 
 The subset (start-up and idle RSS) needs no external tool: socat joins it only
 when installed, uvloop only when this Python imports it.  The load workloads
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, ThreadedServer, free_port, wait_for
 
 BENCH = ROOT / "bench" / "run.py"
 
@@ -110,6 +111,70 @@ def test_table_has_a_column_per_chain_measured_and_the_best_peer():
     lines = bench.table({"rate": figure}).splitlines()
     assert lines[0].split() == ["figure", "socat", "asyncio", "qproxy", "qproxy", "/", "best", "peer", "target", "met?"]
     assert lines[1].split() == ["rate", "(req/s)", "100", "200", "300", "1.50x", "asyncio"]
+
+
+def test_a_figure_relative_to_another_way_shows_that_ratio():
+    """The egress row compares qproxy's CONNECT proxy with its own outbound entry, not with a peer."""
+    bench = load_bench()
+    connect = bench.make_figure("connect", "req/s", {"direct": [900.0], "qproxy": [100.0]}, decimals=0, higher=True)
+    outbound = bench.make_figure("outbound", "req/s", {"direct": [900.0], "qproxy": [200.0]}, decimals=0, higher=True)
+    bench.relative_to(connect, outbound, "outbound")
+    connect["workload"] = outbound["workload"] = "egress"
+    lines = bench.table({"connect": connect, "outbound": outbound}).splitlines()
+    assert lines[1].split() == ["connect", "(req/s)", "900", "100", "0.50x", "outbound"]
+    assert lines[2].split() == ["outbound", "(req/s)", "900", "200", "-"]
+
+
+def read_head(sock: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            break
+        head += data
+    return head
+
+
+def fake_proxy(answer: bytes, heads: list):
+    """A loopback server that plays both the CONNECT proxy and nginx behind it: a CONNECT gets answer,
+    then (on a 200) the GET through the "tunnel" gets nginx's "Hello world!", and the connection ends.
+    heads: what each connection sent, in order."""
+    def handle(sock):
+        sent = [read_head(sock)]
+        heads.append(sent)
+        if sent[0].startswith(b"CONNECT "):
+            sock.sendall(answer)
+            if not answer.startswith(b"HTTP/1.1 200"):
+                return
+            sent.append(read_head(sock))
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nHello world!")
+
+    return ThreadedServer(handle)
+
+
+def test_the_load_generator_tunnels_then_gets_and_counts_refusals():
+    bench = load_bench()
+    heads: list[list[bytes]] = []
+    server = fake_proxy(b"HTTP/1.1 200 Connection established\r\n\r\n", heads)
+    try:
+        tunnelled = bench.LoadGenerator(server.port, 8080, tunnel=True, connections=4).run(0.5)
+        assert tunnelled["requests"] > 0 and tunnelled["errors"] == 0, tunnelled
+        assert 0 < tunnelled["in_time"] <= tunnelled["requests"]
+        get = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nConnection: close\r\n\r\n"
+        assert heads[0] == [b"CONNECT 127.0.0.1:8080 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n", get]
+        heads.clear()
+        straight = bench.LoadGenerator(server.port, 8080, tunnel=False, connections=4).run(0.5)
+        assert straight["requests"] > 0 and straight["errors"] == 0, straight
+        assert heads and all(sent == [get] for sent in heads)
+    finally:
+        server.stop()
+    server = fake_proxy(b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\n", [])
+    try:
+        denied = bench.LoadGenerator(server.port, 8080, tunnel=True, connections=2).run(0.3)
+    finally:
+        server.stop()
+    assert denied["requests"] == 0 and denied["errors"] > 0
+    assert denied["first_error"] == "the proxy answered b'HTTP/1.1 403 Forbidden'"
 
 
 def echo_server() -> int:
