@@ -12,6 +12,9 @@ enclave, and together they carry TCP streams both ways:
     outbound  app --TCP--> 127.0.0.1:tcp_port --[enclave]--> vsock parent:vsock_port
               --[host]--> TCP hostname:tcp_port (resolved on the host, per connection)
 
+    egress    app --HTTP CONNECT or SOCKS5--> 127.0.0.1:proxy_port --[enclave]--> vsock parent:vsock_port
+              --[host]--> TCP the destination asked for, if both halves' rules allow it
+
     control   [enclave] --vsock parent:control_port--> [host]
 
 The configuration file and the command line are those of the vendor's Rust
@@ -54,8 +57,15 @@ Design, in the order the data meets it:
   a far side that closes without sending a byte while the client is still
   talking (the other half could not reach its target) is passed on to a TCP
   client as a reset; one that only half-closes is not.
+* Egress.  An optional proxy port in the enclave takes HTTP CONNECT and
+  SOCKS5 requests.  Each half judges the destination by its own rules, deny
+  first, then allow, nothing else; the host half, which resolves, judges each
+  address again, and dials one in a special-purpose range (loopback, private,
+  link-local) only when an address rule within those ranges allows it.  One
+  line each way on the egress vsock port asks and answers before the bytes
+  flow; every other data connection stays raw bytes.
 * Limits.  ``-t N`` bounds the connections a half relays at once in each
-  direction: inbound and outbound never share a budget, so a request that
+  direction: inbound, outbound and egress never share a budget, so a request that
   calls out cannot wait for a slot only its own end would free.  A
   connection that arrives at a limit (its direction's, or its listener's
   ``[limits] connections_per_listener``) is accepted and waits in the half,
@@ -82,7 +92,7 @@ Design, in the order the data meets it:
 
 The sections below come in the order a connection meets them: bounds and
 helpers, configuration, logging, transport, listeners and admission, routes
-and setup, the data path, the control link and log forwarding, a half's
+and setup, egress requests, the data path, the control link and log forwarding, a half's
 lifecycle, the command line, the demo.  SECURITY.md names the functions each
 guarantee rests on.
 """
