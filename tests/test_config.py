@@ -924,3 +924,87 @@ def test_any_toml_document_loads_or_fails_cleanly(check_config, scratch, documen
 def test_any_bytes_load_or_fail_cleanly(check_config, scratch, content):
     scratch.write_bytes(content)
     assert_exit_0_or_errors(*check_config(str(scratch)), str(scratch))
+
+
+# ---------------------------------------------------------------------------
+# [egress]: what check-config says of it, and what its rules match
+# ---------------------------------------------------------------------------
+
+EGRESS = '[egress]\nproxy_port = 3128\nvsock_port = 8000\nallow = ["*.example.com:443", "10.0.0.0/8:5432"]\n'
+
+
+def test_check_config_shows_the_egress_routes_and_each_halfs_rules(check_config, tmp_path):
+    host = write(tmp_path, EGRESS + 'deny = ["bad.example.com"]\n', "host.toml")
+    enclave = write(tmp_path, EGRESS, "enclave.toml")
+    code, out, err = check_config(str(host), "--enclave-config", str(enclave), "--parent-cid", "7")
+    assert (code, err) == (0, [])
+    assert "host: listen vsock :8000 -> tcp any destination the rules allow" in out
+    assert "enclave: listen tcp 127.0.0.1:3128 -> vsock 7:8000" in out
+    assert "host: egress rules: allow *.example.com:443, 10.0.0.0/8:5432; deny bad.example.com" in out
+    assert "enclave: egress rules: allow *.example.com:443, 10.0.0.0/8:5432; deny nothing" in out
+    assert out[-1].endswith("valid, and matches " + str(host))  # the rules are each half's own: no mismatch
+
+
+def test_the_egress_proxy_port_and_vsock_port_share_the_ports_of_entries(tmp_path):
+    text = EGRESS.replace("8000", "7777").replace("3128", "443") + outbound_entry("api.test", 7777, 443)
+    found = problems(tmp_path, text)
+    assert [problem.split(": ", 2)[1] for problem in found] == ["vsock_port", "proxy_port"], found
+
+
+def outbound_entry(hostname: str, vsock_port: int, tcp_port: int) -> str:
+    return f'[[outbound_connections]]\nhostname = "{hostname}"\nvsock_port = {vsock_port}\ntcp_port = {tcp_port}\n'
+
+
+def policy(allow=(), deny=()) -> qproxy.Policy:
+    return qproxy.Policy.of(qproxy.Egress(3128, 8000, list(allow), list(deny)), "host")
+
+
+@pytest.mark.parametrize("rule, host, port, matches", [
+    ("*.example.com", "a.example.com", 443, True),
+    ("*.example.com", "a.b.example.com", 443, True),
+    ("*.example.com", "example.com", 443, False),  # not the apex
+    ("*.example.com", "example.com.evil.net", 443, False),
+    ("*.example.com", "badexample.com", 443, False),
+    ("api.example.com", "api.example.com", 443, True),
+    ("API.Example.COM.", "api.example.com", 443, True),  # compared in one case, without the final dot
+    ("bücher.example", "xn--bcher-kva.example", 443, True),  # in IDNA form
+    ("api.example.com:443", "api.example.com", 80, False),
+    ("api.example.com:80,8000-8999", "api.example.com", 8500, True),
+    ("*", "anything.test", 1, True),
+    ("*", "93.184.216.34", 443, False),  # a name pattern matches no address
+    ("93.184.216.0/24", "93.184.216.34", 443, True),
+    ("93.184.216.0/24", "93.184.217.34", 443, False),
+    ("0.0.0.0/0:443", "93.184.216.34", 443, True),
+    ("[2001:db8::/32]:443", "2001:db8::1", 443, True),
+    ("::ffff:93.184.216.0/120", "93.184.216.34", 443, True),  # an IPv4-mapped range is the IPv4 one
+])
+def test_what_a_rule_matches(rule, host, port, matches):
+    assert policy(allow=[rule]).judge(qproxy.destination(host), port)[0] is matches
+
+
+def test_a_deny_rule_wins_over_every_allow_rule():
+    rules = policy(allow=["*.example.com:443", "*"], deny=["secret.example.com"])
+    assert rules.judge("secret.example.com", 443) == (False, "the host half's deny rule secret.example.com")
+    assert rules.judge("open.example.com", 443) == (True, "the host half's rule *.example.com:443")
+    assert policy().judge("open.example.com", 443) == (False, "no allow rule of the host half's matches")
+
+
+@pytest.mark.parametrize("address, allow, refused", [
+    ("93.184.216.34", ["*"], False),  # a public address a name resolved to
+    ("127.0.0.1", ["*"], True),  # loopback, private, link-local (the metadata service), mapped ones too
+    ("10.1.2.3", ["*", "0.0.0.0/0"], True),  # a rule wider than the special ranges opens none of them
+    ("169.254.169.254", ["*"], True),
+    ("::ffff:127.0.0.1", ["*"], True),
+    ("fe80::1", ["*", "::/0"], True),
+    ("64:ff9b::a00:1", ["*"], True),  # NAT64, which leads to 10.0.0.1
+    ("10.1.2.3", ["*", "10.0.0.0/8"], False),  # an address rule within them opens them
+    ("10.1.2.3", ["*", "10.0.0.0/8:22"], True),  # for its ports only
+    ("127.0.0.1", ["*", "127.0.0.1"], False),
+])
+def test_an_address_in_a_special_range_needs_an_address_rule_within_them(address, allow, refused):
+    assert bool(policy(allow=allow).refuses(qproxy.canonical_address(address), 443)) is refused
+
+
+def test_a_deny_rule_refuses_an_address_a_name_resolved_to():
+    rules = policy(allow=["*"], deny=["93.184.216.0/24"])
+    assert "deny rule 93.184.216.0/24" in rules.refuses(qproxy.canonical_address("93.184.216.34"), 443)

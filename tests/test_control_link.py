@@ -682,3 +682,26 @@ def test_records_a_stuck_writer_has_not_written_cost_the_link_one_entry_a_queue_
     finally:
         ours.close()
         theirs.close()
+
+
+EGRESS_ENTRY = qproxy.Egress(3128, 8000, ["*.example.com:443"], [])
+
+
+def test_the_egress_tables_are_compared_by_their_ports_not_their_rules():
+    host = qproxy.entries_of(qproxy.Config(egress=EGRESS_ENTRY._replace(allow=[], deny=["a.example.com"])))
+    enclave = qproxy.entries_of(qproxy.Config(egress=EGRESS_ENTRY))
+    assert qproxy.config_mismatches(host, enclave) == []  # each half's rules are its own
+    moved = qproxy.entries_of(qproxy.Config(egress=EGRESS_ENTRY._replace(proxy_port=1080)))
+    assert qproxy.config_mismatches(host, moved) == [
+        "egress vsock port 8000: the host half's proxy_port is 3128, the enclave half's 1080"]
+    assert qproxy.config_mismatches(qproxy.entries_of(qproxy.Config()), enclave) == [
+        "the enclave half asks for the destinations of proxy port 127.0.0.1:3128 on vsock port 8000, but the host"
+        " half has no egress entry for vsock port 8000"]
+    assert qproxy.config_mismatches(host, qproxy.entries_of(qproxy.Config())) == [
+        "the host half dials the destinations asked for on vsock port 8000, but the enclave half has no egress"
+        " entry for vsock port 8000"]
+
+
+def test_a_hello_from_a_version_before_egress_compares_as_one_without_it():
+    older = {"inbound": [], "outbound": []}
+    assert qproxy.config_mismatches(qproxy.entries_of(qproxy.Config()), older) == []

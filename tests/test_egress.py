@@ -827,3 +827,27 @@ def test_sighup_applies_a_host_rule_change_to_new_connections_without_touching_t
     assert enclave.process.poll() is None and enclave.process.pid == enclave_pid
     assert len(re.findall(r"enclave half ready", enclave.log())) == 1  # started once, never again
     assert echo_upstream.accepted == 1
+
+
+def test_a_reload_cannot_add_egress_to_a_host_half_started_without_it_but_may_remove_it(proxy, echo_upstream):
+    proxy_port = free_port()
+    target = f"{ECHO_ADDRESS}:{echo_upstream.port}"
+    host, _ = start_egress(proxy, egress(proxy_port, allow=["127.0.0.0/8"]), host_config="")
+    host.wait_log(r"in each direction \(inbound, outbound\)")  # no share of the descriptors for egress
+
+    host.config_path.write_text(egress(proxy_port, allow=["127.0.0.0/8"]))
+    host.process.send_signal(signal.SIGHUP)
+    host.wait_log(r"reload: \[egress\] is new; restart the host half to serve it")
+    host.wait_log(r"reload: .*: no entry changed")
+    assert_http_error(http_refusal(proxy_port, target), 502)  # nothing listens on the egress vsock port
+
+    host.stop()
+    host = start_half(proxy, "host", egress(proxy_port, allow=["127.0.0.0/8"]))
+    host.wait_log(r"in each direction \(inbound, outbound, egress\)")
+    reply, tunnel = http_connect(proxy_port, target)
+    tunnel.close()
+    assert reply.status == 200, reply
+    host.config_path.write_text("")
+    host.process.send_signal(signal.SIGHUP)
+    host.wait_log(r"reload: no longer listening on vsock :%d" % VSOCK_PORT)
+    assert_http_error(http_refusal(proxy_port, target), 502)
