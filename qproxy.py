@@ -2179,7 +2179,7 @@ class Policy(typing.NamedTuple):
         """Why address may not be dialed for port, or None when it may."""
         for rule in self.deny:
             if rule.matches("", address, port):
-                return f"{address} is denied by {self.whose} rule {quoted(rule.text)}"
+                return f"{address} is denied by {self.whose} deny rule {quoted(rule.text)}"
         special = special_range(address)
         if special and not any(rule.network and within_special(rule.network) and rule.matches("", address, port)
                                for rule in self.allow):
