@@ -647,14 +647,21 @@ def is_hostname(text: str) -> bool:
 IPAddress = typing.Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = typing.Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 ALL_PORTS = (TCP_PORT_RANGE,)
+# The characters that IDNA 2003 maps to others (ß to ss) and IDNA 2008 keeps: a name holding one
+# stands for two domains, so only its xn-- form says which (UTS #46's deviations).
+IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
 V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def canonical_name(text: str) -> str:
     """A DNS name as the egress rules compare it: its IDNA (A-label) form, lower case, without
-    a final dot.  ValueError when text is no name (an address is none either)."""
+    a final dot.  ValueError when text is no name: an address is none, in any of the forms the
+    resolver reads as one ("0x7f.1", "127.1"), which only address rules may judge."""
     name = text[:-1] if text.endswith(".") else text
     if not name.isascii():  # only then the codec, which costs a half 0.4 MB (unicodedata) once loaded
+        if IDNA_DEVIATIONS.intersection(name):
+            raise ValueError(f"{text!r}: IDNA 2003 (Python's) and IDNA 2008 (clients') make two names of it;"
+                             " write the one meant in its xn-- form")
         try:
             name = name.encode("idna").decode("ascii")  # Python's codec: IDNA 2003
         except UnicodeError:
@@ -665,6 +672,9 @@ def canonical_name(text: str) -> str:
     name = name.lower()
     if is_ip_literal(name) or not is_hostname(name) or name.endswith("."):
         raise ValueError(f"{text!r} is not a DNS name")
+    with contextlib.suppress(OSError):
+        socket.inet_aton(name)  # what glibc's resolver takes for an address, as it does
+        raise ValueError(f"{text!r} is an IPv4 address in a form of its own; write it as four decimal numbers")
     return name
 
 
@@ -2092,6 +2102,7 @@ class Connector:
 # DETAIL is "ADDRESS PORT" for connected, else the reason, in words.
 
 EGRESS_PREFIX = "qproxy-egress 1 "
+RESOLV_CONF = "/etc/resolv.conf"  # where the system resolver finds the domains it searches
 
 # Address ranges that are not the public internet (IANA's special-purpose registries, NAT64, 6to4):
 # an address there is dialed only when an address rule within them allows it, so that no name
@@ -2166,14 +2177,20 @@ class Policy(typing.NamedTuple):
     def judge(self, host: str, port: int) -> tuple[bool, str]:
         """Whether a destination (canonical: see destination()) may be asked for, and the rule that says so."""
         address = canonical_address(host) if is_ip_literal(host) else None
-        for rule in self.deny:
-            if rule.matches(host, address, port):
-                return False, f"{self.whose} deny rule {quoted(rule.text)}"
+        denied = self.denies(host, port)
+        if denied:
+            return False, denied
         for rule in self.allow:
             if rule.matches(host, address, port):
                 refused = self.refuses(address, port) if address else None
                 return refused is None, refused or f"{self.whose} rule {quoted(rule.text)}"
         return False, f"no allow rule of {self.whose} matches"
+
+    def denies(self, host: str, port: int) -> str | None:
+        """The deny rule that matches a destination (canonical), in words; None when none does."""
+        address = canonical_address(host) if is_ip_literal(host) else None
+        rule = next((rule for rule in self.deny if rule.matches(host, address, port)), None)
+        return f"{self.whose} deny rule {quoted(rule.text)}" if rule else None
 
     def refuses(self, address: IPAddress, port: int) -> str | None:
         """Why address may not be dialed for port, or None when it may."""
@@ -2232,18 +2249,25 @@ def read_through(sock: socket.socket, end: bytes, limit: int, deadline: float) -
     bytes for the tunnel, a server's greeting) stay in the socket for the reactor.
     ValueError when limit bytes come without end; EOFError, socket.timeout as read_exactly.
     """
-    taken = b""
+    taken, peek = b"", int(socket.MSG_PEEK)
     while True:
         sock.settimeout(remaining(deadline))
-        seen = taken + sock.recv(limit - len(taken), socket.MSG_PEEK)
+        try:
+            seen = taken + sock.recv(limit - len(taken) if peek else 1, peek)
+        except OSError as error:
+            if error.errno != errno.EOPNOTSUPP or not peek:
+                raise
+            peek = 0  # vsock before Linux 5.5 cannot peek: a byte at a time takes none too many
+            continue
         if len(seen) == len(taken):
             raise EOFError
         found = seen.find(end, max(len(taken) - len(end) + 1, 0))
         if found >= 0:
-            return taken + read_exactly(sock, found + len(end) - len(taken), deadline)
+            return taken + read_exactly(sock, found + len(end) - len(taken), deadline) if peek else seen
         if len(seen) >= limit:
             raise ValueError(f"no end within {limit} bytes")
-        taken += read_exactly(sock, len(seen) - len(taken), deadline)  # none of them is end: take them
+        # None of them is end: take them (taken already, without peeking).
+        taken = taken + read_exactly(sock, len(seen) - len(taken), deadline) if peek else seen
 
 
 class ProxyRequest(typing.NamedTuple):
@@ -2281,7 +2305,10 @@ class ProxyRequest(typing.NamedTuple):
     def http(cls, sock: socket.socket, deadline: float) -> ProxyRequest:
         """CONNECT HOST:PORT HTTP/1.x and its header lines, which say nothing a tunnel needs."""
         head = read_through(sock, b"\r\n\r\n", EGRESS_REQUEST_MAX, deadline)
-        line = head.partition(b"\r\n")[0].decode("latin-1")
+        try:
+            line = head.partition(b"\r\n")[0].decode()  # a name in UTF-8 is the name SOCKS5 would send
+        except UnicodeDecodeError:
+            raise RequestError("bad-request", "the request line is neither ASCII nor UTF-8") from None
         request = re.fullmatch(r"(\S+) (\S+) HTTP/1\.[01]", line)
         if not request:
             raise RequestError("bad-request", "not an HTTP/1 request line")
@@ -2367,6 +2394,22 @@ def parse_line(line: bytes) -> tuple[str, str]:
     return first, rest
 
 
+def search_domains() -> list[str]:
+    """The domains the system resolver may append to a name it cannot resolve as it is, as
+    resolv.conf(5) says: LOCALDOMAIN, else the last "search" or "domain" line of RESOLV_CONF."""
+    listed = os.environ.get("LOCALDOMAIN")
+    if listed is None:
+        with contextlib.suppress(OSError), open(RESOLV_CONF, encoding="utf-8", errors="replace") as file:
+            for words in map(str.split, file):
+                if words and words[0] in ("search", "domain"):
+                    listed = " ".join(words[1:])
+    domains = []
+    for domain in (listed or "").split():
+        with contextlib.suppress(ValueError):  # "." and the like: no domain
+            domains.append(canonical_name(domain))
+    return domains
+
+
 def shown_destination(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -2448,15 +2491,20 @@ class EgressSetup:
         try:
             self.connector.prepare(connection)
             self.judge(connection, policy, host, port)
+            for domain in () if is_ip_literal(host) else search_domains():
+                denied = policy.denies(f"{host}.{domain}", port)
+                if denied:  # the name it may resolve in its place: a deny rule must not be stepped round
+                    raise RequestError("denied", f"{shown_destination(host, port)} is denied: the resolver may"
+                                       f" look up {host}.{domain} for it, which {denied} denies")
             try:
                 addresses = dialer.resolve(host, port, connection.conn_id)
             except socket.gaierror as error:
                 raise RequestError("no-such-host", f"{host}: {explain(error)}") from None
             refusals = [policy.refuses(canonical_address(address[4][0]), port) for address in addresses]
-            if all(refusals):
-                raise RequestError("denied", "; ".join(typing.cast(list[str], refusals)))
             for refused in filter(None, refusals):
                 log.info("conn %d: not dialed: %s", connection.conn_id, refused)
+            if all(refusals):  # which addresses the parent's resolver gave is the parent's business
+                raise RequestError("denied", f"{host} resolves to no address that {policy.whose} rules allow")
             try:
                 far = dialer.connect_first([a for a, refused in zip(addresses, refusals) if not refused],
                                            connection.conn_id)
@@ -4233,7 +4281,7 @@ def config_summary(path: str, config: Config, parent_cid: int, control_port: int
     lines += [  # the enclave half's own: it is the one that listens
         f"warning: {warning.at(enclave_path or path)}" for warning in loop_warnings(enclave_config or config)
     ]
-    if not (config.inbound or config.outbound):
+    if not (config.inbound or config.outbound or config.egress):
         lines.append("no connections configured: the halves will only talk to each other")
     lines += [f"host: listen {route.listen} -> {route.target}" for route in host_routes(config, "<enclave CID>")]
     lines.append(f"host: listen vsock :{control_port} for the enclave half's control connection")
@@ -4460,7 +4508,7 @@ def run_half(args: argparse.Namespace, config: Config, logs: LogWriter) -> int:
     if outbox:
         log.addHandler(outbox)  # the enclave half's records from the first on, for the host half
     vsock = Vsock(os.environ.get("QPROXY_VSOCK_EMULATION") or None)
-    if not (config.inbound or config.outbound):
+    if not (config.inbound or config.outbound or config.egress):
         log.warning("no connections configured%s", "" if args.config else " (no --config given)")
     if args.command == "host":
         return run_host(args, config, vsock, logs)

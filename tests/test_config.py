@@ -8,8 +8,11 @@ and output a user sees.  Nothing here needs vsock.
 from __future__ import annotations
 
 import datetime
+import errno
 import math
 import re
+import socket
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1008,3 +1011,62 @@ def test_an_address_in_a_special_range_needs_an_address_rule_within_them(address
 def test_a_deny_rule_refuses_an_address_a_name_resolved_to():
     rules = policy(allow=["*"], deny=["93.184.216.0/24"])
     assert "deny rule 93.184.216.0/24" in rules.refuses(qproxy.canonical_address("93.184.216.34"), 443)
+
+
+@pytest.mark.parametrize("text", ["0x7f.1", "0x7f000001", "0x5d.0xb8.0xd8.0x22", "0177.0.0.1", "127.1", "1.2.3.0x4"])
+def test_an_ipv4_address_in_a_form_of_its_own_is_no_name(text):
+    # glibc's resolver reads them as addresses, which only address rules may judge: "*" would let them by.
+    with pytest.raises(ValueError, match="IPv4 address in a form of its own|not a DNS name"):
+        qproxy.destination(text)
+
+
+@pytest.mark.parametrize("text", ["faß.example", "παράδειγμας.example", "a\u200db.example"])
+def test_a_name_that_idna_2003_and_2008_read_apart_must_be_written_in_its_xn_form(text):
+    with pytest.raises(ValueError, match="xn-- form"):
+        qproxy.destination(text)
+    assert qproxy.destination("xn--fa-hia.example") == "xn--fa-hia.example"
+
+
+@pytest.mark.parametrize("resolv_conf, environment, domains", [
+    ("nameserver 10.0.0.2\nsearch corp.example eu.corp.example\n", None, ["corp.example", "eu.corp.example"]),
+    ("domain old.example\nsearch new.example\n", None, ["new.example"]),  # the last of the two wins
+    ("search new.example\ndomain old.example\n", None, ["old.example"]),
+    ("search .\n", None, []),
+    ("nameserver 10.0.0.2\n", None, []),
+    ("search corp.example\n", "Other.Example", ["other.example"]),  # LOCALDOMAIN overrides the file
+])
+def test_the_search_domains_are_those_the_resolver_would_append(tmp_path, monkeypatch, resolv_conf, environment,
+                                                                domains):
+    (tmp_path / "resolv.conf").write_text(resolv_conf)
+    monkeypatch.setattr(qproxy, "RESOLV_CONF", str(tmp_path / "resolv.conf"))
+    if environment is None:
+        monkeypatch.delenv("LOCALDOMAIN", raising=False)
+    else:
+        monkeypatch.setenv("LOCALDOMAIN", environment)
+    assert qproxy.search_domains() == domains
+
+
+class NoPeeking(socket.socket):
+    """A socket of a kernel that cannot peek at it, as vsock before Linux 5.5."""
+
+    def recv(self, size, flags=0):
+        if flags & socket.MSG_PEEK:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return super().recv(size, flags)
+
+
+@pytest.mark.parametrize("peeks", [True, False])
+def test_a_line_is_read_through_its_end_and_no_further_with_or_without_peeking(peeks):
+    left, right = socket.socketpair()
+    reader = right if peeks else NoPeeking(fileno=right.detach())
+    with left, reader:
+        left.sendall(b"qproxy-egress 1 connected 1.2.3.4 443\nfirst bytes of the tunnel")
+        deadline = time.monotonic() + 5
+        assert qproxy.read_through(reader, b"\n", 512, deadline) == b"qproxy-egress 1 connected 1.2.3.4 443\n"
+        assert reader.recv(100) == b"first bytes of the tunnel"
+        left.sendall(b"x" * 600)
+        with pytest.raises(ValueError):
+            qproxy.read_through(reader, b"\n", 512, deadline)
+        left.close()
+        with pytest.raises(EOFError):
+            qproxy.read_through(reader, b"\n", 10_000, deadline)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEADLINE, Half, ThreadedServer, echo, free_port, private_resolver, wait_for
+from conftest import DEADLINE, Half, ThreadedServer, echo, free_port, private_resolver, read_to_end, wait_for
 
 CURL = "/usr/bin/curl"
 OPENSSL = "/usr/bin/openssl"
@@ -69,12 +69,13 @@ def egress(proxy_port: int, allow=(), deny=(), connect_timeout: float | None = N
     return text
 
 
-def start_half(proxy, role: str, config: str, wrapper: list[str] = (), ready: bool = True) -> Half:
+def start_half(proxy, role: str, config: str, wrapper: list[str] = (), ready: bool = True,
+               env: dict | None = None) -> Half:
     """Start one half with a config file of its own (the halves' files may differ), as Proxy.start does."""
     path = proxy.folder / f"{role}-{len(proxy.halves)}.toml"
     path.write_text(config)
     args = ["--config", str(path)] + (["4"] if role == "host" else [])  # the host half is given the enclave's CID
-    half = Half(role, args, proxy.env(), proxy.folder / f"{role}-{len(proxy.halves)}.log", wrapper)
+    half = Half(role, args, proxy.env(env), proxy.folder / f"{role}-{len(proxy.halves)}.log", wrapper)
     half.config_path = path
     proxy.halves.append(half)
     if ready:
@@ -851,3 +852,35 @@ def test_a_reload_cannot_add_egress_to_a_host_half_started_without_it_but_may_re
     host.process.send_signal(signal.SIGHUP)
     host.wait_log(r"reload: no longer listening on vsock :%d" % VSOCK_PORT)
     assert_http_error(http_refusal(proxy_port, target), 502)
+
+
+def test_a_deny_rule_covers_the_names_the_resolver_may_search_in_place_of_the_one_asked(proxy, echo_upstream):
+    # "secret" may be looked up as secret.corp.test (LOCALDOMAIN, or resolv.conf's search line): the deny
+    # rule for *.corp.test must judge it, though "*" allows the name as it is asked for.
+    proxy_port = free_port()
+    rules = egress(proxy_port, allow=["*"], deny=["*.corp.test"])
+    start_half(proxy, "enclave", rules)
+    host = start_half(proxy, "host", rules, env={"LOCALDOMAIN": "corp.test"})
+    reply = http_refusal(proxy_port, f"secret:{echo_upstream.port}")
+    assert_http_error(reply, 403)
+    assert b"secret.corp.test" in reply.body, reply
+    wait_decision(host, "denied", f"secret:{echo_upstream.port}", rule="*.corp.test")
+
+
+def test_a_name_sent_in_utf8_is_judged_in_its_idna_form_whichever_way_it_comes(proxy, echo_upstream):
+    proxy_port = free_port()
+    start_egress(proxy, egress(proxy_port, allow=["127.0.0.0/8"]))
+    with connect_port(proxy_port) as sock:
+        sock.sendall("CONNECT bücher.test:443 HTTP/1.1\r\n\r\n".encode())
+        head, body = read_head(sock)
+        body += read_to_end(sock)[0]
+    assert head.startswith(b"HTTP/1.1 403 ") and b"xn--bcher-kva.test:443 is denied" in body, (head, body)
+    assert socks_refusal(proxy_port, "bücher.test", 443) == 2
+
+
+@pytest.mark.parametrize("target", ["0x7f.1", "0x7f000001", "127.1"])
+def test_an_ipv4_address_in_a_form_of_its_own_is_refused_not_resolved(proxy, echo_upstream, target):
+    proxy_port = free_port()
+    start_egress(proxy, egress(proxy_port, allow=["*", "127.0.0.0/8"]))  # "*" must not let an address by
+    assert_http_error(http_refusal(proxy_port, f"{target}:{echo_upstream.port}"), 400)
+    assert echo_upstream.accepted == 0
