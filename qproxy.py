@@ -2194,9 +2194,9 @@ class Policy(typing.NamedTuple):
 
     def refuses(self, address: IPAddress, port: int) -> str | None:
         """Why address may not be dialed for port, or None when it may."""
-        for rule in self.deny:
-            if rule.matches("", address, port):
-                return f"{address} is denied by {self.whose} deny rule {quoted(rule.text)}"
+        denied = self.denies(str(address), port)
+        if denied:
+            return f"{address} is denied by {denied}"
         special = special_range(address)
         if special and not any(rule.network and within_special(rule.network) and rule.matches("", address, port)
                                for rule in self.allow):
@@ -2419,8 +2419,16 @@ class EgressSetup:
     request, in the host half (``dial_asked``) the enclave half's.  Each runs in a setup worker;
     whatever goes wrong ends this connection only, with an answer that says why."""
 
-    def __init__(self, connector: Connector):
+    def __init__(self, connector: Connector, role: str):
         self.connector = connector
+        self.handshake = self.ask_host if role == "enclave" else self.dial_asked
+
+    def set_up(self, connection: Connection) -> None:
+        """Set an egress connection up (in a setup worker); an unexpected error (a bug) ends it, not the half."""
+        try:
+            self.handshake(connection)
+        except Exception as error:
+            self.connector.failed(connection, error)
 
     def ask_host(self, connection: Connection) -> None:
         """Read the client's request, judge it by the enclave half's rules, ask the host half on the
@@ -3918,8 +3926,7 @@ class Half:
         self.stopping = threading.Event()
         self.admission = Admission(max_connections, limits.queue_timeout)
         self.connector = Connector(Dialer(vsock, limits.connect_timeout, family), self.admission, limits)
-        egress = EgressSetup(self.connector)
-        self.egress_job = egress.ask_host if role == "enclave" else egress.dial_asked
+        self.egress = EgressSetup(self.connector, role)
         self.workers = Workers(self.fail)
         self.listeners: list[Listener] = []
         self.paused: set[Listener] = set()  # listeners out of the selector until they may accept again
@@ -4154,7 +4161,7 @@ class Half:
                 self.connector.start(connection)
                 continue
             try:
-                self.workers.run(self.egress_job if egress else self.connector.set_up, connection)
+                self.workers.run(self.egress.set_up if egress else self.connector.set_up, connection)
             except RuntimeError as error:  # no thread to be had: these wait again, in their order
                 for waiting in reversed(admitted[index:]):
                     self.admission.requeue(waiting, "threads")

@@ -884,3 +884,28 @@ def test_an_ipv4_address_in_a_form_of_its_own_is_refused_not_resolved(proxy, ech
     start_egress(proxy, egress(proxy_port, allow=["*", "127.0.0.0/8"]))  # "*" must not let an address by
     assert_http_error(http_refusal(proxy_port, f"{target}:{echo_upstream.port}"), 400)
     assert echo_upstream.accepted == 0
+
+
+def test_an_unexpected_error_in_one_request_ends_only_that_request(proxy, echo_upstream, tmp_path):
+    """A bug while a request is set up (injected into Policy.judge, once) resets that client and
+    logs an ERROR; the half goes on serving the next."""
+    from test_robustness import LAUNCHER
+
+    proxy_port = free_port()
+    config = egress(proxy_port, allow=["127.0.0.0/8"])
+    marker = tmp_path / "armed"
+    once = LAUNCHER.format(target="Policy.judge", mode="now", marker=str(marker)).replace(
+        "raise RuntimeError(", "os.unlink(marker); raise RuntimeError(")
+    enclave = start_half(proxy, "enclave", config, wrapper=[sys.executable, "-c", once])
+    start_half(proxy, "host", config)
+    marker.touch()
+    target = f"{ECHO_ADDRESS}:{echo_upstream.port}"
+    with connect_port(proxy_port) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+        assert read_to_end(sock) == (b"", "reset")
+    enclave.wait_log(r"ERROR qproxy::enclave conn 1: unexpected error while setting it up")
+    reply, tunnel = http_connect(proxy_port, target)
+    with tunnel:
+        assert reply.status == 200, reply
+        tunnel_echoes(tunnel)
+    assert enclave.process.poll() is None
