@@ -649,8 +649,10 @@ IPNetwork = typing.Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 ALL_PORTS = (TCP_PORT_RANGE,)
 # The characters that IDNA 2003 maps to others (ß to ss) and IDNA 2008 keeps: a name holding one
 # stands for two domains, so only its xn-- form says which (UTS #46's deviations).
-IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
-V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+IDNA_DEVIATIONS = frozenset("\u00df\u1e9e\u03c2\u200c\u200d")
+# IPv6 ranges whose addresses carry an IPv4 address in their last 32 bits, and lead to it: mapped
+# IPv4, and NAT64's well-known prefix (RFC 6052), which a parent with DNS64 resolves every name into.
+IPV4_CARRIERS = (ipaddress.IPv6Network("::ffff:0:0/96"), ipaddress.IPv6Network("64:ff9b::/96"))
 
 
 def canonical_name(text: str) -> str:
@@ -679,9 +681,11 @@ def canonical_name(text: str) -> str:
 
 
 def canonical_address(text: str) -> IPAddress:
-    """An address as the egress rules compare it: an IPv4 address mapped into IPv6 is the IPv4 one."""
+    """An address as the egress rules compare it: one of IPV4_CARRIERS is the IPv4 address it carries."""
     address = ipaddress.ip_address(text)
-    return (address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else address
+    if isinstance(address, ipaddress.IPv6Address) and any(address in carrier for carrier in IPV4_CARRIERS):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
 
 
 class Rule(typing.NamedTuple):
@@ -729,7 +733,8 @@ def parse_pattern(pattern: str) -> tuple[str | None, IPNetwork | None]:
             network = ipaddress.ip_network(pattern)
         except ValueError as error:  # "has host bits set", a prefix too long, no address at all
             raise ValueError(f"{pattern!r} is no address or range: {error}") from None
-        if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and network.subnet_of(V4_MAPPED):
+        if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and any(
+                network.subnet_of(carrier) for carrier in IPV4_CARRIERS):
             # As canonical_address() sees the addresses it is matched with: IPv4 ones.
             network = ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
         return None, network
@@ -756,15 +761,17 @@ def parse_ports(text: str | None) -> tuple[tuple[int, int], ...]:
 
 
 def rules_problem(value: list[typing.Any]) -> str | None:
-    """What is wrong with the first bad rule of a list, or None when every one is a rule."""
+    """What is wrong with each bad rule of a list, in one line; None when every one is a rule."""
+    problems = []
     for number, text in enumerate(value, 1):
         if not isinstance(text, str):
-            return f"rule {number} is {shown(text)}, not a string"
+            problems.append(f"rule {number} is {shown(text)}, not a string")
+            continue
         try:
             parse_rule(text)
         except ValueError as error:
-            return f"rule {number} ({shown(text)}): {error}"
-    return None
+            problems.append(f"rule {number} ({shown(text)}): {error}")
+    return "; ".join(problems) or None
 
 
 class Kind(typing.NamedTuple):
@@ -1013,6 +1020,14 @@ def cross_check(entries: dict[str, list[dict[str, typing.Any]]], control_port: i
         ports("outbound_connections", "enclave_port") + ports("egress", "proxy_port"),
         {},
     )
+    # An error, not loop_warnings' warning: the proxy asks no credentials, as only the enclave reaches it.
+    proxies = {entry.get("proxy_port") for entry in entries["egress"]}
+    problems += [
+        Problem(lines.get((table, number), 0), f"{entry_name(table, number)}: {key}: {entries[table][number - 1][key]}"
+                f" is the [egress] proxy_port: clients of the parent would use the enclave's egress proxy")
+        for table, number, key in ports("inbound_connections", "enclave_port")
+        if entries[table][number - 1][key] in proxies
+    ]
     return problems
 
 
@@ -1555,10 +1570,10 @@ class Dialer:
         """Try every address the name has, in the resolver's order; literals skip DNS."""
         return self.connect_first(self.resolve(host, port, conn_id), conn_id)
 
-    def resolve(self, host: str, port: int, conn_id: int) -> list[AddressInfo]:
-        """The addresses of host, as getaddrinfo gives them, of the family asked for; logged at debug,
-        named by conn_id.  socket.gaierror when there are none."""
-        flags = socket.AI_NUMERICHOST if is_ip_literal(host) else 0
+    def resolve(self, host: str, port: int, conn_id: int, flags: int = 0) -> list[AddressInfo]:
+        """The addresses of host, as getaddrinfo gives them (with flags), of the family asked for;
+        logged at debug, named by conn_id.  socket.gaierror when there are none."""
+        flags |= socket.AI_NUMERICHOST if is_ip_literal(host) else 0
         try:
             addresses = socket.getaddrinfo(host, port, self.family, socket.SOCK_STREAM, 0, flags)
         except socket.gaierror as error:
@@ -1567,7 +1582,7 @@ class Dialer:
             # The name may well resolve, to the other family only: say what was asked for.
             asked = "IPv4 addresses (--ipv4)" if self.family == socket.AF_INET else "IPv6 addresses (--ipv6)"
             raise socket.gaierror(error.errno, f"{error.strerror}; only {asked} were asked for") from None
-        if not flags:
+        if not flags & socket.AI_NUMERICHOST:
             log.debug("conn %d: %s resolves to %s", conn_id, host,
                       ", ".join(str(address[4][0]) for address in addresses))
         return addresses
@@ -2099,10 +2114,10 @@ class Connector:
 #     host -> enclave   qproxy-egress 1 STATUS DETAIL\n
 #
 # HOST is a name in its IDNA form or an IP address; STATUS is an outcome below;
-# DETAIL is "ADDRESS PORT" for connected, else the reason, in words.
+# DETAIL is "ADDRESS PORT NAME" for connected (the address reached, the name the resolver answered
+# for), else the reason, in words.
 
 EGRESS_PREFIX = "qproxy-egress 1 "
-RESOLV_CONF = "/etc/resolv.conf"  # where the system resolver finds the domains it searches
 
 # Address ranges that are not the public internet (IANA's special-purpose registries, NAT64, 6to4):
 # an address there is dialed only when an address rule within them allows it, so that no name
@@ -2111,7 +2126,7 @@ SPECIAL_RANGES = tuple(ipaddress.ip_network(text) for text in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
     "224.0.0.0/4", "240.0.0.0/4",
-    "::/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "2002::/16",
+    "::/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "2002::/16",
     "fc00::/7", "fe80::/10", "ff00::/8",
 ))
 
@@ -2394,20 +2409,17 @@ def parse_line(line: bytes) -> tuple[str, str]:
     return first, rest
 
 
-def search_domains() -> list[str]:
-    """The domains the system resolver may append to a name it cannot resolve as it is, as
-    resolv.conf(5) says: LOCALDOMAIN, else the last "search" or "domain" line of RESOLV_CONF."""
-    listed = os.environ.get("LOCALDOMAIN")
-    if listed is None:
-        with contextlib.suppress(OSError), open(RESOLV_CONF, encoding="utf-8", errors="replace") as file:
-            for words in map(str.split, file):
-                if words and words[0] in ("search", "domain"):
-                    listed = " ".join(words[1:])
-    domains = []
-    for domain in (listed or "").split():
-        with contextlib.suppress(ValueError):  # "." and the like: no domain
-            domains.append(canonical_name(domain))
-    return domains
+def answered_name(host: str, addresses: list[AddressInfo]) -> str:
+    """The name the resolver answered for when asked for host: the name itself, or the one it took
+    in its place (a search domain appended, HOSTALIASES, the first name of an /etc/hosts line, a
+    CNAME's target), as getaddrinfo's AI_CANONNAME gives it.  Deny rules judge it too."""
+    given = addresses[0][3] if addresses else ""
+    if not given or is_ip_literal(host):
+        return host
+    try:
+        return canonical_name(given)
+    except ValueError:  # what no rule can match: it is judged as the name it is
+        return given.lower()
 
 
 def shown_destination(host: str, port: int) -> str:
@@ -2461,13 +2473,18 @@ class EgressSetup:
                 raise RequestError("failed", f"the host half, on {target}: {why}") from None
             if status != "connected":
                 raise RequestError(status if status in HOST_OUTCOMES else "failed", detail)
-            address = detail.partition(" ")[0]
+            address, _, port_and_name = detail.partition(" ")  # ADDRESS PORT NAME
+            answered = port_and_name.partition(" ")[2]
             try:
                 refused = policy.refuses(canonical_address(address), request.port)
             except ValueError:
                 raise RequestError("failed", f"the host half reached {quoted(address)}, which is no address") from None
             if refused:
                 raise RequestError("denied", f"the host half reached {refused}")
+            denied = policy.denies(answered, request.port) if answered else None
+            if denied:
+                raise RequestError("denied", f"{asked} is denied: the host half's resolver answered for"
+                                   f" {quoted(answered)}, which {denied} denies")
         except RequestError as error:
             self.refuse(connection, far, request.protocol, error)
             return
@@ -2499,15 +2516,15 @@ class EgressSetup:
         try:
             self.connector.prepare(connection)
             self.judge(connection, policy, host, port)
-            for domain in () if is_ip_literal(host) else search_domains():
-                denied = policy.denies(f"{host}.{domain}", port)
-                if denied:  # the name it may resolve in its place: a deny rule must not be stepped round
-                    raise RequestError("denied", f"{shown_destination(host, port)} is denied: the resolver may"
-                                       f" look up {host}.{domain} for it, which {denied} denies")
             try:
-                addresses = dialer.resolve(host, port, connection.conn_id)
+                addresses = dialer.resolve(host, port, connection.conn_id, socket.AI_CANONNAME)
             except socket.gaierror as error:
                 raise RequestError("no-such-host", f"{host}: {explain(error)}") from None
+            answered = answered_name(host, addresses)
+            denied = policy.denies(answered, port)
+            if denied:  # a search domain, an alias or a CNAME took the name where a deny rule says no
+                raise RequestError("denied", f"{shown_destination(host, port)} is denied: the resolver answered"
+                                   f" for {answered}, which {denied} denies")
             refusals = [policy.refuses(canonical_address(address[4][0]), port) for address in addresses]
             for refused in filter(None, refusals):
                 log.info("conn %d: not dialed: %s", connection.conn_id, refused)
@@ -2522,7 +2539,7 @@ class EgressSetup:
                 raise RequestError(outcome, f"{shown_destination(host, port)}: {explain(error)}") from None
             reached = far.getpeername()
             asker.settimeout(EGRESS_REQUEST_TIMEOUT)
-            asker.sendall(answer_line("connected", f"{reached[0]} {reached[1]}"))
+            asker.sendall(answer_line("connected", f"{reached[0]} {reached[1]} {answered}"))
         except (RequestError, OSError) as error:  # OSError: the enclave half or the far side went away
             failure = error if isinstance(error, RequestError) else RequestError("failed", explain(error))
             with contextlib.suppress(OSError):
@@ -3667,6 +3684,7 @@ class ControlServer:
 
     def __init__(self, config: Config, enclave_log: EnclaveLog):
         self.entries = entries_of(config)
+        self.greeting: Message | None = None  # the last enclave half's hello that had entries
         self.enclave_log = enclave_log
         self.ungreeted = threading.BoundedSemaphore(CONTROL_MAX_UNGREETED)
         self.lock = threading.Lock()
@@ -3754,8 +3772,16 @@ class ControlServer:
         if "entries" not in greeting:
             log.warning("control: the enclave half did not send its entries; cannot compare the configurations")
             return
+        self.greeting = greeting
+        self.compare_entries()
+
+    def compare_entries(self) -> None:
+        """Log how the last enclave half's entries differ from this host half's: at its hello, and
+        after a reload (from the accept loop) changed this half's."""
+        if self.greeting is None:
+            return
         try:
-            mismatches = config_mismatches(self.entries, greeting["entries"])
+            mismatches = config_mismatches(self.entries, self.greeting["entries"])
         except ValueError as error:
             log.warning("control: cannot compare the configurations: the enclave half sent %s", error)
             return
@@ -4239,6 +4265,7 @@ def reload_host(half: Half, control: ControlServer, running: Config, args: argpa
     summary = half.apply_routes(host_routes(config, str(args.cid)))
     control.entries = entries_of(config)
     log.info("reload: %s: %s", args.config, summary)
+    control.compare_entries()
     notify_systemd(f"READY=1\nSTATUS=reloaded: {summary}")
 
 

@@ -1020,30 +1020,23 @@ def test_an_ipv4_address_in_a_form_of_its_own_is_no_name(text):
         qproxy.destination(text)
 
 
-@pytest.mark.parametrize("text", ["faß.example", "παράδειγμας.example", "a\u200db.example"])
+@pytest.mark.parametrize("text", ["faß.example", "STRAẞE.example", "παράδειγμας.example", "a\u200db.example"])
 def test_a_name_that_idna_2003_and_2008_read_apart_must_be_written_in_its_xn_form(text):
     with pytest.raises(ValueError, match="xn-- form"):
         qproxy.destination(text)
     assert qproxy.destination("xn--fa-hia.example") == "xn--fa-hia.example"
 
 
-@pytest.mark.parametrize("resolv_conf, environment, domains", [
-    ("nameserver 10.0.0.2\nsearch corp.example eu.corp.example\n", None, ["corp.example", "eu.corp.example"]),
-    ("domain old.example\nsearch new.example\n", None, ["new.example"]),  # the last of the two wins
-    ("search new.example\ndomain old.example\n", None, ["old.example"]),
-    ("search .\n", None, []),
-    ("nameserver 10.0.0.2\n", None, []),
-    ("search corp.example\n", "Other.Example", ["other.example"]),  # LOCALDOMAIN overrides the file
+@pytest.mark.parametrize("host, given, answered", [
+    ("secret", "secret.corp.example", "secret.corp.example"),  # a search domain, an alias, a CNAME
+    ("api.example.com", "API.Example.COM.", "api.example.com"),
+    ("api.example.com", "", "api.example.com"),  # no name given back: the name asked for
+    ("10.1.2.3", "10.1.2.3", "10.1.2.3"),
+    ("odd", "not a name", "not a name"),  # no rule matches it, but it is still what is judged
 ])
-def test_the_search_domains_are_those_the_resolver_would_append(tmp_path, monkeypatch, resolv_conf, environment,
-                                                                domains):
-    (tmp_path / "resolv.conf").write_text(resolv_conf)
-    monkeypatch.setattr(qproxy, "RESOLV_CONF", str(tmp_path / "resolv.conf"))
-    if environment is None:
-        monkeypatch.delenv("LOCALDOMAIN", raising=False)
-    else:
-        monkeypatch.setenv("LOCALDOMAIN", environment)
-    assert qproxy.search_domains() == domains
+def test_the_name_the_resolver_answered_for_is_the_canonical_name_it_gives(host, given, answered):
+    addresses = [(socket.AF_INET, socket.SOCK_STREAM, 6, given, ("10.1.2.3", 443))]
+    assert qproxy.answered_name(host, addresses) == answered
 
 
 class NoPeeking(socket.socket):
@@ -1070,3 +1063,29 @@ def test_a_line_is_read_through_its_end_and_no_further_with_or_without_peeking(p
         left.close()
         with pytest.raises(EOFError):
             qproxy.read_through(reader, b"\n", 10_000, deadline)
+
+
+def test_an_inbound_entry_to_the_egress_proxy_port_is_an_error(tmp_path):
+    # The proxy asks no credentials, as only the enclave reaches it: an inbound entry would open it to all.
+    text = EGRESS + "[[inbound_connections]]\nhost_port = 3128\nenclave_port = 3128\nvsock_port = 9000\n"
+    assert problems(tmp_path, text) == [
+        "[[inbound_connections]] entry 1: enclave_port: 3128 is the [egress] proxy_port: clients of the parent"
+        " would use the enclave's egress proxy"]
+
+
+def test_every_bad_rule_of_a_list_is_named(tmp_path):
+    text = EGRESS.replace('"10.0.0.0/8:5432"]', '"bad one", "ok.example", "*:0", 7]')
+    (problem,) = problems(tmp_path, text)
+    assert re.fullmatch(r"\[egress\]: allow: rule 2 \('bad one'\): .*; rule 4 \('\*:0'\): .*; rule 5 is 7, not a string",
+                        problem), problem
+
+
+@pytest.mark.parametrize("address, rule, matches", [
+    ("64:ff9b::93.184.216.34", "93.184.216.34", True),  # NAT64 leads to the IPv4 address it carries
+    ("64:ff9b::169.254.169.254", "169.254.0.0/16", True),
+    ("::ffff:10.0.0.5", "10.0.0.0/8", True),
+    ("10.0.0.5", "[64:ff9b::a00:0/104]", True),  # and a rule written for them is the IPv4 one
+    ("2606:4700::93.184.216.34", "93.184.216.34", False),  # other prefixes carry nothing
+])
+def test_an_ipv6_address_that_carries_an_ipv4_one_is_judged_as_that(address, rule, matches):
+    assert bool(policy(deny=[rule]).refuses(qproxy.canonical_address(address), 443)) is matches

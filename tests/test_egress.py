@@ -854,17 +854,26 @@ def test_a_reload_cannot_add_egress_to_a_host_half_started_without_it_but_may_re
     assert_http_error(http_refusal(proxy_port, target), 502)
 
 
-def test_a_deny_rule_covers_the_names_the_resolver_may_search_in_place_of_the_one_asked(proxy, echo_upstream):
-    # "secret" may be looked up as secret.corp.test (LOCALDOMAIN, or resolv.conf's search line): the deny
-    # rule for *.corp.test must judge it, though "*" allows the name as it is asked for.
+@needs_mount_namespace
+@pytest.mark.parametrize("rules_of", ["host", "enclave"])
+def test_deny_rules_judge_the_name_the_resolver_answered_for_in_place_of_the_one_asked(proxy, echo_upstream,
+                                                                                        rules_of):
+    # "secret" is an alias of secret.corp.test in the parent's /etc/hosts, as a search domain or a CNAME
+    # could make it: the deny rule for *.corp.test, the host half's or the enclave half's, must judge it,
+    # though "*" allows the name as it is asked for.
     proxy_port = free_port()
-    rules = egress(proxy_port, allow=["*"], deny=["*.corp.test"])
-    start_half(proxy, "enclave", rules)
-    host = start_half(proxy, "host", rules, env={"LOCALDOMAIN": "corp.test"})
+    open_rules = egress(proxy_port, allow=["*", "127.0.0.0/8"])
+    closed_rules = egress(proxy_port, allow=["*", "127.0.0.0/8"], deny=["*.corp.test"])
+    enclave, host = (open_rules, closed_rules) if rules_of == "host" else (closed_rules, open_rules)
+    halves = dict(zip(("host", "enclave"), start_egress(proxy, enclave, host_config=host,
+                                                       hosts=f"{ECHO_ADDRESS} secret.corp.test secret\n")))
     reply = http_refusal(proxy_port, f"secret:{echo_upstream.port}")
     assert_http_error(reply, 403)
     assert b"secret.corp.test" in reply.body, reply
-    wait_decision(host, "denied", f"secret:{echo_upstream.port}", rule="*.corp.test")
+    assert socks_refusal(proxy_port, "secret", echo_upstream.port) == 2
+    wait_decision(halves[rules_of], "denied", f"secret:{echo_upstream.port}", rule="*.corp.test")
+    if rules_of == "host":
+        assert echo_upstream.accepted == 0  # never dialed (the enclave half can judge only what was reached)
 
 
 def test_a_name_sent_in_utf8_is_judged_in_its_idna_form_whichever_way_it_comes(proxy, echo_upstream):
@@ -909,3 +918,14 @@ def test_an_unexpected_error_in_one_request_ends_only_that_request(proxy, echo_u
         assert reply.status == 200, reply
         tunnel_echoes(tunnel)
     assert enclave.process.poll() is None
+
+
+def test_a_reload_that_moves_the_egress_port_is_compared_with_the_enclave_halfs_entries(proxy):
+    proxy_port = free_port()
+    host, _ = start_egress(proxy, egress(proxy_port, allow=["127.0.0.0/8"]))
+    host.wait_log(r"control: the enclave half's entries match this host half's")
+    host.config_path.write_text(egress(proxy_port, allow=["127.0.0.0/8"]).replace(
+        f"vsock_port = {VSOCK_PORT}", f"vsock_port = {VSOCK_PORT + 1}"))
+    host.process.send_signal(signal.SIGHUP)
+    host.wait_log(r"ERROR qproxy::host control: config mismatch: the enclave half asks for the destinations of proxy"
+                  rf" port 127\.0\.0\.1:{proxy_port} on vsock port {VSOCK_PORT}, but the host half has no egress entry")
