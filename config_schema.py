@@ -53,6 +53,7 @@ import qproxy
 # itself, not a string naming it, to count a key as optional.
 
 LogLevel = Literal["off", "error", "warn", "info", "debug", "trace"]
+ProxyProtocol = Literal["off", "v1", "v2"]
 
 
 class InboundConnection(TypedDict):
@@ -62,6 +63,8 @@ class InboundConnection(TypedDict):
     enclave_port: int
     vsock_port: int
     bind_address: NotRequired[str]  # extension; default: "0.0.0.0"
+    proxy_protocol: NotRequired[ProxyProtocol]  # extension; default: "off"
+    accept_proxy_protocol: NotRequired[bool]  # extension; default: false
 
 
 class OutboundConnection(TypedDict):
@@ -71,6 +74,7 @@ class OutboundConnection(TypedDict):
     vsock_port: int
     tcp_port: int
     enclave_port: NotRequired[int]  # extension; default: tcp_port
+    enclave_address: NotRequired[str]  # extension; default: "127.0.0.1"; or "auto"
 
 
 class Egress(TypedDict):
@@ -154,10 +158,17 @@ PORTS_SHAPE = r"(:(\*|[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*))?"
 RULE_SHAPE = (r"^((\*\.)?[^\s:\[\]/*]+|\*|[0-9.]+(/[0-9]{1,2})?|\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?\])"
               + PORTS_SHAPE + r"$|^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/[0-9]{1,3})?$")
 
+# An address of 127.0.0.0/8 but its first and last, or auto.
+LOOPBACK_SCHEMA = {
+    "anyOf": [{"pattern": rf"^127\.({OCTET}\.){{2}}{OCTET}$", "not": {"pattern": r"^127\.(0\.0\.0|255\.255\.255)$"}},
+              {"const": "auto"}],
+}
+
 # What JSON Schema needs of a kind beyond its type, range and choices (qproxy.KINDS): the shape of its values.
 STRING_SCHEMAS: dict[str, dict[str, Any]] = {
     "hostname": HOSTNAME_SCHEMA,
     "ip_address": IP_ADDRESS_SCHEMA,
+    "loopback_address": LOOPBACK_SCHEMA,
     "text": {"minLength": 1, "pattern": r"^[^\x00]*$"},
     "rules": {"items": {"type": "string", "pattern": RULE_SHAPE}},
 }

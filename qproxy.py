@@ -9,7 +9,7 @@ enclave, and together they carry TCP streams both ways:
     inbound   client --TCP--> host 0.0.0.0:host_port --[host]--> vsock CID:vsock_port
               --[enclave]--> TCP 127.0.0.1:enclave_port --> the service in the enclave
 
-    outbound  app --TCP--> 127.0.0.1:tcp_port --[enclave]--> vsock parent:vsock_port
+    outbound  app --TCP--> 127.0.0.1:tcp_port --[enclave]--> vsock parent:vsock_port   (or enclave_address:enclave_port)
               --[host]--> TCP hostname:tcp_port (resolved on the host, per connection)
 
     egress    app --HTTP CONNECT or SOCKS5--> 127.0.0.1:proxy_port --[enclave]--> vsock parent:vsock_port
@@ -57,6 +57,13 @@ Design, in the order the data meets it:
   a far side that closes without sending a byte while the client is still
   talking (the other half could not reach its target) is passed on to a TCP
   client as a reset; one that only half-closes is not.
+* The client's address and the upstreams' names.  An inbound entry may ask
+  for a PROXY protocol header (v1 or v2): the host half, which alone knows
+  the client, writes it ahead of the client's bytes, and may first read one
+  from a load balancer in front of it.  An outbound entry may listen on an
+  address of its own in 127.0.0.0/8, so that upstreams keep their real ports,
+  and the enclave half may write each entry's hostname into a hosts file, so
+  that apps dial the real names.
 * Egress.  An optional proxy port in the enclave takes HTTP CONNECT and
   SOCKS5 requests.  Each half judges the destination by its own rules, deny
   first, then allow, nothing else; the host half, which resolves, judges each
@@ -215,6 +222,10 @@ EGRESS_REQUEST_TIMEOUT = 10.0  # seconds a client has for its whole request, how
 EGRESS_HEADER_MAX = 512  # bytes of one line between the halves: a 253-character name, a port, an answer
 EGRESS_ANSWER_TIMEOUT = 120.0  # seconds the enclave half waits for the host half's answer: resolving and dialing
 EGRESS_REASON_SHOWN = 200  # characters of the host half's reason that reach the client
+
+# PROXY protocol: what a load balancer's header may cost the host half (accept_proxy_protocol)
+PROXY_HEADER_MAX = 1024  # bytes of a v2 header with its TLVs; a v1 header is 107 at most, by its spec
+PROXY_HEADER_TIMEOUT = 10.0  # seconds for the whole header, however slowly its bytes come
 
 # Control link
 CONTROL_MAX_MESSAGE = 64 * 1024  # bytes of one message, and of one read
@@ -389,6 +400,7 @@ LEVEL_NUMBERS = {
     "trace": TRACE,
 }
 LOG_LEVELS = tuple(LEVEL_NUMBERS)
+PROXY_VERSIONS = ("off", "v1", "v2")  # of the PROXY protocol header an inbound entry's connections begin with
 
 # A DNS name: dot-separated labels of letters, digits, '_' and '-', neither
 # first nor last character a hyphen, at most 63 characters a label.  The
@@ -453,6 +465,21 @@ TABLES = {
                 default="0.0.0.0",
                 extension=True,
             ),
+            "proxy_protocol": Field(
+                "proxy_protocol",
+                "PROXY protocol header the host half writes ahead of each connection's bytes, so that the"
+                " service learns the client's address and port: v1 (text) or v2 (binary); off: none.",
+                default="off",
+                extension=True,
+            ),
+            "accept_proxy_protocol": Field(
+                "boolean",
+                "Whether each client of host_port must begin with a PROXY protocol header (v1 or v2), as a load"
+                " balancer in front of the host half sends; its addresses stand for the client's. Only for a"
+                " port that nothing but the load balancer can reach.",
+                default=False,
+                extension=True,
+            ),
         },
     ),
     "outbound_connections": Table(
@@ -466,9 +493,15 @@ TABLES = {
             "tcp_port": Field("tcp_port", "TCP port the host half connects to on hostname."),
             "enclave_port": Field(
                 "tcp_port",
-                "TCP port the enclave half listens on, on 127.0.0.1 (default: tcp_port). Lets two"
-                " upstreams that share a port, such as two HTTPS services, both be reached.",
+                "TCP port the enclave half listens on, on enclave_address (default: tcp_port).",
                 same_as="tcp_port",
+                extension=True,
+            ),
+            "enclave_address": Field(
+                "loopback_address",
+                "Address in 127.0.0.0/8 the enclave half listens on for this entry, so that two upstreams on"
+                " one port (two HTTPS services) both keep it; auto: one chosen by the hostname.",
+                default="127.0.0.1",
                 extension=True,
             ),
         },
@@ -577,6 +610,8 @@ class Inbound(typing.NamedTuple):
     enclave_port: int
     vsock_port: int
     bind_address: str
+    proxy_protocol: str
+    accept_proxy_protocol: bool
 
 
 class Outbound(typing.NamedTuple):
@@ -584,6 +619,12 @@ class Outbound(typing.NamedTuple):
     vsock_port: int
     tcp_port: int
     enclave_port: int
+    enclave_address: str
+
+    @property
+    def listen_address(self) -> str:
+        """Where the enclave half listens for this entry: enclave_address, auto chosen."""
+        return loopback_for(self.hostname) if self.enclave_address == "auto" else self.enclave_address
 
 
 class Egress(typing.NamedTuple):
@@ -631,6 +672,37 @@ def is_ip_literal(text: str) -> bool:
     except ValueError:
         return False
     return "%" not in text
+
+
+LOOPBACK_NETWORK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def is_loopback_address(text: str) -> bool:
+    """An address of 127.0.0.0/8 a socket can listen on (not its first or last), in the usual dotted
+    form; or auto."""
+    if text == "auto":
+        return True
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return (address in LOOPBACK_NETWORK and str(address) == text
+            and address not in (LOOPBACK_NETWORK.network_address, LOOPBACK_NETWORK.broadcast_address))
+
+
+def loopback_for(hostname: str) -> str:
+    """The address enclave_address = "auto" stands for: 127.X.Y.Z, each of X, Y and Z from 1 to 254,
+    chosen by the CRC-32 of the hostname in lower case, without a final dot.
+
+    It depends on nothing but the name: the same in every file, and an app that
+    holds on to an address it once resolved is never led to another entry when
+    entries are added or moved.  Two names that meet at one address and port are
+    an error of the file, which says to set one by hand.
+    """
+    import binascii  # built into the interpreter: unlike hashlib, it loads no OpenSSL into the enclave
+
+    index = binascii.crc32(hostname.lower().rstrip(".").encode()) % 254 ** 3
+    return f"127.{1 + index // 254 ** 2}.{1 + index // 254 % 254}.{1 + index % 254}"
 
 
 def is_hostname(text: str) -> bool:
@@ -806,6 +878,12 @@ KINDS = {
     "boolean": Kind("boolean", "boolean", "true or false", lambda value: True),
     "hostname": Kind("string", "string: DNS name or IP address", "a DNS name or an IP address", is_hostname),
     "ip_address": Kind("string", "string: IPv4 or IPv6 address", "an IPv4 or IPv6 address", is_ip_literal),
+    "loopback_address": Kind("string", "string: IPv4 address in 127.0.0.0/8, or `auto`",
+                             "an IPv4 address in 127.0.0.0/8 (127.0.0.1 to 127.255.255.254), or auto",
+                             is_loopback_address),
+    "proxy_protocol": Kind("string", "string: " + ", ".join(f"`{version}`" for version in PROXY_VERSIONS),
+                           "one of " + ", ".join(PROXY_VERSIONS), lambda value: value in PROXY_VERSIONS,
+                           choices=PROXY_VERSIONS),
     "log_level": Kind("string", "string: " + ", ".join(f"`{level}`" for level in LOG_LEVELS),
                       "one of " + ", ".join(LOG_LEVELS), lambda value: value in LOG_LEVELS, choices=LOG_LEVELS),
     "text": Kind("string", "string, not empty", "a non-empty string without NUL",
@@ -1015,11 +1093,7 @@ def cross_check(entries: dict[str, list[dict[str, typing.Any]]], control_port: i
         {control_port: "the control port"},
     )
     unique("host_port", ports("inbound_connections", "host_port"), {})  # even on two bind addresses: keep it simple
-    unique(
-        "enclave-side listening port (outbound enclave_port, by default tcp_port, and egress proxy_port)",
-        ports("outbound_connections", "enclave_port") + ports("egress", "proxy_port"),
-        {},
-    )
+    problems += enclave_listeners_problems(entries, lines)
     # An error, not loop_warnings' warning: the proxy asks no credentials, as only the enclave reaches it.
     proxies = {entry.get("proxy_port") for entry in entries["egress"]}
     problems += [
@@ -1028,6 +1102,47 @@ def cross_check(entries: dict[str, list[dict[str, typing.Any]]], control_port: i
         for table, number, key in ports("inbound_connections", "enclave_port")
         if entries[table][number - 1][key] in proxies
     ]
+    return problems
+
+
+def enclave_listeners_problems(entries: dict[str, list[dict[str, typing.Any]]],
+                               lines: Mapping[tuple[str, int], int]) -> list[Problem]:
+    """Where the enclave half listens: each address and port once, and each hostname at one address
+    (one name resolves to one address, in the hosts file the enclave half may write)."""
+    problems = []
+    seen: dict[str, tuple[str, str, bool]] = {}  # ADDRESS:PORT -> the key and entry that listen there, and if auto
+    addresses: dict[str, tuple[str, str]] = {}  # hostname -> its address, and the entry that gave it
+    listening = []
+    for number, entry in enumerate(entries["outbound_connections"], 1):
+        written, name = entry.get("enclave_address"), entry.get("hostname")
+        if written is None or name is None:
+            continue  # its problem is reported already
+        address = loopback_for(name) if written == "auto" else written
+        listening.append(("outbound_connections", number, address, entry.get("enclave_port"), "enclave_port",
+                          written == "auto"))
+        if is_ip_literal(name):
+            continue
+        here = entry_at(lines, "outbound_connections", number)
+        named, by = addresses.setdefault(name.lower().rstrip("."), (address, here))
+        if named != address:
+            problems.append(Problem(lines.get(("outbound_connections", number), 0),
+                                    f"{entry_name('outbound_connections', number)}: enclave_address: {address}, but"
+                                    f" {by} has {name} at {named}: a name resolves to one address"))
+    listening += [("egress", number, "127.0.0.1", entry.get("proxy_port"), "proxy_port", False)
+                  for number, entry in enumerate(entries["egress"], 1)]
+    for table, number, address, port, key, auto in listening:
+        if port is None:
+            continue
+        where = f"{address}:{port}"
+        if where in seen:
+            used_by, earlier, earlier_auto = seen[where]
+            hint = "; auto chose it: set one enclave_address by hand" if auto or earlier_auto else ""
+            problems.append(Problem(lines.get((table, number), 0),
+                                    f"{entry_name(table, number)}: {key}: {port} is already used by the {used_by}"
+                                    f" of {earlier}; both listen on {address}{hint}; every address and port the"
+                                    " enclave half listens on must be unique"))
+        else:
+            seen[where] = (key, entry_at(lines, table, number), auto)
     return problems
 
 
@@ -1042,7 +1157,8 @@ def loop_warnings(config: Config) -> list[Problem]:
     A warning, not an error: the vendor's own reference file has one (443 both
     ways), and its files are accepted unchanged.
     """
-    listening = {entry.enclave_port: number for number, entry in enumerate(config.outbound, 1)}
+    listening = {entry.enclave_port: number for number, entry in enumerate(config.outbound, 1)
+                 if entry.listen_address == "127.0.0.1"}
     return [
         entry_problem(
             config, "inbound_connections", number,
@@ -1649,12 +1765,23 @@ def resetting(sock: socket.socket) -> None:
 
 class Route(typing.NamedTuple):
     """A listener and where each connection it accepts goes; direction is "inbound", "outbound" or
-    "egress", whose connections each ask for a destination, which policy judges."""
+    "egress", whose connections each ask for a destination, which policy judges.  proxy_protocol: the
+    PROXY header ("v1", "v2") written to the far side ahead of the client's bytes, "off" for none;
+    accept_proxy_protocol: whether each client begins with one of its own."""
 
     listen: Endpoint
     target: Endpoint
     direction: str
     policy: Policy | None = None
+    proxy_protocol: str = "off"
+    accept_proxy_protocol: bool = False
+
+    def headers(self) -> str:
+        """What its connections do with PROXY headers, in words for check-config and the log; "" for nothing."""
+        words = ["a load balancer's PROXY header (v1 or v2) read first"] if self.accept_proxy_protocol else []
+        if self.proxy_protocol != "off":
+            words.append(f"the client's address sent ahead in a PROXY {self.proxy_protocol} header")
+        return "".join(f"; {word}" for word in words)
 
 
 DIRECTIONS = ("inbound", "outbound", "egress")
@@ -1992,7 +2119,7 @@ class Workers:
 def host_routes(config: Config, enclave_cid: str) -> list[Route]:
     routes = [
         Route(Endpoint("tcp", entry.bind_address, entry.host_port), Endpoint("vsock", enclave_cid, entry.vsock_port),
-              "inbound")
+              "inbound", proxy_protocol=entry.proxy_protocol, accept_proxy_protocol=entry.accept_proxy_protocol)
         for entry in config.inbound
     ]
     routes += [
@@ -2012,8 +2139,8 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
         for entry in config.inbound
     ]
     routes += [
-        Route(Endpoint("tcp", "127.0.0.1", entry.enclave_port), Endpoint("vsock", parent_cid, entry.vsock_port),
-              "outbound")
+        Route(Endpoint("tcp", entry.listen_address, entry.enclave_port),
+              Endpoint("vsock", parent_cid, entry.vsock_port), "outbound")
         for entry in config.outbound
     ]
     if config.egress:
@@ -2023,13 +2150,94 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
     return routes
 
 
+# The PROXY protocol (HAProxy's; nginx, Envoy and many servers read it): a header ahead of a
+# connection's bytes that says which address and port the client came from, and which it reached.
+#
+#     v1   PROXY TCP4 SOURCE DESTINATION SOURCE_PORT DESTINATION_PORT\r\n   (TCP6 for IPv6)
+#     v2   the 12-byte signature, 0x21 (version 2, PROXY), 0x11 or 0x21 (TCP over IPv4 or IPv6),
+#          the length of what follows, the two addresses, the two ports: all in network order
+#
+# The host half writes one for each inbound connection of an entry with proxy_protocol: only it
+# knows the client.  The enclave half carries it like any byte.  With accept_proxy_protocol the host
+# half first reads a load balancer's header, v1 or v2, and writes its addresses on.
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V1_MAX = 107  # bytes of a v1 header with its CRLF, by the spec: "PROXY UNKNOWN" with two IPv6 addresses
+# v2's address families: what follows the fixed part for TCP over each (two addresses, two ports).
+PROXY_V2_FAMILIES = {0x11: (4, 12), 0x21: (6, 36)}
+
+# An address and a port, as a PROXY header carries each end of a connection.
+SocketAddress = tuple[str, int]
+
+
+def proxy_header(version: str, source: SocketAddress, destination: SocketAddress) -> bytes:
+    """The PROXY header of version ("v1" or "v2") for a connection from source to destination.  An
+    IPv4 client of a dual-stack listener has IPv4-mapped addresses there: it is written as IPv4."""
+    ends = [ipaddress.ip_address(address.partition("%")[0]) for address, _ in (source, destination)]
+    ends = [end.ipv4_mapped or end if isinstance(end, ipaddress.IPv6Address) else end for end in ends]
+    if ends[0].version != ends[1].version:  # one end mapped, the other not: both as IPv6
+        ends = [ipaddress.IPv6Address(f"::ffff:{end}") if end.version == 4 else end for end in ends]
+    ports = (source[1], destination[1])
+    if version == "v1":
+        return f"PROXY TCP{ends[0].version} {ends[0]} {ends[1]} {ports[0]} {ports[1]}\r\n".encode()
+    body = ends[0].packed + ends[1].packed + struct.pack("!HH", *ports)
+    family = 0x11 if ends[0].version == 4 else 0x21
+    return PROXY_V2_SIGNATURE + bytes((0x21, family)) + struct.pack("!H", len(body)) + body
+
+
+def read_proxy_header(sock: socket.socket, deadline: float) -> tuple[SocketAddress, SocketAddress] | None:
+    """Read a PROXY header, v1 or v2, from a blocking sock by deadline, and nothing after it: the
+    source and destination it gives, or None when it gives none (a load balancer's own connection, a
+    health check: v2 LOCAL, v1 UNKNOWN, or not TCP), and the connection's own addresses stand.
+
+    ValueError when the bytes are no PROXY header or exceed PROXY_HEADER_MAX;
+    EOFError and socket.timeout as read_exactly.
+    """
+    start = read_exactly(sock, 6, deadline)
+    if start == b"PROXY ":
+        return parse_proxy_v1(start + read_through(sock, b"\r\n", PROXY_V1_MAX - len(start), deadline))
+    if start != PROXY_V2_SIGNATURE[:6]:
+        raise ValueError("no PROXY header")
+    fixed = start + read_exactly(sock, 10, deadline)
+    length = struct.unpack("!H", fixed[14:])[0]
+    if fixed[:12] != PROXY_V2_SIGNATURE or fixed[12] >> 4 != 2 or fixed[12] & 0xF > 1:
+        raise ValueError("no PROXY header of version 1 or 2")
+    if len(fixed) + length > PROXY_HEADER_MAX:
+        raise ValueError(f"a PROXY header of {len(fixed) + length} bytes, over {PROXY_HEADER_MAX}")
+    body = read_exactly(sock, length, deadline)
+    version, size = PROXY_V2_FAMILIES.get(fixed[13], (0, 0))
+    if fixed[12] & 0xF == 0 or not version:  # LOCAL, or UNSPEC, UDP or a Unix socket: no TCP client to name
+        return None
+    if length < size:
+        raise ValueError(f"a PROXY header whose addresses take {length} bytes, not {size}")
+    half = size // 2 - 2
+    source, destination = (str(ipaddress.ip_address(body[at:at + half])) for at in (0, half))
+    source_port, destination_port = struct.unpack("!HH", body[size - 4:size])
+    return (source, source_port), (destination, destination_port)
+
+
+def parse_proxy_v1(line: bytes) -> tuple[SocketAddress, SocketAddress] | None:
+    """A v1 header, its CRLF included: as read_proxy_header."""
+    words = line[:-2].decode("ascii").split(" ")
+    if words[1] == "UNKNOWN":
+        return None
+    family = {"TCP4": ipaddress.IPv4Address, "TCP6": ipaddress.IPv6Address}.get(words[1])
+    if family is None or len(words) != 6 or not all(re.fullmatch("0|[1-9][0-9]{0,4}", port) for port in words[4:]):
+        raise ValueError("a PROXY v1 header that is not PROXY TCP4|TCP6 SOURCE DESTINATION PORT PORT")
+    source, destination = (str(family(address)) for address in words[2:4])  # ValueError when not of family
+    source_port, destination_port = (int(port) for port in words[4:])
+    if max(source_port, destination_port) > TCP_PORT_RANGE[1]:
+        raise ValueError("a PROXY v1 header with a port over 65535")
+    return (source, source_port), (destination, destination_port)
+
+
 class Connector:
     """Sets up each admitted connection: dial its far side, and once that answers hand both sockets
     to the reactor.  Whatever goes wrong ends this connection only: its client is reset, its room freed.
 
     A far side with no name to resolve (vsock, an IP literal) is dialed from the accept loop without
     blocking, and the reactor sees the connect through, so a short connection never waits for a
-    thread; a hostname is dialed in a worker (``set_up``), as its resolution may block.
+    thread; a hostname is dialed in a worker (``set_up``), as its resolution may block, and so is
+    the far side of a client that must first send a PROXY header (``take_header``).
     """
 
     def __init__(self, dialer: Dialer, admission: Admission, limits: Limits):
@@ -2063,6 +2271,28 @@ class Connector:
             return
         self.reactor.hand_over(connection)
 
+    def take_header(self, connection: Connection) -> None:
+        """Read the PROXY header a load balancer sends ahead of its client's bytes (in a worker: they
+        may come slowly), then dial as start() does; a client without a valid one is reset."""
+        try:
+            connection.proxied = read_proxy_header(connection.client, time.monotonic() + PROXY_HEADER_TIMEOUT)
+        except (OSError, EOFError, ValueError) as error:
+            why = ("the client ended first" if isinstance(error, EOFError)
+                   else f"none within {PROXY_HEADER_TIMEOUT:g} s" if isinstance(error, socket.timeout)
+                   else explain(error) if isinstance(error, OSError) else str(error))
+            throttled.warning_or_info("proxy header", "conn %d: no PROXY header (accept_proxy_protocol): %s;"
+                                      " resetting the client: %s", connection.conn_id, why, connection.path)
+            reset(connection.client)
+            self.admission.release(connection)
+            return
+        except Exception as error:  # a bug: this connection ends, the half goes on
+            self.failed(connection, error)
+            return
+        if connection.proxied:
+            source = Endpoint("tcp", *connection.proxied[0])
+            connection.path = f"{source} via {connection.path}"
+        self.start(connection)
+
     @staticmethod
     def prepare(connection: Connection) -> None:
         log.debug("conn %d: dialing for %s", connection.conn_id, connection.path)
@@ -2071,8 +2301,17 @@ class Connector:
 
     @staticmethod
     def opened(connection: Connection) -> None:
-        """The far side answered: the reactor moves the bytes from here on."""
+        """The far side answered: its PROXY header, if the route has one, goes first; the reactor
+        moves the bytes from here on."""
         far = typing.cast(socket.socket, connection.far)
+        version = connection.route.proxy_protocol
+        if version != "off":
+            client = connection.client
+            ends = connection.proxied or (client.getpeername()[:2], client.getsockname()[:2])
+            header = proxy_header(version, *ends)
+            # The socket was just connected, its buffer empty: a few hundred bytes always fit.
+            if far.send(header) != len(header):
+                raise OSError(errno.EAGAIN, "the far side took only part of the PROXY header")
         dialed = dialed_name(far)
         connection.relay(far)
         log.info("conn %d opened: %s, %s", connection.conn_id, connection.path, dialed)
@@ -2925,6 +3164,7 @@ class Connection:
         self.down: Flow | None = None
         self.fds = (client.fileno(), -1)  # client, far: what epoll knows them by, also once closed
         self.masks = [0, 0]
+        self.proxied: tuple[SocketAddress, SocketAddress] | None = None  # the client, as a load balancer named it
 
     def aim(self, target: str) -> None:
         """Name the destination an egress connection asked for, in place of its route's target."""
@@ -3427,10 +3667,11 @@ class Budget:
 # What the enclave half tells the host half about its configuration, and how the host compares it.
 
 # The keys of each direction's entries that the halves compare: every key but the host-only
-# bind_address, and the egress rules, which are each half's own (a destination must pass both).
+# bind_address and accept_proxy_protocol, and the egress rules, which are each half's own (a
+# destination must pass both).
 ENTRY_KEYS = {
-    "inbound": ("vsock_port", "host_port", "enclave_port"),
-    "outbound": ("vsock_port", "hostname", "tcp_port", "enclave_port"),
+    "inbound": ("vsock_port", "host_port", "enclave_port", "proxy_protocol"),
+    "outbound": ("vsock_port", "hostname", "tcp_port", "enclave_port", "enclave_address"),
     "egress": ("vsock_port", "proxy_port"),
 }
 DIRECTION_TABLES = {"inbound": "inbound_connections", "outbound": "outbound_connections", "egress": "egress"}
@@ -3482,7 +3723,8 @@ ENTRY_USES: dict[str, tuple[Callable[[dict[str, typing.Any]], str], Callable[[di
     ),
     "outbound": (
         lambda entry: f"forwards vsock port {entry['vsock_port']} to {entry['hostname']}:{entry['tcp_port']}",
-        lambda entry: f"forwards 127.0.0.1:{entry['enclave_port']} to vsock port {entry['vsock_port']}",
+        lambda entry: f"forwards {Outbound(**entry).listen_address}:{entry['enclave_port']} to vsock port"
+                      f" {entry['vsock_port']}",
     ),
     "egress": (
         lambda entry: f"dials the destinations asked for on vsock port {entry['vsock_port']}",
@@ -3883,7 +4125,7 @@ class ControlClient(threading.Thread):
 
 
 # ---------------------------------------------------------------------------
-# The enclave's loopback: down when an enclave starts
+# The enclave's loopback, down when an enclave starts, and the names of its outbound entries
 # ---------------------------------------------------------------------------
 
 SIOCGIFFLAGS = 0x8913
@@ -3911,6 +4153,72 @@ def ensure_loopback_up() -> None:
                 "run 'ip link set lo up' as root before 'qproxy enclave', or run qproxy as root"
             ) from None
     log.info("brought the loopback interface lo up")
+
+
+# The lines the enclave half writes into a hosts file (--hosts-file) stand between these two; at
+# each start the block is written anew, in place of the last one, and every other line stays.
+HOSTS_BEGIN = "# qproxy enclave half: begin (written at each start; what is between these two lines is replaced)"
+HOSTS_END = "# qproxy enclave half: end"
+
+
+def hosts_lines(config: Config) -> list[str]:
+    """A hosts file's line for each name of an outbound entry, to the address the enclave half
+    listens on for it: an app that dials the name reaches the entry.  IP literals get none."""
+    named = {entry.hostname.lower().rstrip("."): entry.listen_address
+             for entry in config.outbound if not is_ip_literal(entry.hostname)}
+    return [f"{address} {name}" for name, address in named.items()]
+
+
+def write_hosts_file(path: str, lines: list[str]) -> None:
+    """Put lines into the hosts file at path, between HOSTS_BEGIN and HOSTS_END, in place of what an
+    earlier start put there; every other line stays.  Replaced whole (a new file renamed over it)
+    where that can be done, else rewritten in place (a file bind-mounted into a container).
+    StartError when it cannot be written."""
+    path = os.path.realpath(path)  # a symbolic link stays one
+    try:
+        with open(path, "a+", encoding="utf-8", errors="surrogateescape") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise StartError(f"--hosts-file {path} is not a regular file")
+            file.seek(0)
+            kept = drop_hosts_block(file.read().splitlines())
+            text = "\n".join([*kept, HOSTS_BEGIN, *lines, HOSTS_END, ""])
+            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
+            if not replace_file(path, text, mode):
+                file.seek(0)
+                file.truncate()
+                file.write(text)
+    except OSError as error:
+        raise StartError(f"cannot write the hosts file {path} (--hosts-file): {error.strerror or error}") from None
+    ours = {line.split()[1] for line in lines}
+    for number, line in enumerate(kept, 1):
+        names = {name.lower().rstrip(".") for name in line.partition("#")[0].split()[1:]}
+        for name in sorted(names & ours):
+            log.warning("%s line %d maps %s too; a resolver may take that address, not qproxy's", path, number, name)
+
+
+def drop_hosts_block(lines: list[str]) -> list[str]:
+    """lines without the block an earlier start wrote (to its end line, or to the end of the file)."""
+    if HOSTS_BEGIN not in lines:
+        return lines
+    begin = lines.index(HOSTS_BEGIN)
+    end = lines.index(HOSTS_END, begin) + 1 if HOSTS_END in lines[begin:] else len(lines)
+    return lines[:begin] + lines[end:]
+
+
+def replace_file(path: str, text: str, mode: int) -> bool:
+    """Write text to a new file next to path and rename it over path, so that a resolver reads the old
+    file or the new one, never half of one.  False when a rename cannot replace path there."""
+    temporary = f"{path}.qproxy-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as file:
+            os.fchmod(file.fileno(), mode)
+            file.write(text)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -4060,7 +4368,8 @@ class Half:
             elif wanted[listen] != listener.route:
                 listener.route = wanted[listen]
                 rules = f" ({listener.route.policy})" if listener.route.policy else ""
-                log.info("reload: %s -> %s%s from now on", listen, listener.route.target, rules)
+                log.info("reload: %s -> %s%s%s from now on", listen, listener.route.target, rules,
+                         listener.route.headers())
                 changes["changed"] += 1
         for listen, route in wanted.items():
             if listen not in current:
@@ -4175,19 +4484,25 @@ class Half:
 
     def set_up(self, admitted: list[Connection]) -> None:
         """Dial for each admitted connection, in order: at once when its target has no name to
-        resolve, else (and an egress request always) in a setup worker; those no thread can be had
-        for wait again."""
+        resolve and its client sends no header first, else (and an egress request always) in a setup
+        worker; those no thread can be had for wait again."""
         for index, connection in enumerate(admitted):
             if self.admission.short_of:  # the last dial found no descriptor: the rest wait again, in order
                 for waiting in reversed(admitted[index:]):
                     self.admission.requeue(waiting, self.admission.short_of)
                 return
-            egress = connection.route.direction == "egress"
-            if not (egress or self.connector.dialer.resolves(connection.route.target)):
+            route = connection.route
+            if route.direction == "egress":
+                job = self.egress.set_up
+            elif route.accept_proxy_protocol:
+                job = self.connector.take_header
+            elif self.connector.dialer.resolves(route.target):
+                job = self.connector.set_up
+            else:
                 self.connector.start(connection)
                 continue
             try:
-                self.workers.run(self.egress.set_up if egress else self.connector.set_up, connection)
+                self.workers.run(job, connection)
             except RuntimeError as error:  # no thread to be had: these wait again, in their order
                 for waiting in reversed(admitted[index:]):
                     self.admission.requeue(waiting, "threads")
@@ -4295,6 +4610,10 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: Lo
     for warning in loop_warnings(config):
         log.warning("%s", warning.at(args.config))
     half.start_listening(enclave_routes(config, str(args.parent_cid)))
+    if args.hosts_file:
+        lines = hosts_lines(config)
+        write_hosts_file(args.hosts_file, lines)
+        log.info("wrote %d name(s) of outbound entries to %s", len(lines), args.hosts_file)
     control = ControlClient(vsock, args.parent_cid, args.control_port, config, outbox, half.stopping)
     control.start()
     code = half.run()
@@ -4317,13 +4636,16 @@ def config_summary(path: str, config: Config, parent_cid: int, control_port: int
     ]
     if not (config.inbound or config.outbound or config.egress):
         lines.append("no connections configured: the halves will only talk to each other")
-    lines += [f"host: listen {route.listen} -> {route.target}" for route in host_routes(config, "<enclave CID>")]
+    lines += [f"host: listen {route.listen} -> {route.target}{route.headers()}"
+              for route in host_routes(config, "<enclave CID>")]
     lines.append(f"host: listen vsock :{control_port} for the enclave half's control connection")
     lines += [
         f"enclave: listen {route.listen} -> {route.target}"
         for route in enclave_routes(enclave_config or config, str(parent_cid))
     ]
     lines.append(f"enclave: dial vsock {parent_cid}:{control_port} for the control connection")
+    lines += [f"enclave: --hosts-file maps {line.split()[1]} to {line.split()[0]}"
+              for line in hosts_lines(enclave_config or config)]
     for role, egress in (("host", config.egress), ("enclave", (enclave_config or config).egress)):
         if egress:
             lines.append(f"{role}: egress rules: {Policy.of(egress, role)}")
@@ -4407,7 +4729,7 @@ class Parser(argparse.ArgumentParser):
 ENVIRONMENT_HELP = """environment variables:
   RUST_LOG                log level: off, error, warn, info, debug, trace (default: warn)
   QPROXY_VSOCK_EMULATION  a folder: Unix sockets there stand in for AF_VSOCK (tests, one machine)
-  QPROXY_LISTEN_CID, QPROXY_PARENT_CID, QPROXY_CONTROL_PORT, TOKIO_WORKER_THREADS
+  QPROXY_LISTEN_CID, QPROXY_PARENT_CID, QPROXY_CONTROL_PORT, QPROXY_HOSTS_FILE, TOKIO_WORKER_THREADS
                           the options of the same meaning (see each command's --help)"""
 
 
@@ -4439,6 +4761,10 @@ def build_parser() -> argparse.ArgumentParser:
     enclave.add_argument("--parent-cid", type=parse_cid, metavar="PARENT_CID",
                          help="The CID of the parent VM of this enclave [env: QPROXY_PARENT_CID]"
                               f" [default: {DEFAULT_PARENT_CID}]")
+    enclave.add_argument("--hosts-file", metavar="PATH",
+                         help="Map the hostname of each outbound entry to the address the enclave half listens on"
+                              " for it, in this hosts file (/etc/hosts), so that apps dial the real names; the"
+                              " file's other lines stay [env: QPROXY_HOSTS_FILE]")
     add_common_options(enclave)
 
     check = commands.add_parser(
@@ -4481,6 +4807,7 @@ def add_common_options(command: argparse.ArgumentParser) -> None:
 def fill_from_environment(args: argparse.Namespace) -> None:
     from_environment(args, "control_port", "QPROXY_CONTROL_PORT", parse_port, DEFAULT_CONTROL_PORT)
     from_environment(args, "parent_cid", "QPROXY_PARENT_CID", parse_cid, DEFAULT_PARENT_CID)
+    from_environment(args, "hosts_file", "QPROXY_HOSTS_FILE", str, None)
     from_environment(args, "threads", "TOKIO_WORKER_THREADS", parse_threads, DEFAULT_MAX_CONNECTIONS)
     if args.command == "host":
         from_environment(args, "cid", "QPROXY_LISTEN_CID", parse_cid, None)

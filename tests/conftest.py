@@ -250,6 +250,50 @@ def private_resolver(folder: Path, hosts: str) -> list[str]:
     return ["unshare", "-m", "sh", "-c", f'{mounts} && exec "$0" "$@"']
 
 
+def make_certificates(folder: Path, names: dict[str, list[str]]) -> None:
+    """A test CA (folder/ca.pem) and, for each key of names, a server certificate it signed for those
+    names (folder/KEY.pem, folder/KEY.key), made with the openssl CLI."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=qproxy test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for key, dns_names in names.items():
+        openssl("req", *ec, "-keyout", f"{key}.key", "-out", f"{key}.csr", "-subj", f"/CN={dns_names[0]}")
+        (folder / f"{key}.ext").write_text(
+            "subjectAltName = " + ",".join(f"DNS:{name}" for name in dns_names) + "\n"
+            "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature\n"
+            "extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n")
+        openssl("x509", "-req", "-in", f"{key}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{key}.pem", "-days", "2", "-extfile", f"{key}.ext")
+
+
+def https_server(folder: Path, key: str, body: bytes, address: str, port: int = 0) -> ThreadedServer:
+    """An HTTPS server with folder/KEY's certificate, answering every request with 200 and body."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / f"{key}.pem", folder / f"{key}.key")
+
+    def serve(sock: socket.socket) -> None:
+        try:
+            with context.wrap_socket(sock, server_side=True) as tls:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        return
+                    request += chunk
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                            b"Connection: close\r\n\r\n%s" % (len(body), body))
+        except (ssl.SSLError, OSError):
+            pass  # a client that gave up on the certificate
+
+    return ThreadedServer(serve, address, port)
+
+
 class SilentListener:
     """A loopback TCP port that never answers a SYN, so that a dial to it times out.
 

@@ -229,6 +229,8 @@ def test_check_config_describes_every_route(check_config, tmp_path):
         "enclave: listen tcp 127.0.0.1:443 -> vsock 7:7777",
         "enclave: listen tcp 127.0.0.1:5555 -> vsock 7:7778",
         "enclave: dial vsock 7:7000 for the control connection",
+        "enclave: --hosts-file maps api.myservice.com to 127.0.0.1",
+        "enclave: --hosts-file maps another.api.com to 127.0.0.1",
         "log: host /var/log/qproxy/host.log, enclave /var/log/qproxy/enclave.log, level info, rotated at 8 MiB,"
         " 2 kept",
         "limits: no connection limit per listener, connect timeout 10 s, idle timeout none, queue timeout 30 s,"
@@ -271,9 +273,11 @@ def test_check_config_empty_file_and_no_log_table(check_config, tmp_path):
 KINDS = {
     "inbound_connections": {
         "host_port": "tcp_port", "enclave_port": "tcp_port", "vsock_port": "vsock_port", "bind_address": "ip_address",
+        "proxy_protocol": "proxy_protocol", "accept_proxy_protocol": "boolean",
     },
     "outbound_connections": {
         "hostname": "hostname", "vsock_port": "vsock_port", "tcp_port": "tcp_port", "enclave_port": "tcp_port",
+        "enclave_address": "loopback_address",
     },
     "egress": {"proxy_port": "tcp_port", "vsock_port": "vsock_port", "allow": "rules", "deny": "rules"},
     "log_location": {
@@ -302,6 +306,8 @@ VALID = {
     ],
     "ip_address": ["0.0.0.0", "127.0.0.1", "10.1.2.3", "::", "::1", "2001:db8::1"],
     "log_level": list(qproxy.LOG_LEVELS),
+    "proxy_protocol": ["off", "v1", "v2"],
+    "loopback_address": ["127.0.0.1", "127.0.0.2", "127.1.2.3", "127.255.255.254", "127.0.0.255", "auto"],
     "text": ["x", "日志.log", "/var/log/with space", "a" * 300],
     "rules": [
         [], ["api.example.com"], ["*.example.com:443"], ["*:443"], ["*"], ["API.Example.COM.:80,443"],
@@ -324,6 +330,9 @@ INVALID = {
     ],
     "ip_address": ["", "localhost", "eth0", "1.2.3", "256.1.1.1", "[::1]", "1.2.3.4:80", "fe80::1%eth0", 0, True],
     "log_level": ["INFO", "Warn", "WARN", "warning", "none", "", " info", 3, True, ["info"]],
+    "proxy_protocol": ["V1", "v3", "1", "on", "true", "", 1, 2, True, ["v1"]],
+    "loopback_address": ["127.0.0.0", "127.255.255.255", "128.0.0.1", "10.0.0.1", "0.0.0.0", "::1", "127.1",
+                         "127.000.0.1", "localhost", "AUTO", "", " 127.0.0.1", 2130706433, True],
     "text": ["", "a\0b", 1, True, 1.5, ["host.log"], {"name": "host.log"}],
     "rules": [
         [""], ["a.test:"], ["a.test:0"], ["a.test:65536"], ["a.test:443-80"], ["a.test:http"], ["a.test:1,,2"],
@@ -344,6 +353,8 @@ EXPECTED = {
     "hostname": "expected a ",  # a DNS name or an IP address / a string
     "ip_address": "expected a",  # an IPv4 or IPv6 address / a string
     "log_level": "expected ",  # one of ... / a string
+    "proxy_protocol": "expected ",  # one of ... / a string
+    "loopback_address": "expected a",  # an IPv4 address in 127.0.0.0/8 ... / a string
     "text": "expected a ",
     "rules": "",  # an array of egress rules / rule N (...): what is wrong with it
 }
@@ -630,6 +641,76 @@ def test_outbound_enclave_port_defaults_count_as_listening_ports(tmp_path):
     assert problems(tmp_path, {"outbound_connections": [outbound(9000, 443), outbound(9001, 443, 8443)]}) == []
     found = problems(tmp_path, {"outbound_connections": [outbound(9000, 443), outbound(9001, 8443, 443)]})
     assert len(found) == 1 and found[0].startswith("[[outbound_connections]] entry 2: enclave_port: 443 ")
+
+
+def at(entry: dict, address: str) -> dict:
+    return dict(entry, enclave_address=address)
+
+
+def test_two_upstreams_on_one_port_each_keep_it_at_an_address_of_their_own(tmp_path):
+    assert problems(tmp_path, {"outbound_connections": [
+        at(outbound(9000, 443, hostname="a.example"), "auto"), at(outbound(9001, 443, hostname="b.example"), "auto"),
+        at(outbound(9002, 443, hostname="c.example"), "127.0.0.2"), outbound(9003, 443, hostname="d.example"),
+    ]}) == []
+
+
+def test_one_address_and_port_twice_is_an_error_naming_both_entries(tmp_path):
+    found = problems(tmp_path, {"outbound_connections": [
+        at(outbound(9000, 443, hostname="a.example"), "127.0.0.2"), at(outbound(9001, 443, hostname="b.example"),
+                                                                        "127.0.0.2")]})
+    assert found == ["[[outbound_connections]] entry 2: enclave_port: 443 is already used by the enclave_port of"
+                     " [[outbound_connections]] entry 1 (line 2); both listen on 127.0.0.2; every address and port"
+                     " the enclave half listens on must be unique"]
+
+
+def test_an_auto_address_that_meets_another_says_to_set_one_by_hand(tmp_path):
+    chosen = qproxy.loopback_for("a.example")
+    found = problems(tmp_path, {"outbound_connections": [
+        at(outbound(9000, 443, hostname="a.example"), "auto"), at(outbound(9001, 443, hostname="b.example"), chosen)]})
+    assert found == ["[[outbound_connections]] entry 2: enclave_port: 443 is already used by the enclave_port of"
+                     f" [[outbound_connections]] entry 1 (line 2); both listen on {chosen}; auto chose it: set one"
+                     " enclave_address by hand; every address and port the enclave half listens on must be unique"]
+
+
+def test_the_egress_proxy_port_shares_127_0_0_1_only(tmp_path):
+    egress = {"proxy_port": 3128, "vsock_port": 8000}
+    assert problems(tmp_path, {"outbound_connections": [at(outbound(9000, 3128), "auto")], "egress": egress}) == []
+    found = problems(tmp_path, {"outbound_connections": [at(outbound(9000, 3128), "127.0.0.1")], "egress": egress})
+    assert len(found) == 1 and found[0].startswith("[egress]: proxy_port: 3128 is already used by the enclave_port")
+
+
+def test_one_hostname_at_two_addresses_is_an_error(tmp_path):
+    found = problems(tmp_path, {"outbound_connections": [
+        at(outbound(9000, 443, hostname="a.example"), "auto"), at(outbound(9001, 80, hostname="A.example."),
+                                                                   "127.0.0.2")]})
+    assert found == [f"[[outbound_connections]] entry 2: enclave_address: 127.0.0.2, but [[outbound_connections]]"
+                     f" entry 1 (line 2) has A.example. at {qproxy.loopback_for('a.example')}: a name resolves to one"
+                     " address"]
+    # auto gives every entry of a name the same address, whatever its case or final dot
+    assert problems(tmp_path, {"outbound_connections": [
+        at(outbound(9000, 443, hostname="a.example"), "auto"), at(outbound(9001, 80, hostname="A.example."), "auto"),
+        at(outbound(9002, 443, hostname="10.0.0.1"), "127.0.0.2"), at(outbound(9003, 80, hostname="10.0.0.1"),
+                                                                       "127.0.0.3")]}) == []
+
+
+def test_auto_addresses_are_the_names_own_within_127_1_1_1_and_127_254_254_254():
+    """A function of the name alone (CRC-32), fixed here: an app that kept an address across a
+    restart must be led to the same entry."""
+    assert qproxy.loopback_for("payments.example.com") == "127.51.17.233"
+    assert qproxy.loopback_for("PAYMENTS.example.com.") == "127.51.17.233"
+    addresses = {qproxy.loopback_for(f"service-{number}.example") for number in range(5000)}
+    assert len(addresses) >= 4990  # a clash is rare, and then an error of the file (see above)
+    for address in addresses:
+        octets = [int(octet) for octet in address.split(".")]
+        assert octets[0] == 127 and all(1 <= octet <= 254 for octet in octets[1:]), address
+
+
+def test_an_inbound_loop_needs_the_outbound_entry_on_127_0_0_1(tmp_path, check_config):
+    path = write(tmp_path, to_toml({"inbound_connections": [inbound(80, 5000, 9000)],
+                                    "outbound_connections": [at(outbound(9001, 5000), "auto")]}))
+    code, lines, errors = check_config(path)
+    assert (code, errors) == (0, [])
+    assert not any(line.startswith("warning:") for line in lines)
 
 
 @pytest.mark.parametrize("out", [outbound(9001, 5000), outbound(9001, 443, 5000)], ids=["default", "explicit"])
@@ -1089,3 +1170,22 @@ def test_every_bad_rule_of_a_list_is_named(tmp_path):
 ])
 def test_an_ipv6_address_that_carries_an_ipv4_one_is_judged_as_that(address, rule, matches):
     assert bool(policy(deny=[rule]).refuses(qproxy.canonical_address(address), 443)) is matches
+
+
+def test_check_config_says_what_each_half_does_with_proxy_headers_and_names(check_config, tmp_path):
+    path = write(tmp_path, to_toml({
+        "inbound_connections": [dict(inbound(80, 8080, 9000), proxy_protocol="v2", accept_proxy_protocol=True),
+                                dict(inbound(81, 8081, 9001), proxy_protocol="v1"), inbound(82, 8082, 9002)],
+        "outbound_connections": [at(outbound(9003, 443, hostname="pay.example"), "auto")],
+    }))
+    code, lines, errors = check_config(path, "--parent-cid", "7")
+    assert (code, errors) == (0, [])
+    chosen = qproxy.loopback_for("pay.example")
+    assert lines[1:4] == [
+        "host: listen tcp 0.0.0.0:80 -> vsock <enclave CID>:9000; a load balancer's PROXY header (v1 or v2) read"
+        " first; the client's address sent ahead in a PROXY v2 header",
+        "host: listen tcp 0.0.0.0:81 -> vsock <enclave CID>:9001; the client's address sent ahead in a PROXY v1 header",
+        "host: listen tcp 0.0.0.0:82 -> vsock <enclave CID>:9002",
+    ]
+    assert f"enclave: listen tcp {chosen}:443 -> vsock 7:9003" in lines
+    assert f"enclave: --hosts-file maps pay.example to {chosen}" in lines

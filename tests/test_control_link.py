@@ -265,9 +265,9 @@ def test_the_enclave_half_greets_with_its_entries_and_notices_a_silent_host_half
             "heartbeat": qproxy.HEARTBEAT_INTERVAL,
             "entries": {
                 "inbound": [{"vsock_port": 9000, "host_port": greeting["entries"]["inbound"][0]["host_port"],
-                             "enclave_port": 8080}],
+                             "enclave_port": 8080, "proxy_protocol": "off"}],
                 "outbound": [{"vsock_port": 8001, "hostname": "api.example.com", "tcp_port": 443,
-                              "enclave_port": app_port}],
+                              "enclave_port": app_port, "enclave_address": "127.0.0.1"}],
                 "egress": [],
             },
         }
@@ -598,8 +598,9 @@ json_values = st.recursive(
     max_leaves=10,
 )
 entry_like = st.fixed_dictionaries({}, optional={
-    key: st.one_of(st.integers(0, 9), st.booleans(), st.text(max_size=3), st.sampled_from(["a.example", "a\nb"]))
-    for key in ("vsock_port", "host_port", "enclave_port", "hostname", "tcp_port")
+    key: st.one_of(st.integers(0, 9), st.booleans(), st.text(max_size=3),
+                   st.sampled_from(["a.example", "a\nb", "v1", "auto", "127.0.0.2"]))
+    for key in ("vsock_port", "host_port", "enclave_port", "hostname", "tcp_port", "proxy_protocol", "enclave_address")
 })
 entries_like = json_values | st.fixed_dictionaries({}, optional={
     "inbound": st.lists(entry_like, max_size=3) | json_values, "outbound": st.lists(entry_like, max_size=3) | json_values,
@@ -610,7 +611,8 @@ entries_like = json_values | st.fixed_dictionaries({}, optional={
 @given(entries=entries_like)
 def test_any_entries_compare_or_fail_with_a_value_error(entries):
     host = qproxy.entries_of(qproxy.Config(
-        inbound=(qproxy.Inbound(80, 8080, 1, "0.0.0.0"),), outbound=(qproxy.Outbound("a.example", 2, 443, 443),),
+        inbound=(qproxy.Inbound(80, 8080, 1, "0.0.0.0", "v2", False),),
+        outbound=(qproxy.Outbound("a.example", 2, 443, 443, "auto"),),
     ))
     try:
         mismatches = qproxy.config_mismatches(host, entries)

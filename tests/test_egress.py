@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -25,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEADLINE, Half, ThreadedServer, echo, free_port, private_resolver, read_to_end, wait_for
+from conftest import (
+    DEADLINE, Half, ThreadedServer, echo, free_port, https_server, make_certificates, private_resolver, read_to_end,
+    wait_for,
+)
 
 CURL = "/usr/bin/curl"
 OPENSSL = "/usr/bin/openssl"
@@ -264,45 +266,14 @@ def ca_folder(tmp_path_factory):
     if not os.access(OPENSSL, os.X_OK):
         pytest.skip(f"needs {OPENSSL} to make the test CA")
     folder = tmp_path_factory.mktemp("egress-ca")
-
-    def openssl(*args: str) -> None:
-        subprocess.run([OPENSSL, *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=qproxy egress test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={NAMES[0]}")
-    (folder / "server.ext").write_text(
-        "subjectAltName = " + ",".join(f"DNS:{name}" for name in NAMES) + "\n"
-        "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature\n"
-        "extendedKeyUsage = serverAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid,issuer\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+    make_certificates(folder, {"server": list(NAMES)})
     return folder
 
 
 @pytest.fixture
 def tls_server(ca_folder):
     """An HTTPS server on TLS_ADDRESS answering every request with 200 and BODY."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(ca_folder / "server.pem", ca_folder / "server.key")
-
-    def serve(sock: socket.socket) -> None:
-        try:
-            with context.wrap_socket(sock, server_side=True) as tls:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        return
-                    request += chunk
-                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                            b"Connection: close\r\n\r\n%s" % (len(BODY), BODY))
-        except (ssl.SSLError, OSError):
-            pass  # a client that gave up on the certificate
-
-    server = ThreadedServer(serve, TLS_ADDRESS)
+    server = https_server(ca_folder, "server", BODY, TLS_ADDRESS)
     yield server
     server.stop()
 

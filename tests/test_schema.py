@@ -92,6 +92,9 @@ GOOD = {
     ).filter(lambda text: "\n" not in text),
     "ip_address": st.ip_addresses().map(str),
     "log_level": st.sampled_from(qproxy.LOG_LEVELS),
+    "proxy_protocol": st.sampled_from(qproxy.PROXY_VERSIONS),
+    "loopback_address": st.one_of(st.just("auto"), st.integers(0x7F000001, 0x7FFFFFFE).map(
+        lambda number: str(ipaddress.IPv4Address(number)))),
     "text": st.text(min_size=1, max_size=8).filter(lambda text: "\0" not in text),
     "seconds": st.one_of(st.integers(*qproxy.SECONDS_RANGE), st.floats(*qproxy.SECONDS_RANGE)),
     "boolean": st.booleans(),
@@ -101,6 +104,9 @@ BAD = {
     "hostname": hostnames,  # about half of these are bad
     "ip_address": hostnames,  # most of these are bad
     "log_level": st.one_of(st.sampled_from(["INFO", "Warn", "warning", ""]), texts),
+    "proxy_protocol": st.one_of(st.sampled_from(["V1", "v3", "on", ""]), texts),
+    "loopback_address": st.one_of(st.sampled_from(["127.0.0.0", "127.255.255.255", "128.0.0.1", "127.1", "AUTO"]),
+                                  st.ip_addresses().map(str), texts),
     "text": texts,
     "seconds": st.one_of(
         st.integers(max_value=qproxy.SECONDS_RANGE[0] - 1), st.integers(min_value=qproxy.SECONDS_RANGE[1] + 1),
@@ -245,8 +251,9 @@ def test_vendor_examples_fit_the_schema(example):
 
 PYTHON_TYPES = {
     "tcp_port": int, "vsock_port": int, "count": int, "mebibytes": int, "seconds": float, "boolean": bool, "hostname": str,
-    "ip_address": str, "text": str, "rules": list[str],
+    "ip_address": str, "loopback_address": str, "text": str, "rules": list[str],
 }
+CHOICE_KINDS = {"log_level": qproxy.LOG_LEVELS, "proxy_protocol": qproxy.PROXY_VERSIONS}
 
 
 def typed_dicts() -> dict:
@@ -278,9 +285,9 @@ def test_entry_typed_dict_matches_table(name):
     assert typed.__required_keys__ == {key for key, field in table.fields.items() if field.required}
     assert typed.__optional_keys__ == {key for key, field in table.fields.items() if not field.required}
     for key, field in table.fields.items():
-        if field.kind == "log_level":
+        if field.kind in CHOICE_KINDS:
             assert typing.get_origin(hints[key]) is typing.Literal
-            assert typing.get_args(hints[key]) == qproxy.LOG_LEVELS
+            assert typing.get_args(hints[key]) == CHOICE_KINDS[field.kind]
         else:
             assert hints[key] == PYTHON_TYPES[field.kind], key  # == for list[str]: each is a new alias
 
@@ -331,8 +338,8 @@ def test_printed_schema_is_derived_from_the_table(printed):
                 assert (prop["type"], prop["items"]["type"]) == ("array", "string")
             else:
                 assert prop["type"] == "string"
-            if field.kind == "log_level":
-                assert prop["enum"] == list(qproxy.LOG_LEVELS)
+            if field.kind in CHOICE_KINDS:
+                assert prop["enum"] == list(CHOICE_KINDS[field.kind])
 
 
 def patterns(node: object) -> typing.Iterator[str]:

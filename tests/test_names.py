@@ -1,0 +1,189 @@
+"""Apps in the enclave dial real hostnames (issue 15): per-entry loopback addresses and the hosts file.
+
+An outbound entry's enclave_address puts its listener anywhere in 127.0.0.0/8 ("auto": an address
+the hostname chooses), so two upstreams keep their real port; ``enclave --hosts-file`` maps each
+entry's name to its address.  End to end, curl in the enclave's own network and mount namespaces
+fetches https://payments.example.com/ and https://ledger.example.com/, both on port 443, from two
+TLS servers with certificate verification on; it never names an address or a port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import qproxy
+from conftest import DEADLINE, free_port, https_server, make_certificates, private_resolver, run_qproxy, wait_for
+
+CURL = "/usr/bin/curl"
+SERVERS = {"payments": "127.0.0.2", "ledger": "127.0.0.3"}  # where the host half's resolver puts each name
+
+needs_namespaces = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "nsenter", "openssl"))
+    or not os.access(CURL, os.X_OK),
+    reason="needs root, unshare, nsenter, openssl and curl for an enclave with its own network and /etc/hosts",
+)
+
+
+def outbound(name: str, vsock_port: int, tcp_port: int = 443, address: str | None = None) -> str:
+    text = f'[[outbound_connections]]\nhostname = "{name}"\nvsock_port = {vsock_port}\ntcp_port = {tcp_port}\n'
+    return text + (f'enclave_address = "{address}"\n' if address else "")
+
+
+def enclave_namespaces(folder, hosts: str) -> list[str]:
+    """A wrapper giving the enclave half a network namespace and an /etc/hosts of its own (a bind
+    mount, which a rename cannot replace: the half must rewrite it in place)."""
+    (folder / "enclave-hosts").write_text(hosts)
+    (folder / "enclave-nsswitch.conf").write_text("hosts: files\n")
+    mounts = f'mount --bind "{folder}/enclave-hosts" /etc/hosts'
+    if os.path.exists("/etc/nsswitch.conf"):
+        mounts += f' && mount --bind "{folder}/enclave-nsswitch.conf" /etc/nsswitch.conf'
+    return ["unshare", "-n", "-m", "sh", "-c", f'{mounts} && exec "$0" "$@"']
+
+
+@pytest.fixture
+def two_https_upstreams(tmp_path):
+    """payments.example.com and ledger.example.com, each its own TLS server on port 443 with its own certificate."""
+    make_certificates(tmp_path, {name: [f"{name}.example.com"] for name in SERVERS})
+    servers = [https_server(tmp_path, name, f"{name} answered\n".encode(), address, 443)
+               for name, address in SERVERS.items()]
+    yield tmp_path / "ca.pem"
+    for server in servers:
+        server.stop()
+
+
+@needs_namespaces
+@pytest.mark.parametrize("addresses", [("auto", "auto"), ("127.0.10.1", "auto")], ids=["auto", "explicit-and-auto"])
+def test_curl_in_the_enclave_reaches_two_https_services_on_443_by_name(proxy, two_https_upstreams, addresses):
+    ca = two_https_upstreams
+    proxy.write_config(outbound("payments.example.com", 8001, address=addresses[0])
+                       + outbound("ledger.example.com", 8002, address=addresses[1]))
+    own_lines = "127.0.0.1 localhost\n10.9.9.9 build.internal  # the image's own line\n"
+    enclave = proxy.start("enclave", "--hosts-file", "/etc/hosts",
+                          wrapper=enclave_namespaces(proxy.folder, own_lines))
+    hosts = "".join(f"{address} {name}.example.com\n" for name, address in SERVERS.items())
+    proxy.start("host", wrapper=private_resolver(proxy.folder, hosts))
+
+    listening = {"payments.example.com": qproxy.loopback_for("payments.example.com") if addresses[0] == "auto"
+                 else addresses[0], "ledger.example.com": qproxy.loopback_for("ledger.example.com")}
+    written = (proxy.folder / "enclave-hosts").read_text()
+    assert written == own_lines + "".join(
+        [qproxy.HOSTS_BEGIN + "\n"] + [f"{address} {name}\n" for name, address in listening.items()]
+        + [qproxy.HOSTS_END + "\n"])
+    for name in SERVERS:
+        result = subprocess.run(
+            ["nsenter", f"--net=/proc/{enclave.process.pid}/ns/net", f"--mount=/proc/{enclave.process.pid}/ns/mnt",
+             CURL, "--silent", "--show-error", "--max-time", str(DEADLINE), "--cacert", str(ca),
+             f"https://{name}.example.com/"],
+            capture_output=True, timeout=2 * DEADLINE)
+        assert (result.returncode, result.stdout, result.stderr) == (0, f"{name} answered\n".encode(), b"")
+    for vsock_port, address in zip((8001, 8002), listening.values()):
+        enclave.wait_log(rf"conn \d+ opened: tcp [0-9.]+:\d+ -> tcp {re.escape(address)}:443 -> vsock 3:{vsock_port}")
+
+
+# --- the hosts file, written by the enclave half -----------------------------------------------------
+
+
+def config_of(text: str, tmp_path) -> qproxy.Config:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return qproxy.load_config(str(path), qproxy.DEFAULT_CONTROL_PORT)
+
+
+def test_the_hosts_lines_name_each_hostname_once_at_its_entrys_address_and_skip_ip_literals(tmp_path):
+    config = config_of(outbound("A.example.com.", 8001, 443, "auto") + outbound("a.example.com", 8002, 80, "auto")
+                       + outbound("b.example.com", 8003, 443, "127.0.0.9") + outbound("10.0.0.5", 8004, 5432)
+                       + outbound("c.example.com", 8005, 8080), tmp_path)
+    assert qproxy.hosts_lines(config) == [f"{qproxy.loopback_for('a.example.com')} a.example.com",
+                                          "127.0.0.9 b.example.com", "127.0.0.1 c.example.com"]
+
+
+def write_hosts(path, lines: list[str]) -> str:
+    qproxy.write_hosts_file(str(path), lines)
+    return path.read_text()
+
+
+def block(*lines: str) -> str:
+    return "".join(f"{line}\n" for line in (qproxy.HOSTS_BEGIN, *lines, qproxy.HOSTS_END))
+
+
+def test_the_block_is_added_after_the_files_own_lines_and_replaced_at_the_next_start(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n# a comment\n")
+    os.chmod(hosts, 0o640)
+    first = write_hosts(hosts, ["127.1.1.1 a.example.com", "127.2.2.2 b.example.com"])
+    assert first == "127.0.0.1 localhost\n::1 localhost ip6-localhost\n# a comment\n" + block(
+        "127.1.1.1 a.example.com", "127.2.2.2 b.example.com")
+    with hosts.open("a") as file:
+        file.write("10.0.0.7 added.later\n")  # by someone else, after the block
+    second = write_hosts(hosts, ["127.3.3.3 c.example.com"])
+    assert second == ("127.0.0.1 localhost\n::1 localhost ip6-localhost\n# a comment\n10.0.0.7 added.later\n"
+                      + block("127.3.3.3 c.example.com"))
+    assert os.stat(hosts).st_mode & 0o777 == 0o640
+    assert write_hosts(hosts, []) == ("127.0.0.1 localhost\n::1 localhost ip6-localhost\n# a comment\n"
+                                      "10.0.0.7 added.later\n" + block())
+    assert [path.name for path in tmp_path.iterdir()] == ["hosts"]  # no temporary file left behind
+
+
+def test_a_missing_file_is_made_and_a_block_cut_short_is_dropped(tmp_path):
+    hosts = tmp_path / "hosts"
+    assert write_hosts(hosts, ["127.1.1.1 a.example.com"]) == block("127.1.1.1 a.example.com")
+    hosts.write_text(f"127.0.0.1 localhost\n{qproxy.HOSTS_BEGIN}\n127.9.9.9 old.example.com\n")  # no end line
+    assert write_hosts(hosts, ["127.1.1.1 a.example.com"]) == "127.0.0.1 localhost\n" + block(
+        "127.1.1.1 a.example.com")
+
+
+def test_a_symbolic_link_stays_one_and_its_target_is_written(tmp_path):
+    target = tmp_path / "real-hosts"
+    target.write_text("127.0.0.1 localhost\n")
+    link = tmp_path / "hosts"
+    link.symlink_to(target)
+    qproxy.write_hosts_file(str(link), ["127.1.1.1 a.example.com"])
+    assert link.is_symlink()
+    assert target.read_text() == "127.0.0.1 localhost\n" + block("127.1.1.1 a.example.com")
+
+
+def test_a_file_in_a_folder_that_cannot_take_a_new_file_is_rewritten_in_place(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into any folder: the in-place case is the bind-mounted /etc/hosts of the end-to-end test")
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    hosts = folder / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    os.chmod(folder, 0o555)
+    try:
+        assert write_hosts(hosts, ["127.1.1.1 a.example.com"]) == "127.0.0.1 localhost\n" + block(
+            "127.1.1.1 a.example.com")
+    finally:
+        os.chmod(folder, 0o755)
+
+
+def test_another_line_for_a_name_of_qproxys_is_warned_about(tmp_path, caplog):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n10.1.1.1 old A.example.com  # pinned once\n")
+    with caplog.at_level("WARNING", logger="qproxy"):
+        qproxy.write_hosts_file(str(hosts), ["127.1.1.1 a.example.com"])
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{hosts} line 2 maps a.example.com too; a resolver may take that address, not qproxy's"]
+
+
+def test_a_hosts_file_that_cannot_be_written_stops_the_enclave_half_at_start(proxy, tmp_path):
+    proxy.write_config(outbound("a.example.com", 8001))
+    result = run_qproxy("enclave", "--config", str(proxy.config), "--hosts-file", str(tmp_path / "no" / "hosts"),
+                        env=proxy.env())
+    assert result.returncode == qproxy.EXIT_CANNOT_START
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"qproxy: error: cannot write the hosts file {tmp_path / 'no' / 'hosts'} (--hosts-file): No such file or"
+        " directory")
+
+
+def test_the_hosts_file_can_come_from_the_environment(proxy, tmp_path):
+    hosts = tmp_path / "hosts"
+    proxy.write_config(outbound("a.example.com", 8001, free_port(), "auto"))
+    enclave = proxy.start("enclave", env={"QPROXY_HOSTS_FILE": str(hosts)})
+    enclave.wait_log(rf"wrote 1 name\(s\) of outbound entries to {hosts}")
+    assert hosts.read_text() == block(f"{qproxy.loopback_for('a.example.com')} a.example.com")
