@@ -461,7 +461,7 @@ TABLES = {
             "bind_address": Field(
                 "ip_address",
                 "Address the host half listens on for host_port: keep an entry on an internal interface"
-                " or on loopback.",
+                " or on loopback; :: is every address of both families.",
                 default="0.0.0.0",
                 extension=True,
             ),
@@ -1171,6 +1171,18 @@ def loop_warnings(config: Config) -> list[Problem]:
     ]
 
 
+def trust_warnings(config: Config) -> list[Problem]:
+    """Inbound entries that believe a PROXY header from whoever reaches them: any client of the parent."""
+    return [
+        entry_problem(config, "inbound_connections", number,
+                      f"accept_proxy_protocol: true on bind_address {entry.bind_address}: every client that reaches"
+                      f" host_port {entry.host_port} can name any address as its own; listen where only the load"
+                      " balancer reaches")
+        for number, entry in enumerate(config.inbound, 1)
+        if entry.accept_proxy_protocol and ipaddress.ip_address(entry.bind_address).is_unspecified
+    ]
+
+
 def load_configs(*paths: str, control_port: int) -> list[Config]:
     """Several files, each loaded as load_config does; ConfigError lists the problems of all of them."""
     configs, problems = [], []
@@ -1864,6 +1876,8 @@ def open_listener(endpoint: Endpoint, vsock: Vsock) -> socket.socket:
     try:
         if endpoint.kind == "tcp":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if endpoint.host == "::":  # every address of both families, whatever net.ipv6.bindv6only says
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
     except OSError as error:
@@ -1952,10 +1966,10 @@ class Admission:
             gate.waiting.append(connection)
             listener.waiting += 1
             admitted = self.admit(gate)
+            full = None if connection.admitted or self.short_of else gate if gate.full else listener
         if not connection.admitted:
             log.debug("conn %d: waits for room: %s", connection.conn_id, connection.path)
-        if not (connection.admitted or self.short_of):
-            full = gate if gate.full else listener
+        if full:
             throttled.warning(f"limit {full.label}", "%s: %d connections at once, the limit; more wait for room,"
                               " up to %s", full.label, full.limit, waiting_time(self.queue_timeout))
         return admitted
@@ -2204,6 +2218,8 @@ def read_proxy_header(sock: socket.socket, deadline: float) -> tuple[SocketAddre
     if len(fixed) + length > PROXY_HEADER_MAX:
         raise ValueError(f"a PROXY header of {len(fixed) + length} bytes, over {PROXY_HEADER_MAX}")
     body = read_exactly(sock, length, deadline)
+    if fixed[13] >> 4 > 3 or fixed[13] & 0xF > 2:
+        raise ValueError(f"a PROXY v2 header of address family and protocol {fixed[13]:#04x}, which is none")
     version, size = PROXY_V2_FAMILIES.get(fixed[13], (0, 0))
     if fixed[12] & 0xF == 0 or not version:  # LOCAL, or UNSPEC, UDP or a Unix socket: no TCP client to name
         return None
@@ -2216,12 +2232,14 @@ def read_proxy_header(sock: socket.socket, deadline: float) -> tuple[SocketAddre
 
 
 def parse_proxy_v1(line: bytes) -> tuple[SocketAddress, SocketAddress] | None:
-    """A v1 header, its CRLF included: as read_proxy_header."""
-    words = line[:-2].decode("ascii").split(" ")
-    if words[1] == "UNKNOWN":
+    """A v1 header, its CRLF included: as read_proxy_header.  What follows UNKNOWN is ignored, as the
+    specification says; an address is no more than the digits, dots and colons of its family."""
+    if line.startswith(b"PROXY UNKNOWN"):
         return None
+    words = line[:-2].decode("ascii").split(" ")
     family = {"TCP4": ipaddress.IPv4Address, "TCP6": ipaddress.IPv6Address}.get(words[1])
-    if family is None or len(words) != 6 or not all(re.fullmatch("0|[1-9][0-9]{0,4}", port) for port in words[4:]):
+    if (family is None or len(words) != 6 or not all(re.fullmatch("[0-9A-Fa-f.:]+", word) for word in words[2:4])
+            or not all(re.fullmatch("0|[1-9][0-9]{0,4}", port) for port in words[4:])):
         raise ValueError("a PROXY v1 header that is not PROXY TCP4|TCP6 SOURCE DESTINATION PORT PORT")
     source, destination = (str(family(address)) for address in words[2:4])  # ValueError when not of family
     source_port, destination_port = (int(port) for port in words[4:])
@@ -2281,7 +2299,7 @@ class Connector:
                    else f"none within {PROXY_HEADER_TIMEOUT:g} s" if isinstance(error, socket.timeout)
                    else explain(error) if isinstance(error, OSError) else str(error))
             throttled.warning_or_info("proxy header", "conn %d: no PROXY header (accept_proxy_protocol): %s;"
-                                      " resetting the client: %s", connection.conn_id, why, connection.path)
+                                      " resetting the client: %s", connection.conn_id, escaped(why), connection.path)
             reset(connection.client)
             self.admission.release(connection)
             return
@@ -2306,8 +2324,7 @@ class Connector:
         far = typing.cast(socket.socket, connection.far)
         version = connection.route.proxy_protocol
         if version != "off":
-            client = connection.client
-            ends = connection.proxied or (client.getpeername()[:2], client.getsockname()[:2])
+            ends = connection.proxied or (connection.address[:2], connection.client.getsockname()[:2])
             header = proxy_header(version, *ends)
             # The socket was just connected, its buffer empty: a few hundred bytes always fit.
             if far.send(header) != len(header):
@@ -3155,6 +3172,7 @@ class Connection:
 
     def __init__(self, conn_id: int, listener: Listener, route: Route, client: socket.socket, address: Address):
         self.conn_id, self.listener, self.route, self.client = conn_id, listener, route, client
+        self.address = address  # the client's, as accept() gave it: a reset client has no peer name any more
         self.path = f"{peer_name(client.family, address)} -> {route.listen} -> {route.target}"
         self.accepted = time.monotonic()
         self.admitted = False  # counted against its listener's and its direction's limits
@@ -3711,6 +3729,8 @@ def by_vsock_port(entries: object) -> dict[str, dict[int, dict[str, typing.Any]]
             values = check_table(f"entries.{direction}", fields, known, problems)
             if problems:
                 raise ValueError(problems[0])
+            if direction == "outbound":  # auto and the address it stands for are one listener
+                values["enclave_address"] = Outbound(**values).listen_address
             found[direction][values["vsock_port"]] = values
     return found
 
@@ -4155,10 +4175,16 @@ def ensure_loopback_up() -> None:
     log.info("brought the loopback interface lo up")
 
 
-# The lines the enclave half writes into a hosts file (--hosts-file) stand between these two; at
-# each start the block is written anew, in place of the last one, and every other line stays.
-HOSTS_BEGIN = "# qproxy enclave half: begin (written at each start; what is between these two lines is replaced)"
-HOSTS_END = "# qproxy enclave half: end"
+# The lines the enclave half writes into a hosts file (--hosts-file) stand between two marker lines
+# that name its configuration file, so that two enclave halves with files of their own keep a block
+# each; at each start a half writes its block anew, in place of its last one, and every other line
+# stays as it is, byte for byte.
+
+
+def hosts_markers(config_path: str | None) -> tuple[str, str]:
+    whose = f" (--config {escaped(os.path.abspath(config_path))})" if config_path else ""
+    return (f"# qproxy enclave half: begin{whose}; written at each start, the lines up to the end line are replaced",
+            f"# qproxy enclave half: end{whose}")
 
 
 def hosts_lines(config: Config) -> list[str]:
@@ -4169,50 +4195,91 @@ def hosts_lines(config: Config) -> list[str]:
     return [f"{address} {name}" for name, address in named.items()]
 
 
-def write_hosts_file(path: str, lines: list[str]) -> None:
-    """Put lines into the hosts file at path, between HOSTS_BEGIN and HOSTS_END, in place of what an
-    earlier start put there; every other line stays.  Replaced whole (a new file renamed over it)
-    where that can be done, else rewritten in place (a file bind-mounted into a container).
-    StartError when it cannot be written."""
+def write_hosts_file(path: str, lines: list[str], markers: tuple[str, str]) -> None:
+    """Put lines into the hosts file at path, between markers, in place of what an earlier start put
+    there.  The file is locked meanwhile (flock), as other halves may write it too; it is replaced
+    whole (a new file renamed over it) where that keeps what it is, else rewritten in place, its room
+    taken first, so that a full disk leaves it as it was.  StartError when it cannot be written."""
     path = os.path.realpath(path)  # a symbolic link stays one
     try:
-        with open(path, "a+", encoding="utf-8", errors="surrogateescape") as file:
+        with locked_file(path) as file:
             if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
                 raise StartError(f"--hosts-file {path} is not a regular file")
-            file.seek(0)
-            kept = drop_hosts_block(file.read().splitlines())
-            text = "\n".join([*kept, HOSTS_BEGIN, *lines, HOSTS_END, ""])
-            mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
-            if not replace_file(path, text, mode):
+            kept = file.read().split(b"\n")
+            if kept[-1] == b"":
+                kept.pop()  # the end of the last line
+            kept = drop_hosts_block(path, kept, markers)
+            data = b"\n".join([*kept, *(line.encode() for line in (markers[0], *lines, markers[1])), b""])
+            if not replace_file(path, data, os.fstat(file.fileno())):
+                try:
+                    os.posix_fallocate(file.fileno(), 0, len(data))
+                except OSError as error:
+                    if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+                        raise
                 file.seek(0)
+                file.write(data)
                 file.truncate()
-                file.write(text)
     except OSError as error:
         raise StartError(f"cannot write the hosts file {path} (--hosts-file): {error.strerror or error}") from None
-    ours = {line.split()[1] for line in lines}
+    ours = {line.split()[1].encode() for line in lines}
     for number, line in enumerate(kept, 1):
-        names = {name.lower().rstrip(".") for name in line.partition("#")[0].split()[1:]}
+        names = {name.lower().rstrip(b".") for name in line.partition(b"#")[0].split()[1:]}
         for name in sorted(names & ours):
-            log.warning("%s line %d maps %s too; a resolver may take that address, not qproxy's", path, number, name)
+            log.warning("%s line %d maps %s too; a resolver may take that address, not qproxy's", path, number,
+                        name.decode())
 
 
-def drop_hosts_block(lines: list[str]) -> list[str]:
-    """lines without the block an earlier start wrote (to its end line, or to the end of the file)."""
-    if HOSTS_BEGIN not in lines:
-        return lines
-    begin = lines.index(HOSTS_BEGIN)
-    end = lines.index(HOSTS_END, begin) + 1 if HOSTS_END in lines[begin:] else len(lines)
-    return lines[:begin] + lines[end:]
+def locked_file(path: str) -> typing.BinaryIO:
+    """The file at path, made if missing, opened to read and write and locked (flock): the one that is
+    at path once the lock is held, as another writer may have renamed a new file over it meanwhile."""
+    while True:
+        file = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")  # noqa: SIM115 -- returned
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            status = os.fstat(file.fileno())
+            if file_identity(path) == (status.st_dev, status.st_ino):
+                return file
+        except BaseException:
+            file.close()
+            raise
+        file.close()
 
 
-def replace_file(path: str, text: str, mode: int) -> bool:
-    """Write text to a new file next to path and rename it over path, so that a resolver reads the old
-    file or the new one, never half of one.  False when a rename cannot replace path there."""
+def drop_hosts_block(path: str, lines: list[bytes], markers: tuple[str, str]) -> list[bytes]:
+    """lines without every block between markers (an earlier start's, a copy of it).  StartError for a
+    begin line without an end line: what follows it may be anyone's, and none of it is dropped."""
+    begin, end = (marker.encode() for marker in markers)
+    kept: list[bytes] = []
+    inside = 0  # the line a block began on, while in one
+    for number, line in enumerate(lines, 1):
+        if not inside and line.strip() == begin:
+            inside = number
+        elif inside:
+            inside = 0 if line.strip() == end else inside
+        else:
+            kept.append(line)
+    if inside:
+        raise StartError(f"the hosts file {path} (--hosts-file) has qproxy's begin line at line {inside} but no end"
+                         " line after it: remove that line, or the block, by hand")
+    return kept
+
+
+def replace_file(path: str, data: bytes, status: os.stat_result) -> bool:
+    """Write data to a new file next to path, with path's owner, mode and extended attributes (its
+    SELinux label), and rename it over path, so that a resolver reads the old file or the new one,
+    never half of one.  False, and nothing changed, where a rename would not keep what the file is:
+    a mount point (a file bind-mounted into a container), other hard links, a folder this user
+    cannot write, attributes that cannot be copied."""
+    if status.st_nlink > 1:
+        return False
     temporary = f"{path}.qproxy-{os.getpid()}"
     try:
-        with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as file:
-            os.fchmod(file.fileno(), mode)
-            file.write(text)
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+            os.fchown(file.fileno(), status.st_uid, status.st_gid)
+            os.fchmod(file.fileno(), stat.S_IMODE(status.st_mode))
+            for name in os.listxattr(path):
+                os.setxattr(file.fileno(), name, os.getxattr(path, name))
+            file.write(data)
         os.replace(temporary, path)
     except OSError:
         with contextlib.suppress(OSError):
@@ -4550,6 +4617,8 @@ def run_host(args: argparse.Namespace, config: Config, vsock: Vsock, logs: LogWr
     vsock.check_available()
     raise_fd_limit()
     half = Half("host", vsock, family, args.threads, config.limits, args.cid, logs)
+    for warning in trust_warnings(config):
+        log.warning("%s", warning.at(args.config))
     control = ControlServer(config, EnclaveLog(logs.source))
     half.start_listening(host_routes(config, str(args.cid)), Endpoint("vsock", "", args.control_port), control.serve)
     log.info("listening on vsock :%d for the enclave half's control connection", args.control_port)
@@ -4612,7 +4681,7 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: Lo
     half.start_listening(enclave_routes(config, str(args.parent_cid)))
     if args.hosts_file:
         lines = hosts_lines(config)
-        write_hosts_file(args.hosts_file, lines)
+        write_hosts_file(args.hosts_file, lines, hosts_markers(args.config))
         log.info("wrote %d name(s) of outbound entries to %s", len(lines), args.hosts_file)
     control = ControlClient(vsock, args.parent_cid, args.control_port, config, outbox, half.stopping)
     control.start()
@@ -4634,6 +4703,7 @@ def config_summary(path: str, config: Config, parent_cid: int, control_port: int
     lines += [  # the enclave half's own: it is the one that listens
         f"warning: {warning.at(enclave_path or path)}" for warning in loop_warnings(enclave_config or config)
     ]
+    lines += [f"warning: {warning.at(path)}" for warning in trust_warnings(config)]
     if not (config.inbound or config.outbound or config.egress):
         lines.append("no connections configured: the halves will only talk to each other")
     lines += [f"host: listen {route.listen} -> {route.target}{route.headers()}"
@@ -4808,6 +4878,8 @@ def fill_from_environment(args: argparse.Namespace) -> None:
     from_environment(args, "control_port", "QPROXY_CONTROL_PORT", parse_port, DEFAULT_CONTROL_PORT)
     from_environment(args, "parent_cid", "QPROXY_PARENT_CID", parse_cid, DEFAULT_PARENT_CID)
     from_environment(args, "hosts_file", "QPROXY_HOSTS_FILE", str, None)
+    if getattr(args, "hosts_file", None) == "":
+        raise UsageError("--hosts-file needs the path of a hosts file, such as /etc/hosts")
     from_environment(args, "threads", "TOKIO_WORKER_THREADS", parse_threads, DEFAULT_MAX_CONNECTIONS)
     if args.command == "host":
         from_environment(args, "cid", "QPROXY_LISTEN_CID", parse_cid, None)

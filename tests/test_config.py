@@ -1181,7 +1181,9 @@ def test_check_config_says_what_each_half_does_with_proxy_headers_and_names(chec
     code, lines, errors = check_config(path, "--parent-cid", "7")
     assert (code, errors) == (0, [])
     chosen = qproxy.loopback_for("pay.example")
-    assert lines[1:4] == [
+    assert lines[1].startswith(f"warning: {path}:2: [[inbound_connections]] entry 1: accept_proxy_protocol: true on"
+                               " bind_address 0.0.0.0")
+    assert lines[2:5] == [
         "host: listen tcp 0.0.0.0:80 -> vsock <enclave CID>:9000; a load balancer's PROXY header (v1 or v2) read"
         " first; the client's address sent ahead in a PROXY v2 header",
         "host: listen tcp 0.0.0.0:81 -> vsock <enclave CID>:9001; the client's address sent ahead in a PROXY v1 header",

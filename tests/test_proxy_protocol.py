@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -171,6 +172,8 @@ def test_a_load_balancers_header_is_passed_on_as_the_client(proxy, recorder, hea
 @pytest.mark.parametrize("header", [
     pytest.param(b"PROXY UNKNOWN\r\n", id="v1-unknown"),
     pytest.param(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", id="v1-unknown-with-addresses"),
+    pytest.param(b"PROXY UNKNOWN \xff\x00 anything\r\n", id="v1-unknown-with-anything"),
+    pytest.param(SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12), id="v2-udp"),
     pytest.param(SIGNATURE + b"\x20\x00\x00\x00", id="v2-local"),
     pytest.param(SIGNATURE + b"\x21\x00\x00\x00", id="v2-unspec"),
     pytest.param(SIGNATURE + b"\x21\x31\x00\xd8" + bytes(216), id="v2-unix"),
@@ -202,6 +205,11 @@ NOT_HEADERS = [
     pytest.param(b"PROXY TCP4 " + b"1" * 200 + b"\r\n", id="v1-longer-than-107"),
     pytest.param(b"PROXY TCP4 1.2.3.4\n5.6.7.8 1 2\r\n", id="v1-bare-newline"),
     pytest.param(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\xff\r\n", id="v1-not-ascii"),
+    pytest.param(b"PROXY TCP6 fe80::1%x\n2026-12-02T11:45:00.000Z\tERROR\tqproxy::host\tforged ::1 1 2\r\n",
+                 id="v1-zone-with-a-newline"),
+    pytest.param(b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", id="v1-zone"),
+    pytest.param(SIGNATURE + b"\x21\x41\x00\x0c" + bytes(12), id="v2-family-4"),
+    pytest.param(SIGNATURE + b"\x21\x13\x00\x0c" + bytes(12), id="v2-protocol-3"),
     pytest.param(SIGNATURE + b"\x11\x11\x00\x0c" + bytes(12), id="v2-version-1"),
     pytest.param(SIGNATURE + b"\x22\x11\x00\x0c" + bytes(12), id="v2-command-2"),
     pytest.param(SIGNATURE + b"\x21\x11\x00\x08" + bytes(8), id="v2-addresses-cut-short"),
@@ -219,10 +227,26 @@ def test_a_client_without_a_valid_header_is_reset_and_the_port_goes_on(proxy, re
         sock.sendall(data)
         answer, ending = read_to_end(sock)
     assert (answer, ending) == (b"", "reset")
-    host.wait_log(r"conn 1: no PROXY header \(accept_proxy_protocol\)")
+    line = host.wait_log(r"conn 1: no PROXY header \(accept_proxy_protocol\).*").group(0)
+    assert "forged" not in host.log().replace(line, "")  # nothing the client sent makes a line of its own
     good = v1(("203.0.113.9", 9), ("198.51.100.1", 443))
     send_from(CLIENT_ADDRESS, "127.0.0.1", host_port, good + b"after")
     assert recorder.wait() == [v2(("203.0.113.9", 9), ("198.51.100.1", 443)) + b"after"]  # the bad one never got there
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_client_that_resets_at_once_is_a_reset_not_an_unreachable_enclave(proxy, recorder, version):
+    """Its header is written from the addresses accept() gave: a reset client has no peer name any more."""
+    host_port = free_port()
+    host, _ = proxy.start_both(entry(host_port, recorder.port, 9000, bind="127.0.0.1", proxy_protocol=version))
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", host_port), timeout=DEADLINE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    host.wait_log(r"conn 20 (closed|reset|refused)")
+    assert "cannot reach" not in host.log()
+    send_from(CLIENT_ADDRESS, "127.0.0.1", host_port, b"still")
+    wait_for(lambda: any(data.endswith(b"still") for data in recorder.received), "the next client at the service")
 
 
 def test_a_header_that_never_completes_is_reset_within_the_time_bound(proxy, recorder):
@@ -254,6 +278,55 @@ def test_the_halves_name_a_proxy_protocol_that_differs(proxy, recorder):
     host.wait_log("config mismatch: inbound vsock port 9000: the host half's proxy_protocol is v2, the enclave"
                   " half's off")
     assert enclave.process.poll() is None
+
+
+def test_auto_and_the_address_it_stands_for_are_no_mismatch(tmp_path):
+    import qproxy
+
+    name = "payments.example.com"
+    base = f'[[outbound_connections]]\nhostname = "{name}"\nvsock_port = 8001\ntcp_port = 443\nenclave_address = '
+    host, enclave = tmp_path / "host.toml", tmp_path / "enclave.toml"
+    host.write_text(base + '"auto"\n')
+    enclave.write_text(base + f'"{qproxy.loopback_for(name)}"\n')
+    from conftest import run_qproxy
+
+    result = run_qproxy("check-config", str(host), "--enclave-config", str(enclave))
+    assert (result.returncode, result.stderr) == (0, "")
+    enclave.write_text(base + '"127.0.0.7"\n')
+    result = run_qproxy("check-config", str(host), "--enclave-config", str(enclave))
+    assert result.returncode == 2
+    assert (f"config mismatch: outbound vsock port 8001: the host half's enclave_address is {qproxy.loopback_for(name)},"
+            " the enclave half's 127.0.0.7") in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not has_ipv6_loopback(),
+                    reason="needs root, unshare and IPv6 for a network namespace with net.ipv6.bindv6only = 1")
+def test_a_listener_on_the_unspecified_ipv6_address_takes_ipv4_whatever_the_system_default():
+    """bind_address = "::" is every address of both families, also where net.ipv6.bindv6only is 1."""
+    from conftest import ROOT
+
+    script = ("import socket, qproxy\n"
+              "listener = qproxy.open_listener(qproxy.Endpoint('tcp', '::', 8080), qproxy.Vsock(None))\n"
+              "socket.create_connection(('127.0.0.1', 8080), timeout=5).close()\n"
+              "socket.create_connection(('::1', 8080), timeout=5).close()\nprint('both')\n")
+    result = subprocess.run(["unshare", "-n", "sh", "-c", 'echo 1 > /proc/sys/net/ipv6/bindv6only && ip link set lo up'
+                             ' && exec "$0" "$@"', sys.executable, "-c", script],
+                            capture_output=True, text=True, cwd=ROOT, timeout=DEADLINE)
+    assert (result.returncode, result.stdout) == (0, "both\n"), result.stderr
+
+
+def test_check_config_warns_of_a_load_balancers_header_taken_from_any_address(tmp_path):
+    from conftest import run_qproxy
+
+    path = tmp_path / "config.toml"
+    path.write_text(entry(443, 8443, 9000, bind="0.0.0.0", accept_proxy_protocol=True)
+                    + entry(444, 8444, 9001, bind="10.0.0.5", accept_proxy_protocol=True))
+    result = run_qproxy("check-config", str(path))
+    assert result.returncode == 0
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {path}:1: [[inbound_connections]] entry 1: accept_proxy_protocol: true on"
+                        " bind_address 0.0.0.0: every client that reaches host_port 443 can name any address as its"
+                        " own; listen where only the load balancer reaches"]
 
 
 def test_a_reload_turns_the_header_on_for_new_connections(proxy, recorder):
@@ -304,11 +377,11 @@ def nginx_in_the_enclave(proxy):
                               str(proxy.folder / "nginx.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: (proxy.folder / "nginx.pid").exists() or nginx.poll() is not None, "nginx to start")
-        assert nginx.poll() is None, (proxy.folder / "nginx-error.log").read_text()
+        assert nginx.poll() is None, (proxy.folder / "nginx-error.log").read_text(errors="replace")
         proxy.start("host")
         yield host_ports
     finally:
-        nginx.terminate()
+        nginx.kill()  # its workers end with it (master_process off: there are none of its own)
         nginx.wait(DEADLINE)
 
 
