@@ -2176,8 +2176,8 @@ def enclave_routes(config: Config, parent_cid: str) -> list[Route]:
 # half first reads a load balancer's header, v1 or v2, and writes its addresses on.
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 PROXY_V1_MAX = 107  # bytes of a v1 header with its CRLF, by the spec: "PROXY UNKNOWN" with two IPv6 addresses
-# v2's address families: what follows the fixed part for TCP over each (two addresses, two ports).
-PROXY_V2_FAMILIES = {0x11: (4, 12), 0x21: (6, 36)}
+# v2's TCP over IPv4 and over IPv6: the bytes of the two addresses and the two ports after the fixed part.
+PROXY_V2_ADDRESSES = {0x11: 12, 0x21: 36}
 
 # An address and a port, as a PROXY header carries each end of a connection.
 SocketAddress = tuple[str, int]
@@ -2220,13 +2220,13 @@ def read_proxy_header(sock: socket.socket, deadline: float) -> tuple[SocketAddre
     body = read_exactly(sock, length, deadline)
     if fixed[13] >> 4 > 3 or fixed[13] & 0xF > 2:
         raise ValueError(f"a PROXY v2 header of address family and protocol {fixed[13]:#04x}, which is none")
-    version, size = PROXY_V2_FAMILIES.get(fixed[13], (0, 0))
-    if fixed[12] & 0xF == 0 or not version:  # LOCAL, or UNSPEC, UDP or a Unix socket: no TCP client to name
+    size = PROXY_V2_ADDRESSES.get(fixed[13])
+    if fixed[12] & 0xF == 0 or size is None:  # LOCAL, or UNSPEC, UDP or a Unix socket: no TCP client to name
         return None
     if length < size:
         raise ValueError(f"a PROXY header whose addresses take {length} bytes, not {size}")
-    half = size // 2 - 2
-    source, destination = (str(ipaddress.ip_address(body[at:at + half])) for at in (0, half))
+    width = size // 2 - 2  # of one address
+    source, destination = (str(ipaddress.ip_address(body[at:at + width])) for at in (0, width))
     source_port, destination_port = struct.unpack("!HH", body[size - 4:size])
     return (source, source_port), (destination, destination_port)
 
