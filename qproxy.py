@@ -227,6 +227,10 @@ EGRESS_REASON_SHOWN = 200  # characters of the host half's reason that reach the
 PROXY_HEADER_MAX = 1024  # bytes of a v2 header with its TLVs; a v1 header is 107 at most, by its spec
 PROXY_HEADER_TIMEOUT = 10.0  # seconds for the whole header, however slowly its bytes come
 
+# The enclave half's hosts file (--hosts-file)
+HOSTS_LOCK_TIMEOUT = 10.0  # seconds a start waits for another writer's lock on the file, then gives up
+HOSTS_LOCK_POLL = 0.05  # seconds between its tries meanwhile
+
 # Control link
 CONTROL_MAX_MESSAGE = 64 * 1024  # bytes of one message, and of one read
 CONTROL_HELLO_TIMEOUT = 10.0  # seconds for a whole hello, however slowly its bytes come
@@ -409,8 +413,9 @@ HOSTNAME_PATTERN = (
     r"^([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
     r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$"
 )
-# ...whose last label is not all digits: "10.1.2" is no name, and no address either.
-NUMERIC_NAME_PATTERN = r"(^|\.)[0-9]+\.?$"
+# ...whose last label is not all digits ("10.1.2" is no name, and no address either), and which is
+# not an IPv4 address in a form inet_aton takes and glibc resolves as one ("0x7f000001", "127.0.0.0x1").
+NUMERIC_NAME_PATTERN = r"(^|\.)[0-9]+\.?$|^(0[xX][0-9A-Fa-f]*|[0-9]+)(\.(0[xX][0-9A-Fa-f]*|[0-9]+)){0,3}\.?$"
 HOSTNAME_MAX_LENGTH = 253
 
 
@@ -965,7 +970,7 @@ class Problem(typing.NamedTuple):
 
     def at(self, path: str) -> str:
         """As compilers put it, so that editors can jump to it: PATH:LINE: text."""
-        return f"{path}:{self.line}: {self.text}" if self.line else f"{path}: {self.text}"
+        return f"{escaped(path)}:{self.line}: {self.text}" if self.line else f"{escaped(path)}: {self.text}"
 
 
 # A line that looks like a table's header, [name] or [[name]], its name bare or quoted; and one that
@@ -1179,8 +1184,15 @@ def trust_warnings(config: Config) -> list[Problem]:
                       f" host_port {entry.host_port} can name any address as its own; listen where only the load"
                       " balancer reaches")
         for number, entry in enumerate(config.inbound, 1)
-        if entry.accept_proxy_protocol and ipaddress.ip_address(entry.bind_address).is_unspecified
+        if entry.accept_proxy_protocol and is_wildcard(entry.bind_address)
     ]
+
+
+def is_wildcard(address: str) -> bool:
+    """An address a socket listens on every address of a family at: 0.0.0.0, ::, ::ffff:0.0.0.0."""
+    parsed = ipaddress.ip_address(address)
+    carried = parsed.ipv4_mapped if isinstance(parsed, ipaddress.IPv6Address) else None
+    return parsed.is_unspecified or (carried is not None and carried.is_unspecified)
 
 
 def load_configs(*paths: str, control_port: int) -> list[Config]:
@@ -2234,7 +2246,7 @@ def read_proxy_header(sock: socket.socket, deadline: float) -> tuple[SocketAddre
 def parse_proxy_v1(line: bytes) -> tuple[SocketAddress, SocketAddress] | None:
     """A v1 header, its CRLF included: as read_proxy_header.  What follows UNKNOWN is ignored, as the
     specification says; an address is no more than the digits, dots and colons of its family."""
-    if line.startswith(b"PROXY UNKNOWN"):
+    if line.startswith(b"PROXY UNKNOWN ") or line == b"PROXY UNKNOWN\r\n":
         return None
     words = line[:-2].decode("ascii").split(" ")
     family = {"TCP4": ipaddress.IPv4Address, "TCP6": ipaddress.IPv6Address}.get(words[1])
@@ -2306,6 +2318,7 @@ class Connector:
         except Exception as error:  # a bug: this connection ends, the half goes on
             self.failed(connection, error)
             return
+        connection.header_taken = True
         if connection.proxied:
             source = Endpoint("tcp", *connection.proxied[0])
             connection.path = f"{source} via {connection.path}"
@@ -2342,7 +2355,9 @@ class Connector:
         if not isinstance(error, OSError):  # a bug: this connection ends, the half goes on
             log.error("conn %d: unexpected error while setting it up: %s", connection.conn_id, explain(error))
             log.debug("conn %d: traceback", connection.conn_id, exc_info=error)
-        elif error.errno in OUT_OF_RESOURCES:  # not the target's fault: wait for a descriptor
+        elif error.errno in OUT_OF_RESOURCES and connection.route.direction != "egress":
+            # Not the target's fault: wait for a descriptor.  (An egress request was read already: it
+            # cannot be asked again, and the client has its answer.)
             throttled.warning("short", "conn %d: cannot dial %s: %s; connections wait until one ends",
                               connection.conn_id, target, explain(error))
             self.admission.requeue(connection, "descriptors")
@@ -3183,6 +3198,7 @@ class Connection:
         self.fds = (client.fileno(), -1)  # client, far: what epoll knows them by, also once closed
         self.masks = [0, 0]
         self.proxied: tuple[SocketAddress, SocketAddress] | None = None  # the client, as a load balancer named it
+        self.header_taken = False  # its client's PROXY header is read: a setup tried again must not read another
 
     def aim(self, target: str) -> None:
         """Name the destination an egress connection asked for, in place of its route's target."""
@@ -4204,7 +4220,7 @@ def write_hosts_file(path: str, lines: list[str], markers: tuple[str, str]) -> N
     try:
         with locked_file(path) as file:
             if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                raise StartError(f"--hosts-file {path} is not a regular file")
+                raise StartError(f"--hosts-file {escaped(path)} is not a regular file")
             kept = file.read().split(b"\n")
             if kept[-1] == b"":
                 kept.pop()  # the end of the last line
@@ -4220,25 +4236,34 @@ def write_hosts_file(path: str, lines: list[str], markers: tuple[str, str]) -> N
                 file.write(data)
                 file.truncate()
     except OSError as error:
-        raise StartError(f"cannot write the hosts file {path} (--hosts-file): {error.strerror or error}") from None
+        raise StartError(f"cannot write the hosts file {escaped(path)} (--hosts-file):"
+                         f" {error.strerror or error}") from None
     ours = {line.split()[1].encode() for line in lines}
     for number, line in enumerate(kept, 1):
         names = {name.lower().rstrip(b".") for name in line.partition(b"#")[0].split()[1:]}
         for name in sorted(names & ours):
-            log.warning("%s line %d maps %s too; a resolver may take that address, not qproxy's", path, number,
-                        name.decode())
+            log.warning("%s line %d maps %s too; a resolver may take that address, not qproxy's", escaped(path),
+                        number, name.decode())
 
 
 def locked_file(path: str) -> typing.BinaryIO:
     """The file at path, made if missing, opened to read and write and locked (flock): the one that is
-    at path once the lock is held, as another writer may have renamed a new file over it meanwhile."""
+    at path once the lock is held, as another writer may have renamed a new file over it meanwhile.
+    StartError when another process holds the lock for HOSTS_LOCK_TIMEOUT."""
+    deadline = time.monotonic() + HOSTS_LOCK_TIMEOUT
     while True:
         file = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")  # noqa: SIM115 -- returned
         try:
-            fcntl.flock(file, fcntl.LOCK_EX)
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             status = os.fstat(file.fileno())
             if file_identity(path) == (status.st_dev, status.st_ino):
                 return file
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                file.close()
+                raise StartError(f"the hosts file {escaped(path)} (--hosts-file) is locked by another process"
+                                 f" (flock) for {HOSTS_LOCK_TIMEOUT:g} s: fuser -v {escaped(path)} names it") from None
+            time.sleep(HOSTS_LOCK_POLL)
         except BaseException:
             file.close()
             raise
@@ -4259,8 +4284,8 @@ def drop_hosts_block(path: str, lines: list[bytes], markers: tuple[str, str]) ->
         else:
             kept.append(line)
     if inside:
-        raise StartError(f"the hosts file {path} (--hosts-file) has qproxy's begin line at line {inside} but no end"
-                         " line after it: remove that line, or the block, by hand")
+        raise StartError(f"the hosts file {escaped(path)} (--hosts-file) has qproxy's begin line at line {inside}"
+                         " but no end line after it: remove that line, or the block, by hand")
     return kept
 
 
@@ -4561,7 +4586,7 @@ class Half:
             route = connection.route
             if route.direction == "egress":
                 job = self.egress.set_up
-            elif route.accept_proxy_protocol:
+            elif route.accept_proxy_protocol and not connection.header_taken:
                 job = self.connector.take_header
             elif self.connector.dialer.resolves(route.target):
                 job = self.connector.set_up
@@ -4637,7 +4662,7 @@ def reload_host(half: Half, control: ControlServer, running: Config, args: argpa
     except (ConfigError, UsageError, StartError) as error:
         for problem in getattr(error, "problems", [str(error)]):
             log.error("reload: %s", problem)
-        log.error("reload: %s has problems; the running configuration stays", args.config)
+        log.error("reload: %s has problems; the running configuration stays", escaped(args.config))
         notify_systemd("READY=1\nSTATUS=reload failed: the running configuration stays")
         return
     for table in ("limits", "log_location"):
@@ -4646,9 +4671,11 @@ def reload_host(half: Half, control: ControlServer, running: Config, args: argpa
     if config.egress and not running.egress:  # it would have no share of the descriptors (budget_descriptors)
         log.warning("reload: [egress] is new; restart the host half to serve it")
         config = config._replace(egress=None)
+    for warning in trust_warnings(config):
+        log.warning("reload: %s", warning.at(args.config))
     summary = half.apply_routes(host_routes(config, str(args.cid)))
     control.entries = entries_of(config)
-    log.info("reload: %s: %s", args.config, summary)
+    log.info("reload: %s: %s", escaped(args.config), summary)
     control.compare_entries()
     notify_systemd(f"READY=1\nSTATUS=reloaded: {summary}")
 
@@ -4675,14 +4702,14 @@ def run_enclave(args: argparse.Namespace, config: Config, vsock: Vsock, logs: Lo
     ensure_loopback_up()
     vsock.check_available()
     raise_fd_limit()
+    if args.hosts_file:  # before the half: a signal meanwhile ends the process, and no listener is left behind
+        lines = hosts_lines(config)
+        write_hosts_file(args.hosts_file, lines, hosts_markers(args.config))
+        log.info("wrote %d name(s) of outbound entries to %s", len(lines), escaped(args.hosts_file))
     half = Half("enclave", vsock, socket.AF_UNSPEC, args.threads, config.limits, args.parent_cid, logs)
     for warning in loop_warnings(config):
         log.warning("%s", warning.at(args.config))
     half.start_listening(enclave_routes(config, str(args.parent_cid)))
-    if args.hosts_file:
-        lines = hosts_lines(config)
-        write_hosts_file(args.hosts_file, lines, hosts_markers(args.config))
-        log.info("wrote %d name(s) of outbound entries to %s", len(lines), args.hosts_file)
     control = ControlClient(vsock, args.parent_cid, args.control_port, config, outbox, half.stopping)
     control.start()
     code = half.run()

@@ -327,6 +327,7 @@ INVALID = {
         "", "1.2.3", "1.2.3.4.", "256.1.1.1", "01.2.3.4", "10.0.0.1.5", "-bad.com", "bad-.com", "a..b", ".a",
         "a.-b.com", "a" * 64 + ".com", LONGEST_NAME + "c", "a" * 300, "bücher.de", "exa mple.com", "a.com\n",
         "a\0b", "[::1]", "::1:::", "host:80", "1.2.3.4:80", "a/b", "*.example.com", 8080, True, ["a.com"],
+        "0x7f000001", "127.0.0.0x1", "0x7f.0x0.0x0.0x1", "0X7F.0.0.1", "0x", "017700000001", "0x7f.1.",
     ],
     "ip_address": ["", "localhost", "eth0", "1.2.3", "256.1.1.1", "[::1]", "1.2.3.4:80", "fe80::1%eth0", 0, True],
     "log_level": ["INFO", "Warn", "WARN", "warning", "none", "", " info", 3, True, ["info"]],

@@ -296,3 +296,43 @@ def test_an_empty_hosts_file_path_is_a_usage_error(proxy):
     result = run_qproxy("enclave", "--config", str(proxy.config), "--hosts-file", "", env=proxy.env())
     assert (result.returncode, result.stderr) == (
         qproxy.EXIT_USAGE, "qproxy: error: --hosts-file needs the path of a hosts file, such as /etc/hosts\n")
+
+
+def test_a_lock_held_on_the_hosts_file_stops_the_enclave_half_within_the_bound(proxy, tmp_path):
+    """Held by another process for longer than HOSTS_LOCK_TIMEOUT: exit 1 naming the file, and no
+    listener left behind; the half never came to exist."""
+    import fcntl
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    proxy.write_config(outbound("a.example.com", 8001, free_port()))
+    with open(hosts, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run_qproxy("enclave", "--config", str(proxy.config), "--hosts-file", str(hosts), env=proxy.env(),
+                            timeout=qproxy.HOSTS_LOCK_TIMEOUT + DEADLINE)
+    assert result.returncode == qproxy.EXIT_CANNOT_START
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"qproxy: error: the hosts file {hosts} (--hosts-file) is locked by another process (flock) for"
+        f" {qproxy.HOSTS_LOCK_TIMEOUT:g} s: fuser -v {hosts} names it")
+    assert hosts.read_text() == "127.0.0.1 localhost\n"
+    assert not (proxy.vsock_dir / "8001").exists()
+
+
+def test_a_lock_released_within_the_bound_is_waited_for(proxy, tmp_path):
+    import fcntl
+    import threading
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    proxy.write_config(outbound("a.example.com", 8001, free_port()))
+    held = open(hosts, "rb")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    timer = threading.Timer(1.0, held.close)
+    timer.start()
+    try:
+        enclave = proxy.start("enclave", "--hosts-file", str(hosts))
+    finally:
+        timer.cancel()
+        held.close()
+    enclave.wait_log(r"wrote 1 name\(s\)")
+    assert hosts.read_text().startswith("127.0.0.1 localhost\n# qproxy enclave half: begin")

@@ -205,6 +205,7 @@ NOT_HEADERS = [
     pytest.param(b"PROXY TCP4 " + b"1" * 200 + b"\r\n", id="v1-longer-than-107"),
     pytest.param(b"PROXY TCP4 1.2.3.4\n5.6.7.8 1 2\r\n", id="v1-bare-newline"),
     pytest.param(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\xff\r\n", id="v1-not-ascii"),
+    pytest.param(b"PROXY UNKNOWNJUNK\r\n", id="v1-unknown-run-on"),
     pytest.param(b"PROXY TCP6 fe80::1%x\n2026-12-02T11:45:00.000Z\tERROR\tqproxy::host\tforged ::1 1 2\r\n",
                  id="v1-zone-with-a-newline"),
     pytest.param(b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", id="v1-zone"),
@@ -247,6 +248,30 @@ def test_a_client_that_resets_at_once_is_a_reset_not_an_unreachable_enclave(prox
     assert "cannot reach" not in host.log()
     send_from(CLIENT_ADDRESS, "127.0.0.1", host_port, b"still")
     wait_for(lambda: any(data.endswith(b"still") for data in recorder.received), "the next client at the service")
+
+
+def test_a_header_read_before_the_half_ran_out_of_descriptors_is_not_read_again(proxy, recorder):
+    """The dial after the header finds no descriptor: the connection waits for one, as any does, and
+    then goes on with the header it had; the client's own "PROXY ..." bytes stay its payload."""
+    import resource
+
+    host_port = free_port()
+    host, _ = proxy.start_both(entry(host_port, recorder.port, 9000, bind="127.0.0.1", proxy_protocol="v2",
+                                     accept_proxy_protocol=True))
+    pid = host.process.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free + 1, hard))  # one descriptor: the accept's
+    payload = v1(("6.6.6.6", 6666), ("7.7.7.7", 7777)) + b"hello"
+    with socket.create_connection(("127.0.0.1", host_port), timeout=DEADLINE) as sock:
+        sock.sendall(v2(("1.2.3.4", 1111), ("5.6.7.8", 2222)) + payload)
+        host.wait_log(r"conn 1: cannot dial vsock 4:9000: Too many open files")
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        sock.shutdown(socket.SHUT_WR)
+        answer, _ = read_to_end(sock)
+    assert answer == b"ok"
+    assert recorder.wait() == [v2(("1.2.3.4", 1111), ("5.6.7.8", 2222)) + payload]
 
 
 def test_a_header_that_never_completes_is_reset_within_the_time_bound(proxy, recorder):
@@ -320,13 +345,36 @@ def test_check_config_warns_of_a_load_balancers_header_taken_from_any_address(tm
 
     path = tmp_path / "config.toml"
     path.write_text(entry(443, 8443, 9000, bind="0.0.0.0", accept_proxy_protocol=True)
-                    + entry(444, 8444, 9001, bind="10.0.0.5", accept_proxy_protocol=True))
+                    + entry(444, 8444, 9001, bind="10.0.0.5", accept_proxy_protocol=True)
+                    + entry(445, 8445, 9002, bind="::ffff:0.0.0.0", accept_proxy_protocol=True)
+                    + entry(446, 8446, 9003, bind="::", accept_proxy_protocol=False))
     result = run_qproxy("check-config", str(path))
     assert result.returncode == 0
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: {path}:1: [[inbound_connections]] entry 1: accept_proxy_protocol: true on"
-                        " bind_address 0.0.0.0: every client that reaches host_port 443 can name any address as its"
-                        " own; listen where only the load balancer reaches"]
+    assert warnings == [
+        f"warning: {path}:{line}: [[inbound_connections]] entry {number}: accept_proxy_protocol: true on"
+        f" bind_address {bind}: every client that reaches host_port {port} can name any address as its own;"
+        " listen where only the load balancer reaches"
+        for line, number, bind, port in ((1, 1, "0.0.0.0", 443), (13, 3, "::ffff:0.0.0.0", 445))]
+
+
+def test_a_reload_onto_a_wildcard_address_with_accept_proxy_protocol_is_warned_about(proxy, recorder):
+    host_port = free_port()
+    host, _ = proxy.start_both(entry(host_port, recorder.port, 9000, bind="127.0.0.1", accept_proxy_protocol=True))
+    proxy.write_config(entry(host_port, recorder.port, 9000, bind="0.0.0.0", accept_proxy_protocol=True))
+    host.process.send_signal(signal.SIGHUP)
+    host.wait_log(r"WARN  qproxy::host reload: .*accept_proxy_protocol: true on bind_address 0\.0\.0\.0: every client")
+
+
+def test_a_config_path_cannot_forge_a_line_of_the_log_or_of_check_config(tmp_path):
+    from conftest import run_qproxy
+
+    path = tmp_path / "x\n2026-12-02T00:00:00.000Z ERROR qproxy::host FORGED.toml"
+    path.write_text("[[inbound_connections]]\nhost_port = 0\n")
+    result = run_qproxy("check-config", str(path))
+    assert result.returncode == 2
+    assert all("FORGED" not in line or line.startswith("qproxy: error:") for line in result.stderr.splitlines())
+    assert "\\n2026" in result.stderr
 
 
 def test_a_reload_turns_the_header_on_for_new_connections(proxy, recorder):
