@@ -629,7 +629,7 @@ class Outbound(typing.NamedTuple):
     @property
     def listen_address(self) -> str:
         """Where the enclave half listens for this entry: enclave_address, auto chosen."""
-        return loopback_for(self.hostname) if self.enclave_address == "auto" else self.enclave_address
+        return listen_address(self.hostname, self.enclave_address)
 
 
 class Egress(typing.NamedTuple):
@@ -693,6 +693,11 @@ def is_loopback_address(text: str) -> bool:
         return False
     return (address in LOOPBACK_NETWORK and str(address) == text
             and address not in (LOOPBACK_NETWORK.network_address, LOOPBACK_NETWORK.broadcast_address))
+
+
+def listen_address(hostname: str, enclave_address: str) -> str:
+    """Where the enclave half listens for an outbound entry: its enclave_address, auto chosen."""
+    return loopback_for(hostname) if enclave_address == "auto" else enclave_address
 
 
 def loopback_for(hostname: str) -> str:
@@ -1122,7 +1127,7 @@ def enclave_listeners_problems(entries: dict[str, list[dict[str, typing.Any]]],
         written, name = entry.get("enclave_address"), entry.get("hostname")
         if written is None or name is None:
             continue  # its problem is reported already
-        address = loopback_for(name) if written == "auto" else written
+        address = listen_address(name, written)
         listening.append(("outbound_connections", number, address, entry.get("enclave_port"), "enclave_port",
                           written == "auto"))
         if is_ip_literal(name):
